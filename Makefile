@@ -1,0 +1,53 @@
+# Every target is self-sufficient on a fresh Debian machine with Python 3.11:
+# it creates .venv, installs torch==2.13.0 (CPU wheel) first, then the project,
+# and the Debian packages it needs. Re-running is fast and idempotent.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tmc-installed
+APT_PACKAGES := dataset-fashion-mnist redis-server
+TMC_HOST ?= 127.0.0.1
+TMC_PORT ?= 8000
+
+.PHONY: run test bench bench-quick setup apt lint typecheck deploy-check clean
+
+setup: $(STAMP) apt
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[data,dev,bench]'
+	touch $(STAMP)
+
+run: setup
+	TMC_HOST=$(TMC_HOST) TMC_PORT=$(TMC_PORT) $(VENV)/bin/tmc demo
+
+test: setup
+	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory deploy-check
+
+deploy-check: setup
+	bash scripts/deploy-check.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy tangent registry
+
+bench: setup
+	$(PY) -m bench.run_all
+
+bench-quick: setup
+	$(PY) -m bench.run_all --quick
+
+clean:
+	rm -rf $(VENV) .tools .tmc

@@ -1,0 +1,72 @@
+"""Service settings: ``TMC_*`` environment variables, validated at startup.
+
+A config file (``TMC_CONFIG_FILE``, JSON) may supply defaults; the environment wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path(os.environ.get("TMC_HOME", ".tmc"))
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field ``x`` is read from ``TMC_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="TMC_", extra="ignore", frozen=True)
+
+    base_dir: Path = Field(DEFAULT_HOME / "base", description="base model directory")
+    registry_dir: Path = Field(DEFAULT_HOME / "registry", description="embedded registry")
+    redis_url: str | None = Field(None, description="shared Redis registry, when set")
+    admin_token: str | None = Field(None, description="bearer token of the admin API")
+    inference_token: str | None = Field(None, description="optional token for inference")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    max_queue_size: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    max_inputs_per_request: int = Field(64, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_component_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device LRU budget")
+    blob_cache_dir: Path | None = Field(None, description="local byte cache (Redis mode)")
+    drain_timeout_s: float = Field(20.0, ge=0.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("admin_token", "inference_token")
+    @classmethod
+    def _token_strength(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError("tokens must be at least 16 characters")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value or None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the config file (if any), then the environment, then overrides."""
+    file_values: dict[str, Any] = {}
+    config_file = os.environ.get("TMC_CONFIG_FILE")
+    if config_file:
+        file_values = json.loads(Path(config_file).read_text())
+    env_keys = {k[4:].lower() for k in os.environ if k.startswith("TMC_")}
+    merged = {k: v for k, v in file_values.items() if k not in env_keys}
+    return Settings(**{**merged, **overrides})
+
+
+ENV_NAMES = tuple(f"TMC_{name.upper()}" for name in Settings.model_fields) + (
+    "TMC_CONFIG_FILE", "TMC_HOME")
