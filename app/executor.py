@@ -1,0 +1,80 @@
+"""Runs one group on the device: compose Δ (cached by digest), then one linearized forward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from app.cache import DeltaLRU
+from app.plan import Plan
+from tangent import Delta, LinearizedNet, Term, compose
+from tangent.delta import cast_delta
+
+LoadTensors = Callable[[str], dict[str, torch.Tensor]]
+
+
+class Executor:
+    """Owns the device copies of θ0, component tangents and composed tangents."""
+
+    def __init__(self, net: LinearizedNet, load_tensors: LoadTensors, device: torch.device,
+                 dtype: torch.dtype, cache_bytes: int) -> None:
+        self.net = net.to(device, dtype)
+        self.load_tensors = load_tensors
+        self.device, self.dtype = device, dtype
+        self.components = DeltaLRU(cache_bytes // 2)  # digest -> float32 Δ_k on device
+        self.composed = DeltaLRU(cache_bytes // 2)  # composition digest -> Σ w_k Δ_k
+
+    def run(self, plan: Plan, x: object) -> torch.Tensor:
+        """Logits [B, C] (float32, CPU) for a batch x under the plan's composition."""
+        x = _to_device(x, self.device, self.dtype)
+        with torch.inference_mode():
+            delta = self.composed_delta(plan) if plan.terms else None
+            y = self.net.forward(x, delta)
+        return y.float().cpu()
+
+    def explain(self, plan: Plan, x: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C] and each term's exact contribution w_k·J(x)Δ_k: [K, B, C]."""
+        x = _to_device(x, self.device, self.dtype)
+        with torch.inference_mode():
+            h = self.net.trunk_forward(x)
+            y0, parts = self.net.tail_forward(h), []
+            for term in sorted(plan.terms, key=lambda t: t.digest):
+                scaled = {n: (t * term.weight).to(self.dtype)
+                          for n, t in self.component(term.digest).items()}
+                parts.append(self.net.tail_jvp(h, scaled)[1])
+            contrib = torch.stack(parts) if parts else y0.new_zeros((0, *y0.shape))
+            y = self.net.tail_forward(h, self.composed_delta(plan)) if plan.terms else y0
+        return y.float().cpu(), contrib.float().cpu()
+
+    def composed_delta(self, plan: Plan) -> Delta:
+        return self.composed.get_or_build(plan.key, plan.digests, lambda: self._compose(plan))
+
+    def _compose(self, plan: Plan) -> Delta:
+        terms = [Term(t.digest, t.weight, self.component(t.digest)) for t in plan.terms]
+        return cast_delta(compose(terms, "none"), self.device, self.dtype)
+
+    def component(self, digest: str) -> Delta:
+        return self.components.get_or_build(
+            digest, [digest],
+            lambda: cast_delta(self.load_tensors(digest), self.device, torch.float32))
+
+    def purge(self, digests: Iterable[str]) -> None:
+        """Forget: drop every cached tensor built from these component digests."""
+        gone = list(digests)
+        self.components.purge(gone)
+        self.composed.purge(gone)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.components.nbytes + self.composed.nbytes
+
+
+def _to_device(x: object, device: torch.device, dtype: torch.dtype) -> object:
+    if isinstance(x, tuple):
+        return tuple(_to_device(t, device, dtype) for t in x)
+    assert isinstance(x, torch.Tensor)
+    x = x.to(device, non_blocking=True)
+    return x.to(dtype) if x.is_floating_point() else x

@@ -1,0 +1,129 @@
+"""Admin API (its own bearer token, default-deny): components and named compositions."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import AdminDep, ServiceDep
+from app.errors import BadRequestError, BodyTooLargeError
+
+router = APIRouter(tags=["admin"], dependencies=[AdminDep])
+Weight = Annotated[float, Field(allow_inf_nan=False)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than limit bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"body is {declared} bytes, over the limit of {limit} bytes "
+                                "(TMC_MAX_COMPONENT_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.put("/v1/components/{cid}", status_code=201, openapi_extra={"requestBody": {
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    "required": True, "description": "a safetensors component file"}})
+async def put_component(cid: str, request: Request, service: ServiceDep,
+                        weight: Weight = 1.0,
+                        tag: Annotated[list[str] | None, Query()] = None,
+                        active: bool = True) -> JSONResponse:
+    data = await read_body(request, service.settings.max_component_bytes)
+    if not data:
+        raise BadRequestError("empty body: send the component's safetensors bytes")
+    result = await run_in_threadpool(service.registry.add, cid, data, weight, tag or [], active)
+    service.metrics.components.set(len(await run_in_threadpool(service.registry.list)))
+    return JSONResponse(result.to_dict(), status_code=201 if result.created_version else 200)
+
+
+@router.get("/v1/components")
+async def list_components(service: ServiceDep, tag: str | None = None,
+                          active: bool | None = None) -> dict[str, Any]:
+    infos = await run_in_threadpool(service.registry.list, tag, active)
+    return {"components": [i.to_dict() for i in infos],
+            "generation": await run_in_threadpool(service.registry.generation)}
+
+
+@router.get("/v1/components/{cid}")
+async def get_component(cid: str, service: ServiceDep) -> dict[str, Any]:
+    return (await run_in_threadpool(service.registry.get, cid)).to_dict()
+
+
+class ComponentPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: Weight | None = None
+    tags: list[str] | None = None
+    active: bool | None = None
+
+
+@router.patch("/v1/components/{cid}")
+async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep
+                          ) -> dict[str, Any]:
+    if body.weight is None and body.tags is None and body.active is None:
+        raise BadRequestError("nothing to change: send weight, tags and/or active")
+    await run_in_threadpool(_apply_patch, service, cid, body)
+    return (await run_in_threadpool(service.registry.get, cid)).to_dict()
+
+
+def _apply_patch(service: Any, cid: str, body: ComponentPatch) -> None:
+    service.registry.get(cid)  # 404 before any change
+    if body.weight is not None:
+        service.registry.reweight(cid, body.weight)
+    if body.tags is not None:
+        service.registry.set_tags(cid, body.tags)
+    if body.active is not None:
+        service.registry.set_active(cid, body.active)
+
+
+@router.delete("/v1/components/{cid}")
+async def forget_component(cid: str, service: ServiceDep) -> dict[str, Any]:
+    receipt = await run_in_threadpool(service.forget, cid)
+    service.metrics.components.set(len(await run_in_threadpool(service.registry.list)))
+    return {"forgotten": True, **receipt.to_dict()}
+
+
+class CompositionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, Weight]
+    normalize: Literal["none", "sum", "mean"] = "none"
+    expected_generation: int | None = Field(
+        None, description="compare-and-set: refuse (409) if the registry moved past it")
+
+
+@router.put("/v1/compositions/{name}")
+async def put_composition(name: str, body: CompositionBody, service: ServiceDep
+                          ) -> dict[str, Any]:
+    if any(not math.isfinite(w) for w in body.weights.values()):
+        raise BadRequestError("weights must be finite")
+    comp = await run_in_threadpool(service.registry.put_composition, name, body.weights,
+                                   body.normalize, body.expected_generation)
+    return comp.to_dict()
+
+
+@router.get("/v1/compositions")
+async def list_compositions(service: ServiceDep) -> dict[str, Any]:
+    comps = await run_in_threadpool(service.registry.list_compositions)
+    return {"compositions": [c.to_dict() for c in comps]}
+
+
+@router.get("/v1/compositions/{name}")
+async def get_composition(name: str, service: ServiceDep) -> dict[str, Any]:
+    return (await run_in_threadpool(service.registry.get_composition, name)).to_dict()
+
+
+@router.delete("/v1/compositions/{name}")
+async def delete_composition(name: str, service: ServiceDep) -> dict[str, Any]:
+    generation = await run_in_threadpool(service.registry.delete_composition, name)
+    return {"deleted": name, "generation": generation}
+

@@ -1,0 +1,33 @@
+"""Operations: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import ServiceDep
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@router.get("/readyz")
+async def readyz(service: ServiceDep) -> JSONResponse:
+    checks: dict[str, Any] = service.readiness()
+    return JSONResponse(checks, status_code=200 if checks["ready"] else 503)
+
+
+@router.get("/metrics")
+async def metrics(service: ServiceDep) -> Response:
+    m, ex = service.metrics, service.executor
+    m.cache_bytes.labels(cache="components").set(ex.components.nbytes)
+    m.cache_bytes.labels(cache="compositions").set(ex.composed.nbytes)
+    m.queue_depth.set(service.worker.pending)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

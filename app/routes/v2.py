@@ -1,0 +1,194 @@
+"""Open Inference Protocol (KServe / Triton V2 REST) on the same port.
+
+The composition travels as scalar request parameters: ``tmc_components``
+("a:0.5,b:0.5" or "*"), ``tmc_composition`` (a name), ``tmc_normalize``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.composition import BaseOnly, CompositionSpec, Named, parse_components_param
+from app.deps import InferenceDep, ServiceDep
+from app.errors import BadRequestError, NotReadyError
+from app.service import Prediction, Service
+from bases import InputError
+from tangent import NORMALIZATIONS
+
+router = APIRouter(tags=["open inference protocol"])
+SERVER_VERSION = "0.1.0"
+DATATYPES = {"text": "BYTES", "image": "BYTES", "tensor": "FP32"}
+NUMERIC = {"FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16"}
+OUTPUTS = ("logits", "probabilities", "label")
+
+
+class V2Tensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class V2Output(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class V2Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    parameters: dict[str, str | int | float | bool] | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2Output] | None = None
+
+
+@router.get("/v2")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "tmc", "version": SERVER_VERSION, "extensions": ["tmc_composition"]}
+
+
+@router.get("/v2/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+async def ready(service: ServiceDep) -> dict[str, bool]:
+    if not service.readiness()["ready"]:
+        raise NotReadyError("not ready")
+    return {"ready": True}
+
+
+def _model(service: Service, name: str) -> None:
+    if name != service.base.spec.name:
+        raise_not_found(name, service)
+
+
+def raise_not_found(name: str, service: Service) -> None:
+    from registry import NotFoundError
+
+    raise NotFoundError(f"unknown model {name!r}; this server serves {service.base.spec.name!r}")
+
+
+@router.get("/v2/models/{model}", dependencies=[InferenceDep])
+async def model_metadata(model: str, service: ServiceDep) -> dict[str, Any]:
+    _model(service, model)
+    kind, classes = service.base.spec.input_kind, len(service.base.labels)
+    shape = [-1, *service.base.preprocessor.shape] if kind == "tensor" else [-1]
+    return {
+        "name": model, "versions": [service.base.fingerprint[:12]], "platform": "tmc",
+        "inputs": [{"name": "input", "datatype": DATATYPES[kind], "shape": shape}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+        "parameters": {"labels": ",".join(service.base.labels)},
+    }
+
+
+@router.get("/v2/models/{model}/ready", dependencies=[InferenceDep])
+async def model_ready(model: str, service: ServiceDep) -> dict[str, Any]:
+    _model(service, model)
+    if not service.readiness()["ready"]:
+        raise NotReadyError("model not ready")
+    return {"name": model, "ready": True}
+
+
+@router.post("/v2/models/{model}/infer", dependencies=[InferenceDep])
+@router.post("/v2/models/{model}/versions/{version}/infer", dependencies=[InferenceDep])
+async def infer(model: str, body: V2Request, service: ServiceDep,
+                version: str | None = None) -> JSONResponse:
+    _model(service, model)
+    if len(body.inputs) != 1:
+        raise BadRequestError(f"expected exactly one input tensor, got {len(body.inputs)}")
+    params = body.parameters or {}
+    normalize = _normalize(params)
+    raw = decode_input(body.inputs[0], service.base.spec.input_kind)
+    pred = await service.predict(raw, _spec(params), normalize, explain=False)
+    wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
+    return JSONResponse(encode_response(service, pred, model, body.id, wanted))
+
+
+def _spec(params: dict[str, Any]) -> CompositionSpec:
+    comps, name = params.get("tmc_components"), params.get("tmc_composition")
+    if comps is not None and name is not None:
+        raise BadRequestError("give tmc_components or tmc_composition, not both")
+    if name is not None:
+        return Named(str(name))
+    return parse_components_param(str(comps)) if comps is not None else BaseOnly()
+
+
+def _normalize(params: dict[str, Any]) -> Any:
+    value = params.get("tmc_normalize")
+    if value is not None and value not in NORMALIZATIONS:
+        raise BadRequestError(f"tmc_normalize must be one of {list(NORMALIZATIONS)}")
+    return value
+
+
+def decode_input(tensor: V2Tensor, kind: str) -> list[Any]:
+    """V2 input tensor -> list of raw inputs for the base's preprocessor."""
+    if not tensor.shape or tensor.shape[0] < 1:
+        raise BadRequestError(f"input {tensor.name!r}: shape must start with a batch size ≥ 1")
+    batch = tensor.shape[0]
+    if tensor.datatype == "BYTES":
+        if kind == "tensor":
+            raise BadRequestError("this model takes FP32 tensors, not BYTES")
+        flat = list(_flatten(tensor.data))
+        if len(flat) != batch or not all(isinstance(v, str) for v in flat):
+            raise BadRequestError(f"input {tensor.name!r}: BYTES data must be {batch} strings")
+        return flat
+    if tensor.datatype not in NUMERIC:
+        raise BadRequestError(f"input {tensor.name!r}: unsupported datatype {tensor.datatype}")
+    if kind == "text":
+        raise BadRequestError("this model takes text as BYTES")
+    try:
+        arr = np.asarray(list(_flatten(tensor.data)), dtype=np.float64)
+        arr = arr.reshape(tensor.shape)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"input {tensor.name!r}: data does not fit shape "
+                         f"{tensor.shape}: {exc}") from None
+    return [row for row in arr]
+
+
+def _flatten(data: Any) -> Any:
+    for v in data:
+        if isinstance(v, list):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+def encode_response(service: Service, pred: Prediction, model: str, request_id: str | None,
+                    wanted: list[str]) -> dict[str, Any]:
+    unknown = [w for w in wanted if w not in OUTPUTS]
+    if unknown:
+        raise BadRequestError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
+    logits = pred.logits
+    b, c = logits.shape
+    values = {
+        "logits": {"datatype": "FP32", "shape": [b, c], "data": logits.flatten().tolist()},
+        "probabilities": {"datatype": "FP32", "shape": [b, c],
+                          "data": logits.softmax(-1).flatten().tolist()},
+        "label": {"datatype": "BYTES", "shape": [b],
+                  "data": [service.base.labels[i] for i in logits.argmax(-1).tolist()]},
+    }
+    plan = pred.plan
+    return {
+        "model_name": model, "model_version": service.base.fingerprint[:12],
+        "id": request_id or "",
+        "parameters": {
+            "tmc_generation": plan.generation,
+            "tmc_composition_digest": plan.key,
+            "tmc_components": ",".join(f"{t.id}@{t.digest[:12]}:{t.weight:g}"
+                                       for t in plan.terms),
+            "tmc_normalize": plan.normalize,
+            "tmc_base_fingerprint": service.base.fingerprint,
+        },
+        "outputs": [{"name": w, **values[w]} for w in wanted],
+    }

@@ -1,0 +1,174 @@
+"""The object graph of one replica, built once at startup: base, registry, worker, metrics.
+
+Routes call ``Service.predict`` (native and V2 share it) and the admin methods; nothing
+here speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+import registry as reg
+from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Named, make_plan
+from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
+from app.executor import Executor
+from app.metrics import Metrics
+from app.plan import Plan
+from app.settings import Settings
+from app.worker import DeviceWorker, Job
+from bases import Base, InputError, load_base
+from tangent import Normalize
+
+log = logging.getLogger("tmc.service")
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor  # [B, C]
+    contributions: torch.Tensor | None  # [K, B, C], terms in plan order sorted by digest
+    plan: Plan
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("TMC_DEVICE=cuda but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Service:
+    def __init__(self, settings: Settings, base: Base, registry: reg.Registry,
+                 metrics: Metrics) -> None:
+        self.settings, self.base, self.registry, self.metrics = settings, base, registry, metrics
+        self.device = pick_device(settings.device)
+        dtype = getattr(torch, settings.dtype)
+        self.executor = Executor(base.net, registry.load_tensors, self.device, dtype,
+                                 settings.cache_bytes)
+        self.worker = DeviceWorker(self.executor, base.preprocessor.collate, metrics,
+                                   settings.max_batch_size, settings.max_queue_delay_ms / 1000,
+                                   settings.max_queue_size)
+        self.draining = False
+        self.ready = False
+        registry.on_forget(self._purge_from_other_thread)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Service:
+        base = load_base(settings.base_dir)
+        registry = reg.open_registry(
+            registry_dir=None if settings.redis_url else settings.registry_dir,
+            redis_url=settings.redis_url, base_fingerprint=base.fingerprint,
+            region=base.region, max_component_bytes=settings.max_component_bytes,
+            cache_dir=settings.blob_cache_dir)
+        return cls(settings, base, registry, Metrics())
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.worker.start()
+        self.worker.call(self._warm_up)
+        self.metrics.build.info({"base": self.base.spec.name,
+                                 "base_fingerprint": self.base.fingerprint,
+                                 "device": str(self.device), "version": "0.1.0"})
+        self.ready = True
+
+    def _warm_up(self) -> None:
+        self.executor.run(make_plan([], 0, "none", False), self.base.preprocessor.example())
+
+    async def drain_and_stop(self) -> None:
+        self.draining, self.ready = True, False
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.worker.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await run_in_threadpool(self.worker.stop, self.settings.drain_timeout_s)
+        self.registry.close()
+
+    # -- inference -------------------------------------------------------------------------
+    async def predict(self, raw_inputs: list[Any], spec: CompositionSpec,
+                      normalize: Normalize | None, explain: bool) -> Prediction:
+        if self.draining:
+            raise OverloadedError("server is shutting down; retry on another replica")
+        self._check_count(raw_inputs)
+        items = await run_in_threadpool(self._encode, raw_inputs)
+        plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.worker.submit(Job(items, plan, future, loop))
+        try:
+            logits, contrib = await asyncio.wait_for(future, self.settings.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no result within {self.settings.request_timeout_s:g} s") from None
+        self.metrics.inference_items.inc(len(raw_inputs))
+        return Prediction(logits, contrib, plan)
+
+    def _check_count(self, raw_inputs: list[Any]) -> None:
+        limit = self.settings.max_inputs_per_request
+        if not raw_inputs:
+            raise BadRequestError("inputs is empty: send at least one input")
+        if len(raw_inputs) > limit:
+            raise BadRequestError(f"{len(raw_inputs)} inputs in one request, over the limit of "
+                                  f"{limit}; split the batch")
+
+    def _encode(self, raw_inputs: list[Any]) -> list[Any]:
+        if self.base.spec.input_kind == "image":
+            raw_inputs = [_b64(i, v) if isinstance(v, str) else v
+                          for i, v in enumerate(raw_inputs)]
+        return list(self.base.preprocessor.encode(raw_inputs))
+
+    def resolve(self, spec: CompositionSpec, normalize: Normalize | None,
+                explain: bool = False) -> Plan:
+        """Pin the composition to one registry generation (runs on a thread)."""
+        if isinstance(spec, BaseOnly):
+            return make_plan([], self.registry.generation(), normalize or "none", explain)
+        if isinstance(spec, Explicit):
+            resolved = self.registry.resolve_explicit(spec.weights)
+        elif isinstance(spec, AllActive):
+            resolved = self.registry.resolve_all_active()
+        else:
+            assert isinstance(spec, Named)
+            resolved = self.registry.resolve_named(spec.name)
+        self.metrics.generation.set(resolved.generation)
+        chosen = normalize or resolved.normalize
+        return make_plan(list(resolved.items), resolved.generation, chosen, explain)
+
+    # -- admin -----------------------------------------------------------------------------
+    def forget(self, cid: str) -> reg.ForgetReceipt:
+        started = time.perf_counter()
+        receipt = self.registry.forget(cid)
+        self.worker.call(lambda: self.executor.purge(receipt.digests_removed))
+        self.metrics.forgets.inc()
+        self.metrics.forget_seconds.observe(time.perf_counter() - started)
+        self.metrics.generation.set(receipt.generation)
+        return receipt
+
+    def _purge_from_other_thread(self, digests: list[str]) -> None:
+        """A forget heard from the registry (this or another replica): purge device caches."""
+        self.worker.call(lambda: self.executor.purge(digests))
+
+    def readiness(self) -> dict[str, Any]:
+        checks = {"base_loaded": True, "warm_forward": self.ready, "draining": self.draining}
+        try:
+            checks["registry_generation"] = self.registry.generation()
+            checks["registry"] = True
+        except reg.StorageError as exc:
+            checks["registry"] = False
+            checks["registry_error"] = str(exc)
+        checks["ready"] = bool(self.ready and checks["registry"] and not self.draining)
+        return checks
+
+
+def _b64(index: int, value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"input {index}: not valid base64 (send a base64-encoded PNG or "
+                         "JPEG, or a nested array of pixel values)") from None
