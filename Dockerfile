@@ -49,7 +49,6 @@ RUN pip install --no-cache-dir "./[data]"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
-ARG TMC_UID=10001
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -59,8 +58,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMC_PORT=8000 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
-RUN groupadd --system --gid "${TMC_UID}" tmc \
-    && useradd --system --uid "${TMC_UID}" --gid tmc --home-dir /home/tmc --create-home \
+RUN groupadd --system --gid 10001 tmc \
+    && useradd --system --uid 10001 --gid tmc --home-dir /home/tmc --create-home \
        --shell /usr/sbin/nologin tmc \
     && mkdir -p /var/lib/tmc /models \
     && chown tmc:tmc /var/lib/tmc /models
