@@ -1,0 +1,85 @@
+"""The two storage ports the registry core runs on, and the transaction view of the index.
+
+``Index`` keeps metadata, the generation and named compositions; ``BlobStore`` keeps
+component bytes by digest. The core writes a blob BEFORE the index row that references it,
+so a crash leaves at most an unreferenced blob, which ``sweep`` removes.
+
+Every index change runs as ``Index.mutate(fn)``: ``fn`` reads through the ``Tx`` it is given,
+then stages writes; the backend applies them atomically (SQLite ``BEGIN IMMEDIATE``; Redis
+``WATCH``/``MULTI``/``EXEC``, re-running ``fn`` when a concurrent change wins). ``fn`` must
+do all its reads before its first write and must have no side effects outside the ``Tx``.
+``Index.read(fn)`` runs ``fn`` against one consistent snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
+
+from registry.records import ComponentRecord
+from registry.types import NamedComposition
+
+T = TypeVar("T")
+
+
+class Tx(Protocol):
+    """One atomic unit of index reads and staged writes."""
+
+    def generation(self) -> int: ...
+    def component(self, cid: str) -> ComponentRecord | None: ...
+    def components(self, ids: Sequence[str] | None) -> dict[str, ComponentRecord]:
+        """The records of ``ids`` that exist (every record when ``ids`` is None)."""
+    def owner(self, digest: str) -> str | None: ...
+    def composition(self, name: str) -> NamedComposition | None: ...
+    def compositions(self) -> dict[str, NamedComposition]: ...
+    def base_fingerprint(self) -> str | None: ...
+
+    def put_component(self, rec: ComponentRecord) -> None: ...
+    def delete_component(self, cid: str) -> None: ...
+    def set_owner(self, digest: str, cid: str) -> None: ...
+    def delete_owner(self, digest: str) -> None: ...
+    def put_composition(self, comp: NamedComposition) -> None: ...
+    def delete_composition(self, name: str) -> None: ...
+    def set_generation(self, generation: int) -> None: ...
+    def set_base_fingerprint(self, fingerprint: str) -> None: ...
+
+    def require_blob(self, digest: str) -> None:
+        """Raise BlobMissingError unless the bytes are stored, as part of this unit."""
+    def drop_blob(self, digest: str) -> None:
+        """Delete the bytes: in this unit where the index holds them (Redis), else right
+        after the commit (embedded; the core holds the mutation lock around it)."""
+    def publish(self, message: str) -> None:
+        """Announce the change to other processes when committed (no-op if unsupported)."""
+
+
+class Listener(Protocol):
+    """A running subscription to other processes' change announcements."""
+
+    def close(self) -> None: ...
+
+
+class Index(Protocol):
+    """Component metadata, versions, named compositions and the generation counter."""
+
+    def read(self, fn: Callable[[Tx], T]) -> T: ...
+    def mutate(self, fn: Callable[[Tx], T]) -> T: ...
+    def mutation_lock(self) -> AbstractContextManager[None]:
+        """Held around blob write + index change (and index change + blob delete)."""
+    def listen(self, on_message: Callable[[str], None]) -> Listener | None:
+        """Subscribe to other processes' ``Tx.publish`` messages (None: not supported)."""
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Bytes by sha256 hex digest. Content-addressed, so ``put`` is idempotent."""
+
+    def put(self, digest: str, data: bytes) -> None: ...
+    def get(self, digest: str) -> bytes | None: ...
+    def delete(self, digest: str) -> None: ...
+    def exists(self, digest: str) -> bool: ...
+    def digests(self) -> Iterator[str]: ...
+    def discard_partial(self) -> None:
+        """Remove leftovers of interrupted puts; call under the index's mutation lock."""
+    def close(self) -> None: ...

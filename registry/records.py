@@ -1,0 +1,128 @@
+"""Stored records (what the index keeps per id and per composition) and their JSON form.
+
+Both backends store the same JSON documents, so the state transitions below are written
+once and run inside each backend's atomic unit (SQLite transaction, Redis MULTI/EXEC).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from registry.errors import InvalidRequestError, StorageError
+from registry.types import ComponentInfo, NamedComposition
+from registry.validate import check_normalize
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One immutable version: content-addressed by the sha256 of its bytes."""
+
+    digest: str
+    created: float
+    nbytes: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Mutable settings of an id; None leaves the current value (or the default) alone."""
+
+    weight: float | None = None
+    tags: tuple[str, ...] | None = None
+    active: bool | None = None
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    id: str
+    weight: float
+    tags: tuple[str, ...]
+    active: bool
+    created: float
+    current: str
+    versions: tuple[VersionRecord, ...]
+
+    def version(self, digest: str) -> VersionRecord:
+        return next(v for v in self.versions if v.digest == digest)
+
+    def digests(self) -> list[str]:
+        return [v.digest for v in self.versions]
+
+    def info(self) -> ComponentInfo:
+        cur = self.version(self.current)
+        return ComponentInfo(
+            id=self.id, digest=self.current, versions=self.digests(), weight=self.weight,
+            tags=list(self.tags), active=self.active, created=self.created, nbytes=cur.nbytes,
+            metadata=dict(cur.metadata))
+
+
+def new_record(cid: str, version: VersionRecord, settings: Settings) -> ComponentRecord:
+    return ComponentRecord(
+        id=cid, weight=1.0 if settings.weight is None else settings.weight,
+        tags=settings.tags or (), active=True if settings.active is None else settings.active,
+        created=version.created, current=version.digest, versions=(version,))
+
+
+def apply_settings(rec: ComponentRecord, settings: Settings) -> ComponentRecord:
+    return replace(
+        rec,
+        weight=rec.weight if settings.weight is None else settings.weight,
+        tags=rec.tags if settings.tags is None else settings.tags,
+        active=rec.active if settings.active is None else settings.active)
+
+
+def apply_add(old: ComponentRecord | None, cid: str, version: VersionRecord,
+              settings: Settings) -> tuple[ComponentRecord, bool]:
+    """The record after adding ``version``, and whether it is a new version of the id.
+
+    Bytes that are already a version of the id make that version current again (no copy).
+    """
+    if old is None:
+        return new_record(cid, version, settings), True
+    known = version.digest in old.digests()
+    versions = old.versions if known else (*old.versions, version)
+    rec = replace(old, current=version.digest, versions=versions)
+    return apply_settings(rec, settings), not known
+
+
+def component_to_json(rec: ComponentRecord) -> str:
+    doc = {
+        "id": rec.id, "weight": rec.weight, "tags": list(rec.tags), "active": rec.active,
+        "created": rec.created, "current": rec.current,
+        "versions": [{"digest": v.digest, "created": v.created, "nbytes": v.nbytes,
+                      "metadata": v.metadata} for v in rec.versions],
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def component_from_json(text: str | bytes) -> ComponentRecord:
+    try:
+        doc = json.loads(text)
+        versions = tuple(
+            VersionRecord(str(v["digest"]), float(v["created"]), int(v["nbytes"]),
+                          {str(k): str(x) for k, x in v["metadata"].items()})
+            for v in doc["versions"])
+        return ComponentRecord(
+            id=str(doc["id"]), weight=float(doc["weight"]),
+            tags=tuple(str(t) for t in doc["tags"]), active=bool(doc["active"]),
+            created=float(doc["created"]), current=str(doc["current"]), versions=versions)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"corrupt component record in the index: {exc}") from exc
+
+
+def composition_to_json(comp: NamedComposition) -> str:
+    doc: dict[str, Any] = {"name": comp.name, "weights": comp.weights,
+                           "normalize": comp.normalize, "generation": comp.generation}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def composition_from_json(text: str | bytes) -> NamedComposition:
+    try:
+        doc = json.loads(text)
+        weights = {str(k): float(w) for k, w in doc["weights"].items()}
+        return NamedComposition(str(doc["name"]), weights, check_normalize(doc["normalize"]),
+                                int(doc["generation"]))
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidRequestError) as exc:
+        raise StorageError(f"corrupt composition record in the index: {exc}") from exc
