@@ -222,6 +222,20 @@ def check_settings_coverage(settings: Any, rep: Report) -> None:
             rep.error(where, f"the chart sets {field_env(f)} but app/settings.py has no {f}")
 
 
+def scan_source_env_names(settings: Any, rep: Report) -> None:
+    """Warn about TMC_* names the code mentions that ENV_NAMES does not list (the chart can only
+    be checked against ENV_NAMES; a name missing there is invisible to the env check)."""
+    found: dict[str, str] = {}
+    for pkg in ("app", "registry", "bases", "training", "tangent"):
+        for py in sorted((ROOT / pkg).rglob("*.py")):
+            for m in re.finditer(r"[\"'](TMC_[A-Z0-9_]+)[\"']", py.read_text(errors="replace")):
+                found.setdefault(m.group(1), str(py.relative_to(ROOT)))
+    for name, where in sorted(found.items()):
+        if name not in settings.ENV_NAMES:
+            rep.warn("settings", f"{where} reads {name}, which app.settings.ENV_NAMES does not "
+                                 "list (the chart never sets it)")
+
+
 def camel_to_snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
@@ -823,13 +837,15 @@ def check_server_container(w: dict[str, Any], spec: dict[str, Any], c: dict[str,
     budget = sp.get("periodSeconds", 10) * sp.get("failureThreshold", 3)
     if budget < 300:
         rep.error(cw, f"startup probe allows only {budget}s for the model load (< 300 s)")
-    drain = float(env.get("TMC_DRAIN_TIMEOUT_S", "20"))
+    # `tmc serve` gives uvicorn int(TMC_DRAIN_TIMEOUT_S) + 1 s of graceful shutdown; the pod's
+    # grace period must cover the preStop sleep plus that, or the kubelet SIGKILLs mid-drain.
+    drain = int(float(env.get("TMC_DRAIN_TIMEOUT_S", "20"))) + 1
     grace = spec.get("terminationGracePeriodSeconds", 30)
     pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command") or []
     pre_s = float(pre[-1]) if pre[:1] == ["sleep"] else 0.0
     if not grace > drain + pre_s:
         rep.error(cw, f"terminationGracePeriodSeconds={grace} must exceed preStop {pre_s:g}s + "
-                      f"TMC_DRAIN_TIMEOUT_S={drain:g}s")
+                      f"drain {drain}s (int(TMC_DRAIN_TIMEOUT_S) + 1)")
     limits = (c.get("resources") or {}).get("limits") or {}
     if vs.gpu:
         if not limits.get("nvidia.com/gpu"):
@@ -908,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings_module()
     rep.ok(f"app settings: {len(settings.ENV_NAMES)} env names from app/settings.py")
     check_settings_coverage(settings, rep)
+    scan_source_env_names(settings, rep)
     if hadolint:
         run_hadolint(hadolint, rep)
     else:
