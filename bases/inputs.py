@@ -96,7 +96,7 @@ def _decode_image(index: int, data: bytes) -> torch.Tensor:
                 raise InputError(f"input {index}: image is {img.width}x{img.height}, "
                                  f"over the {MAX_IMAGE_PIXELS}-pixel limit")
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputError(f"input {index}: image could not be decoded "
                          f"(send base64 PNG or JPEG): {exc}") from exc
     return torch.from_numpy(rgb.copy())  # [H, W, 3]

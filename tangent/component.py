@@ -74,11 +74,13 @@ def read_metadata(data: bytes) -> dict[str, str]:
             "the file is truncated or not safetensors")
     try:
         header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise NotSafetensorsError(f"safetensors header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise NotSafetensorsError("safetensors header is not a JSON object")
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise NotSafetensorsError("safetensors __metadata__ is not a JSON object of strings")
     return {str(k): str(v) for k, v in meta.items()}
 
 

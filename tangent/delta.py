@@ -52,7 +52,8 @@ def effective_weights(weights: Sequence[float], normalize: Normalize) -> list[fl
 
 def compose(terms: Sequence[Term], normalize: Normalize = "none") -> Delta:
     """Σ_k w_k Δ_k in float32, summed in digest order (bit-stable under reordering)."""
-    ordered = sorted(terms, key=lambda t: t.digest)
+    # (digest, weight): the same digest may appear under several ids with different weights
+    ordered = sorted(terms, key=lambda t: (t.digest, t.weight))
     weights = effective_weights([t.weight for t in ordered], normalize)
     out: Delta = {}
     for term, w in zip(ordered, weights, strict=True):

@@ -38,6 +38,8 @@ def init_weights(spec: BaseSpec, net: nn.Sequential) -> None:
 def default_tangent(options: dict[str, Any]) -> list[str]:
     stages = ["hidden1", "hidden2", "classifier"]
     k = int({**DEFAULT_OPTIONS, **options}["tangent_stages"])
+    if not 1 <= k <= len(stages):
+        raise ValueError(f"tangent_stages must be within 1..{len(stages)}, got {k}")
     return [f"{s}.*" for s in stages[-k:]]
 
 
