@@ -355,10 +355,12 @@ def check_dockerfile(settings: Any, rep: Report) -> None:
         rep.error(where, "not multi-stage (builder + slim runtime expected)")
     final = stages[-1]
     # Effective instructions of the final stage, following its FROM chain.
-    chain, s = [], final
-    while s is not None:
-        chain.insert(0, s)
-        s = next((p for p in stages if p["name"] == s["from"]), None)
+    chain: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = final
+    while cur is not None:
+        chain.insert(0, cur)
+        parent = cur["from"]
+        cur = next((p for p in stages if p["name"] == parent), None)
     ops = [o for st in chain for o in st["ops"]]
     users = [r for o, r in ops if o == "USER"]
     if not users or not re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]):
@@ -464,7 +466,8 @@ def validate_documents(docs: list[dict[str, Any]], where: str, rep: Report) -> N
     sm_schema = json.loads((SCHEMA_DIR / "servicemonitor.schema.json").read_text())
     for doc in docs:
         ident = f"{where}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        if doc.get("apiVersion") == "monitoring.coreos.com/v1" and doc.get("kind") == "ServiceMonitor":
+        if (doc.get("apiVersion"), doc.get("kind")) == ("monitoring.coreos.com/v1",
+                                                        "ServiceMonitor"):
             errs = sorted(jsonschema.Draft202012Validator(sm_schema).iter_errors(doc), key=str)
             for e in errs:
                 rep.error(ident, f"ServiceMonitor schema: {e.message} at "
@@ -499,7 +502,7 @@ def pod_labels(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def matches(selector: dict[str, str] | None, labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+    return bool(selector) and all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
 def containers(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -597,7 +600,8 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
     for k in sorted(vs.forbid_kinds & kinds):
         rep.error(where0, f"a {k} was rendered but this value set must not have one")
     names = {k: {d["metadata"]["name"] for d in v} for k, v in by_kind.items()}
-    configmaps = {d["metadata"]["name"]: (d.get("data") or {}) for d in by_kind.get("ConfigMap", [])}
+    configmaps = {d["metadata"]["name"]: (d.get("data") or {})
+                  for d in by_kind.get("ConfigMap", [])}
     secrets = names.get("Secret", set()) | vs.external
     pvcs = names.get("PersistentVolumeClaim", set()) | vs.external
     for d in by_kind.get("Secret", []):
@@ -615,7 +619,8 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
         spec = pod_spec(w) or {}
         psc = spec.get("securityContext") or {}
         vol_names = {v["name"] for v in spec.get("volumes") or []}
-        vct = {t["metadata"]["name"] for t in (w.get("spec") or {}).get("volumeClaimTemplates") or []}
+        vct = {t["metadata"]["name"]
+               for t in (w.get("spec") or {}).get("volumeClaimTemplates") or []}
         used: set[str] = set()
         if spec.get("automountServiceAccountToken") is not False:
             rep.error(wname, "automountServiceAccountToken must be false (no API access needed)")
@@ -648,7 +653,8 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
             if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
                 rep.error(cw, f"image {image!r} has no pinned tag")
             res = c.get("resources") or {}
-            if not (res.get("requests") or {}).get("memory") or not (res.get("limits") or {}).get("memory"):
+            if not ((res.get("requests") or {}).get("memory")
+                    and (res.get("limits") or {}).get("memory")):
                 rep.error(cw, "no memory request and limit")
             mounts = c.get("volumeMounts") or []
             for m in mounts:
@@ -681,7 +687,8 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
             if ckind == "containers" and (app_container or w["kind"] == "Pod"):
                 err = settings_validate(settings, env)
                 if err:
-                    rep.error(cw, f"rendered settings do not parse with app.settings.Settings: {err}")
+                    rep.error(cw, "rendered settings do not parse with "
+                                  f"app.settings.Settings: {err}")
             if is_server and ckind == "containers":
                 check_server_container(w, spec, c, env, vs, cw, rep)
         for v in vol_names - used:
@@ -777,10 +784,11 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
         for rule in ing["spec"].get("rules") or []:
             for p in (rule.get("http") or {}).get("paths") or []:
                 be = p["backend"]["service"]
-                svc = svc_by_name.get(be["name"])
-                if svc is None:
+                backend_svc = svc_by_name.get(be["name"])
+                if backend_svc is None:
                     rep.error(iw, f"backend Service {be['name']!r} is not rendered")
-                elif be["port"].get("number") not in {q["port"] for q in svc["spec"]["ports"]}:
+                elif be["port"].get("number") not in {
+                        q["port"] for q in backend_svc["spec"]["ports"]}:
                     rep.error(iw, f"backend port {be['port']} not on Service {be['name']}")
                 if p["path"] in ("/", "/v1") or p["path"].startswith(ADMIN_PATH_PREFIXES):
                     rep.error(iw, f"path {p['path']} exposes the admin API through the Ingress")
@@ -818,7 +826,8 @@ def check_server_container(w: dict[str, Any], spec: dict[str, Any], c: dict[str,
     if str(ports.get("http")) != env.get("TMC_PORT"):
         rep.error(cw, f"containerPort http={ports.get('http')} but TMC_PORT={env.get('TMC_PORT')}")
     args = [str(a) for a in (c.get("args") or [])]
-    if args[:1] != ["serve"] or ("--port" in args and args[args.index("--port") + 1] != env.get("TMC_PORT")):
+    port_arg = args[args.index("--port") + 1] if "--port" in args else env.get("TMC_PORT")
+    if args[:1] != ["serve"] or port_arg != env.get("TMC_PORT"):
         rep.error(cw, f"args {args} do not run `tmc serve` on TMC_PORT")
     if "--workers" in args:
         rep.error(cw, "one uvicorn worker per container")
@@ -861,7 +870,8 @@ def check_server_container(w: dict[str, Any], spec: dict[str, Any], c: dict[str,
             for e in c.get("env") or []):
         rep.error(cw, "TMC_ADMIN_TOKEN does not come from a Secret")
     for e in c.get("env") or []:
-        if e["name"] in ("TMC_ADMIN_TOKEN", "TMC_INFERENCE_TOKEN", "REDIS_PASSWORD") and "value" in e:
+        secret_names = ("TMC_ADMIN_TOKEN", "TMC_INFERENCE_TOKEN", "REDIS_PASSWORD")
+        if e["name"] in secret_names and "value" in e:
             rep.error(cw, f"{e['name']} given as a plain value (use a Secret)")
 
 

@@ -8,8 +8,8 @@ pytest itself never downloads anything.
 from __future__ import annotations
 
 import copy
-import os
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_checker() -> Any:
-    spec = importlib.util.spec_from_file_location("deploy_check", ROOT / "scripts" / "deploy_check.py")
+    path = ROOT / "scripts" / "deploy_check.py"
+    spec = importlib.util.spec_from_file_location("deploy_check", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules["deploy_check"] = module
@@ -121,7 +122,8 @@ def test_env_check_rejects_unknown_tmc_names() -> None:
 def test_env_references_must_be_defined_first() -> None:
     rep = dc.Report()
     c = {"env": [{"name": "TMC_REDIS_URL", "value": "redis://:$(REDIS_PASSWORD)@r:6379/0"},
-                 {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}
+                 {"name": "REDIS_PASSWORD",
+                  "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}
     dc.container_env(c, {}, "x", rep, set())
     assert_caught(rep.errors, "$(REDIS_PASSWORD) which is not defined before it")
 
