@@ -124,9 +124,12 @@ class Registry:
 
     # -- components ------------------------------------------------------------------
 
-    def add(self, id: str, data: bytes, *, weight: float | None = None,
+    def add(self, id: str, data: bytes, weight: float | None = None,
             tags: Iterable[str] | None = None, active: bool | None = None) -> AddResult:
-        """Register ``data`` as the current version of ``id`` (nothing stored on error)."""
+        """Register ``data`` as the current version of ``id`` (nothing stored on error).
+
+        None settings keep the id's current values (1.0 / no tags / active for a new id).
+        """
         cid = check_id(id)
         settings = _settings(weight, tags, active)
         version = self._validate(data)

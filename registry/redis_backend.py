@@ -15,12 +15,16 @@ Changes are optimistic transactions: WATCH ``P gen`` (every change rewrites it),
 MULTI/EXEC the staged writes together with the new generation and the PUBLISH; a concurrent
 change aborts the EXEC and the change is re-run. So no reader ever sees half a change, and a
 forget deletes the index entries and the bytes in the same EXEC. Reads WATCH ``P gen`` too and
-confirm with an EXEC, so every read is one consistent snapshot. Keys are built from validated
-ids and hex digests only. Not for Redis Cluster (keys span slots).
+confirm with an EXEC; a read that keeps losing to writers falls back to one Lua call that
+copies the index metadata atomically. Either way every read is one consistent snapshot.
+Keys are built from validated ids and hex digests only. Not for Redis Cluster (keys span
+slots).
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -38,11 +42,21 @@ from registry.records import (
     composition_to_json,
 )
 from registry.redis_events import RedisListener
+from registry.snapshot import SnapshotTx
 from registry.types import NamedComposition
 from registry.validate import DIGEST_PATTERN
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 200
+OPTIMISTIC_READS = 3
+SNAPSHOT_LUA = """
+local p = ARGV[1]
+local records = {}
+for _, id in ipairs(redis.call('SMEMBERS', p .. 'ids')) do
+  records[#records + 1] = redis.call('GET', p .. 'c:' .. id)
+end
+return {redis.call('GET', p .. 'gen') or '0', records, redis.call('HVALS', p .. 'comps')}
+"""
 Op = Callable[[Pipeline], object]
 
 
@@ -67,6 +81,13 @@ class Keys:
 
 class _Retry(Exception):
     """A read saw a change in flight: run the unit again."""
+
+
+class _Lost:
+    """Every attempt lost to a concurrent change."""
+
+
+LOST = _Lost()
 
 
 class RedisTx:
@@ -165,6 +186,7 @@ class RedisIndex:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._client = client
         self.keys = keys
+        self._snapshot_script = client.register_script(SNAPSHOT_LUA)
 
     def _attempt(self, fn: Callable[[RedisTx], T]) -> T:
         with self._client.pipeline(transaction=True) as pipe:
@@ -184,21 +206,35 @@ class RedisIndex:
             pipe.execute()
             return result
 
-    def _run(self, fn: Callable[[RedisTx], T]) -> T:
-        for _ in range(MAX_ATTEMPTS):
+    def _run(self, fn: Callable[[RedisTx], T], attempts: int) -> T | _Lost:
+        for attempt in range(attempts):
             try:
                 return self._attempt(fn)
             except (redis.WatchError, _Retry):
-                continue
+                time.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
             except redis.RedisError as exc:
                 raise _storage_error(exc) from exc
-        raise StorageError(f"Redis registry too busy: {MAX_ATTEMPTS} attempts lost to changes")
+        return LOST
 
-    def read(self, fn: Callable[[RedisTx], T]) -> T:
-        return self._run(fn)
+    def read(self, fn: Callable[[SnapshotTx | RedisTx], T]) -> T:
+        """Optimistic reads first; if writers keep winning, one atomic Lua snapshot."""
+        result = self._run(fn, OPTIMISTIC_READS)
+        return fn(self._snapshot()) if isinstance(result, _Lost) else result
 
     def mutate(self, fn: Callable[[RedisTx], T]) -> T:
-        return self._run(fn)
+        result = self._run(fn, MAX_ATTEMPTS)
+        if isinstance(result, _Lost):
+            raise StorageError(f"Redis registry too busy: {MAX_ATTEMPTS} attempts lost")
+        return result
+
+    def _snapshot(self) -> SnapshotTx:
+        try:
+            gen, texts, comps = self._snapshot_script(args=[self.keys.prefix])
+        except redis.RedisError as exc:
+            raise _storage_error(exc) from exc
+        records = [component_from_json(t) for t in texts]
+        named = [composition_from_json(t) for t in comps]
+        return SnapshotTx(int(gen), {r.id: r for r in records}, {c.name: c for c in named})
 
     def mutation_lock(self) -> AbstractContextManager[None]:
         return nullcontext()  # WATCH + require_blob make every unit safe on its own
