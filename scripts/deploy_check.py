@@ -561,6 +561,24 @@ def check_env_names(env: dict[str, str], where: str, settings: Any, rep: Report)
                              f"variable ({', '.join(sorted(NON_TMC_ENV))})")
 
 
+def check_scripts(c: dict[str, Any], cw: str, rep: Report) -> None:
+    """Shell scripts in command/args must parse (sh -n), and so must embedded Python heredocs."""
+    cmd = [str(x) for x in (c.get("command") or []) + (c.get("args") or [])]
+    if len(cmd) < 3 or PurePosixPath(cmd[0]).name not in ("sh", "bash") \
+            or not cmd[1].startswith("-") or "c" not in cmd[1]:
+        return
+    script = cmd[2]
+    proc = subprocess.run([cmd[0].rsplit("/", 1)[-1], "-n", "-c", script], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        rep.error(cw, f"shell script does not parse: {proc.stderr.strip()}")
+    for m in re.finditer(r"python3? - <<'(\w+)'\n(.*?)\n\1\n", script, re.S):
+        try:
+            compile(m.group(2), f"{cw} heredoc", "exec")
+        except SyntaxError as e:
+            rep.error(cw, f"embedded Python does not compile: {e}")
+
+
 def under(path: str, mount: str) -> bool:
     return path == mount or path.startswith(mount.rstrip("/") + "/")
 
@@ -670,6 +688,7 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
             app_container = is_server or w["kind"] == "Job"
             if "redis" not in image:
                 check_env_names(env, cw, settings, rep)
+            check_scripts(c, cw, rep)
             # $(VAR) in command/args must resolve from the container env.
             for arg in (c.get("command") or []) + (c.get("args") or []):
                 for ref in re.findall(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(arg)):

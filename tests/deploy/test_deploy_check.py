@@ -8,6 +8,7 @@ pytest itself never downloads anything.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 import shutil
@@ -44,12 +45,17 @@ def errors_of(fn: Any, *args: Any) -> list[str]:
     return rep.errors
 
 
+@functools.cache
+def _rendered(name: str) -> str:
+    proc = dc.helm_template(HELM, VS[name].files)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def render(name: str) -> list[dict[str, Any]]:
     import yaml
 
-    proc = dc.helm_template(HELM, VS[name].files)
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return [d for d in yaml.safe_load_all(_rendered(name)) if d]
 
 
 def check(docs: list[dict[str, Any]], name: str) -> list[str]:
@@ -245,6 +251,17 @@ MUTATIONS = {
         "defaults",
         lambda d: server(d)["readinessProbe"]["httpGet"].update(path="/healthz"),
         "readinessProbe on /healthz, expected /readyz"),
+    "broken shell in a training Job": (
+        "training",
+        lambda d: find(d, "Job")["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(
+            0, "until tmc push; do sleep 1"),
+        "shell script does not parse"),
+    "broken Python in the helm test": (
+        "defaults",
+        lambda d: find(d, "Pod")["spec"]["containers"][0]["args"].__setitem__(
+            0, find(d, "Pod")["spec"]["containers"][0]["args"][0].replace("while True:",
+                                                                          "while True")),
+        "embedded Python does not compile"),
     "privilege escalation allowed in a training Job": (
         "training",
         lambda d: find(d, "Job")["spec"]["template"]["spec"]["containers"][0][
