@@ -1,0 +1,132 @@
+"""The non-linear baseline: ordinary fine-tuning of the same region, and weight averaging.
+
+The parameters of the tangent region start at θ0 and are trained directly (cross-entropy,
+AdamW, the same loop and schedule as the tangent trainer); everything else stays θ0 and
+BatchNorm stays in eval mode, exactly as in the tangent model. The result is a dict of the
+region's fine-tuned parameter values (not differences), saved as safetensors with the
+component's tensor names and metadata ``format = tmc.nonlinear/1``. An ensemble of N such
+models costs N tail forwards; their weight average costs one but is inexact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch.func import functional_call
+
+from training.data import Dataset
+from training.errors import EmptyShardError, UsageError
+from training.features import Features, InputEncoder, TrunkSource, trunk_features
+from training.loop import fit
+
+FORMAT = "tmc.nonlinear/1"
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NonlinearConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_step: int | None = None
+    lr_gamma: float = 0.1
+    seed: int = 0
+    cache: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class NonlinearResult:
+    params: Params
+    epoch_losses: list[float]
+    initial_loss: float
+    steps: int
+    samples: int
+    train_seconds: float
+    trunk_seconds: float
+    rows_per_s: float
+    config: NonlinearConfig
+
+
+def tail_with(net: Any, h: Any, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The plain tail forward with some region parameters replaced."""
+    out: torch.Tensor = functional_call(net.tail, dict(params), (h,), strict=False)
+    return out
+
+
+def train_nonlinear(base: Any, ds: Dataset, config: NonlinearConfig, *,
+                    features: Features | None = None, progress: bool = False,
+                    desc: str = "non-linear") -> NonlinearResult:
+    if len(ds) == 0:
+        raise EmptyShardError("the training shard is empty")
+    InputEncoder(base).check(ds)
+    net = base.net
+    trunk_seconds = 0.0
+    if config.cache and features is None:
+        features = trunk_features(base, ds, progress=progress)
+        trunk_seconds = features.seconds
+    source = TrunkSource(base, ds, features if config.cache else None)
+    params = {n: net.params[n].detach().clone().requires_grad_(True) for n in net.names}
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor, p: Params) -> torch.Tensor:
+        return F.cross_entropy(out, y)
+
+    torch.manual_seed(config.seed)
+    with torch.enable_grad():
+        stats = fit(source, torch.from_numpy(ds.labels), params,
+                    lambda h, p: tail_with(net, h, p), loss_fn,
+                    epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                    weight_decay=config.weight_decay, lr_step=config.lr_step,
+                    lr_gamma=config.lr_gamma, seed=config.seed, progress=progress, desc=desc)
+    return NonlinearResult({n: p.detach().clone() for n, p in params.items()},
+                           stats.epoch_losses, stats.initial_loss, stats.steps, len(ds),
+                           stats.seconds, trunk_seconds, stats.rows_per_s, config)
+
+
+def weight_average(models: Sequence[Mapping[str, torch.Tensor]]) -> Params:
+    """The element-wise mean of N fine-tuned parameter sets (one forward, inexact)."""
+    if not models:
+        raise ValueError("weight_average needs at least one model")
+    names = list(models[0])
+    for m in models[1:]:
+        if list(m) != names:
+            raise ValueError("models to average must hold the same parameter names")
+    return {n: torch.stack([m[n].to(torch.float32) for m in models]).mean(0) for n in names}
+
+
+def encode_nonlinear(params: Mapping[str, torch.Tensor], base_fingerprint: str,
+                     provenance: Mapping[str, object] | None = None) -> bytes:
+    metadata = {"format": FORMAT, "base_fingerprint": base_fingerprint}
+    for key, value in (provenance or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    data: bytes = st_save({n: t.detach().contiguous().cpu() for n, t in params.items()},
+                          metadata=metadata)
+    return data
+
+
+def decode_nonlinear(data: bytes, base: Any) -> Params:
+    """Parameters of a tmc.nonlinear/1 file, checked against the base's region."""
+    from tangent import read_metadata
+
+    meta = read_metadata(data)
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"not a non-linear fine-tune file (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    if meta.get("base_fingerprint") != base.fingerprint:
+        raise UsageError("the non-linear fine-tune was made for another base")
+    tensors = st_load(data)
+    for name, t in tensors.items():
+        param = base.region.get(name)
+        if param is None or tuple(t.shape) != param.shape:
+            raise UsageError(f"tensor {name!r} does not fit the base's tangent region")
+    return dict(tensors)
