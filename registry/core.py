@@ -276,7 +276,11 @@ class Registry:
         return self._resolved(partial(ops.resolve_named, name=cname))
 
     def _resolved(self, fn: Callable[[Tx], Resolved]) -> Resolved:
-        resolved = self._index.read(fn)
+        try:
+            resolved = self._index.read(fn)
+        except NotFoundError:
+            self.refresh()  # an id may be missing because another process forgot it
+            raise
         self._loader.reconcile(resolved.generation)
         return resolved
 

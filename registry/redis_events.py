@@ -29,7 +29,7 @@ class RedisListener:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                message = self._pubsub.get_message(timeout=0.2)
+                message = self._pubsub.get_message(timeout=0.05)
             except (redis.RedisError, OSError, ValueError):
                 self._stop.wait(0.5)  # redis-py reconnects and resubscribes on the next call
                 continue

@@ -30,5 +30,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def redis_store(redis_db: str, tmp_path: Path) -> Iterator[Store]:
+    s = Store("redis", tmp_path, redis_db)
+    yield s
+    s.close_all()
+
+
+@pytest.fixture
 def reg(store: Store) -> Registry:
     return store.open()
