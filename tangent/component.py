@@ -59,7 +59,18 @@ def encode_component(tensors: Mapping[str, torch.Tensor], base_fingerprint: str,
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     contiguous = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
     data: bytes = st_save(contiguous, metadata=metadata)
-    return data
+    return _sorted_metadata(data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """Rewrite the header with metadata keys sorted: safetensors writes them in hash order,
+    so the same tensors and metadata would otherwise encode to different bytes (digests)."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len:]
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
