@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ def make_component(seed: int = 0, *, fingerprint: str = FP,
     weight = torch.randn(4, 3, generator=gen) + 1000.0 + seed  # distinctive float32 bytes
     tensors = tensors if tensors is not None else {
         "fc.weight": weight, "fc.bias": torch.randn(4, generator=gen)}
-    secret = f"provenance-{secrets.token_hex(8)}"
+    secret = f"provenance-{seed:06d}-{''.join(map(str, weight.shape))}-tmc"
     data = encode_component(tensors, fingerprint, {"data": secret, **(provenance or {})})
     return Made(data, weight.numpy().tobytes()[:24], secret.encode())
 
@@ -74,7 +73,7 @@ class Store:
         blobs = self.registry_dir / "blobs"
         return sorted(p.name for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else []
 
-    def keys(self) -> set[bytes]:
+    def redis_keys(self) -> set[bytes]:
         if self.url is None:
             return set()
         with redis.Redis.from_url(self.url) as client:
@@ -82,7 +81,7 @@ class Store:
 
     def state(self) -> tuple[list[str], set[bytes]]:
         """What is stored: blob files (embedded) and Redis keys (shared)."""
-        return self.blob_files(), self.keys()
+        return self.blob_files(), self.redis_keys()
 
     def raw_values(self) -> Iterator[tuple[str, bytes]]:
         """Every byte the registry keeps: files under the root (index, WAL, blobs, caches)

@@ -1,0 +1,64 @@
+"""Contract across processes: a crash mid-add changes nothing; concurrent adders are safe."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from registry import Registry
+from tests.registry.support import Store, make_component
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _proc(store: Store, *items: str, crash: str | None = None) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k != "TMC_TEST_CRASH_POINT"}
+    if crash:
+        env["TMC_TEST_CRASH_POINT"] = crash
+    args = [sys.executable, "-m", "tests.registry.proc", store.kind, str(store.root),
+            store.url or "-", *items]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode(errors="replace")
+
+
+def test_a_crash_between_blob_and_index_leaves_the_registry_as_it_was(
+        store: Store, reg: Registry) -> None:
+    reg.add("kept", make_component(1).data)
+    before, generation, listed = store.state(), reg.generation(), reg.list()
+    orphan = hashlib.sha256(make_component(2).data).hexdigest()
+    rc, err = _finish(_proc(store, "crashed:2", crash="after_blob"))
+    assert rc == -signal.SIGKILL, err
+    assert orphan in store.blob_files() or store.redis_keys() > before[1]  # the blob was written
+    assert reg.list() == listed and reg.generation() == generation
+    reopened = store.open(cache="cache-after-crash")
+    assert store.state() == before  # the orphan blob was swept on open
+    assert reopened.list() == listed and reopened.generation() == generation
+    assert reopened.add("crashed", make_component(2).data).created_version
+
+
+def test_two_processes_adding_at_once(store: Store, reg: Registry) -> None:
+    one = [f"p1-{i}:{i}" for i in range(12)] + ["both:100"]
+    two = [f"p2-{i}:{i + 50}" for i in range(12)] + ["both:200"]
+    procs = [_proc(store, *one), _proc(store, *two)]
+    for proc in procs:
+        rc, err = _finish(proc)
+        assert rc == 0, err
+    infos = {c.id: c for c in reg.list()}
+    assert len(infos) == 25 and len(infos["both"].versions) == 2
+    assert reg.generation() == 26
+    digests = {d for c in infos.values() for d in c.versions}
+    if store.kind == "sqlite":
+        assert set(store.blob_files()) == digests
+    else:
+        assert {k for k in store.redis_keys() if k.startswith(b"tmc:blob:")} == {
+            b"tmc:blob:" + d.encode() for d in digests}
+    for digest in digests:
+        assert hashlib.sha256(reg.load_bytes(digest)).hexdigest() == digest
