@@ -103,6 +103,7 @@ def decode_component(data: bytes, base_fingerprint: str, region: Mapping[str, Ta
             f"component is {len(data)} bytes, over the limit of {max_bytes} bytes")
     metadata = read_metadata(data)
     _check_metadata(metadata, base_fingerprint)
+    _check_complete(data)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -110,6 +111,20 @@ def decode_component(data: bytes, base_fingerprint: str, region: Mapping[str, Ta
     for name, tensor in tensors.items():
         _check_tensor(name, tensor, region)
     return Component(sha256_hex(data), dict(tensors), metadata, len(data))
+
+
+def _check_complete(data: bytes) -> None:
+    """Tell a truncated upload apart from garbage: the header says how long the data is."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"
+            and isinstance(e, dict) and isinstance(e.get("data_offsets"), list)
+            and len(e["data_offsets"]) == 2 and isinstance(e["data_offsets"][1], int)]
+    have = len(data) - 8 - header_len
+    if ends and max(ends) > have:
+        raise NotSafetensorsError(
+            f"component is truncated: its header describes {max(ends)} bytes of tensor data "
+            f"but only {have} follow; upload the whole file")
 
 
 def _check_metadata(metadata: Mapping[str, str], base_fingerprint: str) -> None:

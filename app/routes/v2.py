@@ -9,13 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.composition import BaseOnly, CompositionSpec, Named, parse_components_param
 from app.deps import InferenceDep, ServiceDep
 from app.errors import BadRequestError, NotReadyError
+from app.routes.v2_binary import HEADER, attach_binary_inputs, decode_binary, split_body
+from app.routes.v2_binary import encode_binary_outputs
 from app.service import Prediction, Service
 from bases import InputError
 from tangent import NORMALIZATIONS
@@ -32,7 +35,7 @@ class V2Tensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None  # absent when the data travels in binary
     parameters: dict[str, Any] | None = None
 
 
@@ -100,19 +103,50 @@ async def model_ready(model: str, service: ServiceDep) -> dict[str, Any]:
     return {"name": model, "ready": True}
 
 
-@router.post("/v2/models/{model}/infer", dependencies=[InferenceDep])
-@router.post("/v2/models/{model}/versions/{version}/infer", dependencies=[InferenceDep])
-async def infer(model: str, body: V2Request, service: ServiceDep,
-                version: str | None = None) -> JSONResponse:
+@router.post("/v2/models/{model}/infer", dependencies=[InferenceDep],
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": V2Request.model_json_schema(ref_template="#/components/schemas/"
+                                                       "{model}")}}}})
+@router.post("/v2/models/{model}/versions/{version}/infer", dependencies=[InferenceDep],
+             include_in_schema=False)
+async def infer(model: str, request: Request, service: ServiceDep,
+                version: str | None = None) -> Response:
     _model(service, model)
+    raw_json, blob = split_body(await request.body(), request.headers.get(HEADER))
+    payloads = attach_binary_inputs(raw_json if isinstance(raw_json, dict) else {}, blob)
+    body = _validated(raw_json)
     if len(body.inputs) != 1:
         raise BadRequestError(f"expected exactly one input tensor, got {len(body.inputs)}")
+    tensor = body.inputs[0]
+    if payloads[0] is not None:
+        tensor.data = decode_binary(tensor.datatype, tensor.shape, payloads[0])
+    if tensor.data is None:
+        raise BadRequestError(f"input {tensor.name!r} has no data (inline 'data' or binary)")
     params = body.parameters or {}
-    normalize = _normalize(params)
-    raw = decode_input(body.inputs[0], service.base.spec.input_kind)
-    pred = await service.predict(raw, _spec(params), normalize, explain=False)
+    raw = decode_input(tensor, service.base.spec.input_kind)
+    pred = await service.predict(raw, _spec(params), _normalize(params), explain=False)
     wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
-    return JSONResponse(encode_response(service, pred, model, body.id, wanted))
+    response = encode_response(service, pred, model, body.id, wanted)
+    binary = _binary_outputs(body, params)
+    if not binary:
+        return JSONResponse(response)
+    content, head = encode_binary_outputs(response, binary)
+    return Response(content, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(head)})
+
+
+def _validated(raw_json: Any) -> V2Request:
+    try:
+        return V2Request.model_validate(raw_json)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _binary_outputs(body: V2Request, params: dict[str, Any]) -> set[str]:
+    if body.outputs:
+        return {o.name for o in body.outputs
+                if (getattr(o, "parameters", None) or {}).get("binary_data")}
+    return set(OUTPUTS) if params.get("binary_data_output") else set()
 
 
 def _spec(params: dict[str, Any]) -> CompositionSpec:
@@ -140,9 +174,9 @@ def decode_input(tensor: V2Tensor, kind: str) -> list[Any]:
         if kind == "tensor":
             raise BadRequestError("this model takes FP32 tensors, not BYTES")
         flat = list(_flatten(tensor.data))
-        if len(flat) != batch or not all(isinstance(v, str) for v in flat):
+        if len(flat) != batch or not all(isinstance(v, str | bytes) for v in flat):
             raise BadRequestError(f"input {tensor.name!r}: BYTES data must be {batch} strings")
-        return flat
+        return [_text(v) if kind == "text" else v for v in flat]
     if tensor.datatype not in NUMERIC:
         raise BadRequestError(f"input {tensor.name!r}: unsupported datatype {tensor.datatype}")
     if kind == "text":
@@ -154,6 +188,15 @@ def decode_input(tensor: V2Tensor, kind: str) -> list[Any]:
         raise InputError(f"input {tensor.name!r}: data does not fit shape "
                          f"{tensor.shape}: {exc}") from None
     return [row for row in arr]
+
+
+def _text(value: str | bytes) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("text input is not valid UTF-8") from None
 
 
 def _flatten(data: Any) -> Any:

@@ -1,0 +1,97 @@
+"""Admin lifecycle through real HTTP: add, reweight, forget exactly; auth default-deny."""
+
+from __future__ import annotations
+
+import httpx
+import torch
+
+from tests.app.conftest import ADMIN, component_bytes, fresh_seed, live_server, settings_for
+from tests.app.test_predict import logits, predict, push
+
+
+def test_add_predict_reweight_forget_returns_never_had_it_output(admin_client, client,
+                                                                  tiny_base):
+    x = torch.randn(3, 64)
+    push(admin_client, tiny_base, "keep", fresh_seed())
+    never_had_it = logits(predict(client, x, components="*"))
+    push(admin_client, tiny_base, "gone", fresh_seed())
+    with_both = logits(predict(client, x, components="*"))
+    assert not torch.equal(with_both, never_had_it)
+
+    r = admin_client.patch("/v1/components/gone", json={"weight": 3.0})
+    assert r.status_code == 200 and r.json()["weight"] == 3.0
+    reweighted = predict(client, x, components="*")
+    assert {c["id"]: c["weight"] for c in reweighted["provenance"]["components"]}["gone"] == 3.0
+
+    receipt = admin_client.delete("/v1/components/gone").json()
+    assert receipt["id"] == "gone" and len(receipt["digests_removed"]) == 1
+    after = predict(client, x, components="*")
+    assert [c["id"] for c in after["provenance"]["components"]] == ["keep"]
+    assert after["provenance"]["generation"] >= receipt["generation"]
+    assert torch.equal(logits(after), never_had_it)  # bit for bit
+    r = client.post("/v1/predict", json={"inputs": x.tolist(), "components": {"gone": 1.0}})
+    assert r.status_code == 404 and "gone" in r.json()["error"]
+
+
+def test_readd_after_forget_is_a_new_registration(admin_client, client, tiny_base):
+    seed = fresh_seed()
+    first = push(admin_client, tiny_base, "again", seed)
+    admin_client.delete("/v1/components/again")
+    assert admin_client.get("/v1/components/again").status_code == 404
+    second = push(admin_client, tiny_base, "again", seed)
+    assert second["digest"] == first["digest"] and second["generation"] > first["generation"]
+    x = torch.randn(2, 64)
+    assert predict(client, x, components={"again": 1.0})["provenance"]["generation"] == \
+        second["generation"]
+
+
+def test_admin_api_denies_by_default(tiny_base_dir, tmp_path, tiny_base):
+    settings = settings_for(tiny_base_dir, tmp_path / "r", admin_token=None)
+    with live_server(settings) as url, httpx.Client(base_url=url) as c:
+        r = c.get("/v1/components", headers={"authorization": "Bearer whatever-token-123"})
+        assert r.status_code == 403 and "TMC_ADMIN_TOKEN" in r.json()["error"]
+        r = c.put("/v1/components/x", content=component_bytes(tiny_base, 1))
+        assert r.status_code == 403
+
+
+def test_admin_token_checks(client, tiny_base):
+    assert client.get("/v1/components").status_code == 401
+    r = client.get("/v1/components", headers={"authorization": "Bearer wrong-token-xxxxxxxx"})
+    assert r.status_code == 401 and r.json() == {"error": "invalid admin token"}
+    ok = client.get("/v1/components", headers={"authorization": f"Bearer {ADMIN}"})
+    assert ok.status_code == 200
+
+
+def test_inference_token_when_configured(tiny_base_dir, tmp_path):
+    settings = settings_for(tiny_base_dir, tmp_path / "r", inference_token="infer-token-0123456")
+    with live_server(settings) as url, httpx.Client(base_url=url) as c:
+        body = {"inputs": [[0.0] * 64]}
+        assert c.post("/v1/predict", json=body).status_code == 401
+        r = c.post("/v1/predict", json=body,
+                   headers={"authorization": "Bearer infer-token-0123456"})
+        assert r.status_code == 200
+        # the admin token is not an inference token, and vice versa
+        r = c.get("/v1/components", headers={"authorization": "Bearer infer-token-0123456"})
+        assert r.status_code == 401
+
+
+def test_named_composition_with_compare_and_set(admin_client, client, tiny_base):
+    push(admin_client, tiny_base, "n1", fresh_seed())
+    push(admin_client, tiny_base, "n2", fresh_seed())
+    r = admin_client.put("/v1/compositions/prod", json={"weights": {"n1": 1.0, "n2": 1.0},
+                                                         "normalize": "mean"})
+    assert r.status_code == 200, r.text
+    gen = r.json()["generation"]
+    x = torch.randn(2, 64)
+    named = predict(client, x, composition="prod")
+    explicit = predict(client, x, components={"n1": 0.5, "n2": 0.5})
+    assert torch.equal(logits(named), logits(explicit))
+    stale = admin_client.put("/v1/compositions/prod", json={
+        "weights": {"n1": 1.0}, "expected_generation": gen - 1})
+    assert stale.status_code == 409
+    ok = admin_client.put("/v1/compositions/prod", json={
+        "weights": {"n1": 1.0}, "expected_generation": gen})
+    assert ok.status_code == 200
+    assert admin_client.delete("/v1/compositions/prod").status_code == 200
+    assert client.post("/v1/predict", json={"inputs": x.tolist(),
+                                            "composition": "prod"}).status_code == 404
