@@ -16,8 +16,8 @@ version and make it current; ``weight``/``tags``/``active`` left as None keep th
 current values (1.0 / none / True for a new id). After a forget, re-adding is a new
 registration: nothing about the old one survives.
 
-Crash safety: the blob is written (atomically) before the index entry that references it;
-a crash in between leaves an unreferenced blob that the next open sweeps away.
+Crash safety: a blob is written before the index entry that references it; a crash in
+between leaves an unreferenced blob that the next open sweeps (``TMC_TEST_CRASH_POINT``).
 """
 
 from __future__ import annotations
@@ -64,13 +64,6 @@ def crash_point(name: str) -> None:
     """Test hook: SIGKILL this process here when ``TMC_TEST_CRASH_POINT`` names this point."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _settings(weight: float | None, tags: Iterable[str] | None, active: bool | None) -> Settings:
-    if active is not None and not isinstance(active, bool):
-        raise InvalidRequestError(f"active must be true or false, got {active!r}")
-    return Settings(None if weight is None else check_weight(weight),
-                    None if tags is None else check_tags(tags), active)
 
 
 class Registry:
@@ -131,7 +124,7 @@ class Registry:
         None settings keep the id's current values (1.0 / no tags / active for a new id).
         """
         cid = check_id(id)
-        settings = _settings(weight, tags, active)
+        settings = Settings.checked(weight, tags, active)
         version = self._validate(data)
         with self._index.mutation_lock():
             result = self._add_locked(cid, version, settings, data)
@@ -173,7 +166,7 @@ class Registry:
                tags: Iterable[str] | None = None, active: bool | None = None) -> int:
         """Change settings atomically; returns the generation after the change."""
         cid = check_id(id)
-        settings = _settings(weight, tags, active)
+        settings = Settings.checked(weight, tags, active)
         generation = self._index.mutate(partial(ops.update, cid=cid, settings=settings))
         self._watch.changed(generation)
         return generation

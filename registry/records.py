@@ -7,12 +7,13 @@ once and run inside each backend's atomic unit (SQLite transaction, Redis MULTI/
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from registry.errors import InvalidRequestError, StorageError
 from registry.types import ComponentInfo, NamedComposition
-from registry.validate import check_normalize
+from registry.validate import check_normalize, check_tags, check_weight
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class Settings:
     weight: float | None = None
     tags: tuple[str, ...] | None = None
     active: bool | None = None
+
+    @classmethod
+    def checked(cls, weight: object, tags: Iterable[str] | None, active: object) -> Settings:
+        if active is not None and not isinstance(active, bool):
+            raise InvalidRequestError(f"active must be true or false, got {active!r}")
+        return cls(None if weight is None else check_weight(weight),
+                   None if tags is None else check_tags(tags), active)
 
 
 @dataclass(frozen=True)

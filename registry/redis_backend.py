@@ -161,7 +161,8 @@ class RedisTx:
         self._stage(lambda p: p.set(self._k.base, fingerprint))
 
     def require_blob(self, digest: str) -> None:
-        self._p.watch(self._k.blob(digest))  # type: ignore[no-untyped-call] # a sweep deleting it now aborts the EXEC
+        # watched: a sweep deleting the blob from now on aborts this unit's EXEC
+        self._p.watch(self._k.blob(digest))  # type: ignore[no-untyped-call]
         if not self._p.exists(self._k.blob(digest)):
             raise BlobMissingError(f"blob {digest} vanished before its index entry was written")
 
