@@ -123,7 +123,6 @@ def evaluate_files(base: Any, ds: Dataset, files: Sequence[bytes],
     """Accuracy of component files (tmc.component/1) composed, or of non-linear fine-tunes
     (tmc.nonlinear/1) as an ensemble and a weight average."""
     from tangent import decode_component, read_metadata
-
     from training.nonlinear import FORMAT as NL_FORMAT
     from training.nonlinear import decode_nonlinear
 

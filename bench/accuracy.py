@@ -1,0 +1,329 @@
+"""Reproduction benchmark: TMC against the paper's baselines, end to end, on this machine.
+
+    python -m bench.accuracy --experiment fmnist-class-il|bbc-data-il [--quick] [--select]
+
+fmnist-class-il: effnet-lite0 (tangent region R2: conv head + BN + classifier), Fashion-MNIST
+    at 64×64, 5 class-incremental tasks of 2 classes, 2,000 training images per task.
+bbc-data-il: minilm (last encoder layer + classifier), BBC News, 5 data-incremental shards of
+    the training split.
+
+For each: accuracy on the full held-out test split of each component alone, the TMC mean
+composition, the non-linear (NL) ensemble (mean of softmax), the NL weight average, joint
+tangent training on all the tasks' data, the linear probe, and θ0; training time per
+component; the settings. Trunk features are computed once per split and shared by every
+method. ``--select`` instead sweeps κ / learning rates on the validation split (carved from
+the training data; the test split is never looked at) and writes ``*_select.json``.
+Results: bench/results/accuracy_<experiment>[_select|_quick].json.
+"""
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+import os
+
+# Shared 2-core machines: spinning OpenMP workers collapse throughput when other processes
+# compete for the cores (measured here: 2 threads 10x slower than 1 under load). Passive
+# waiting costs little when the machine is idle. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bases import init_base, load_base, make_spec
+from training.data import (
+    Dataset,
+    align_labels,
+    load_source,
+    positions,
+    shard_by_classes,
+    shard_random,
+    split_train_val_test,
+    take,
+)
+from training.evaluate import Evaluator
+from training.features import Features, trunk_features
+from training.nonlinear import NonlinearConfig, train_nonlinear
+from training.probe import train_linear_probe
+from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Experiment:
+    name: str
+    preset: str
+    data: str
+    rule: str  # "classes" | "shard"
+    tasks: int = 5
+    per_task: int | None = None  # cap on training rows per task (None: the whole shard)
+    epochs: int = 10
+    nl_lr: float = 1e-3
+    probe_l2: float = 1e-4
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    test_limit: int | None = None
+    val_limit: int | None = None
+    # --select grids: (kappa, lr) pairs for TMC, lrs for the NL fine-tunes
+    tmc_grid: list[tuple[float, float]] = field(default_factory=list)
+    nl_grid: list[float] = field(default_factory=list)
+
+
+EXPERIMENTS = {
+    "fmnist-class-il": Experiment(
+        "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
+        nl_lr=1e-3, tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)],
+        nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
+    "fmnist-data-il": Experiment(
+        "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", per_task=2000, epochs=10,
+        nl_lr=1e-3, tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (1.0, 5.0, 15.0, 50.0)],
+        nl_grid=[1e-4, 1e-3]),
+    "bbc-data-il": Experiment(
+        "bbc-data-il", "minilm", "bbc", "shard", epochs=5, nl_lr=1e-4,
+        tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (1.0, 1e-4), (15.0, 1e-4)], nl_grid=[1e-4, 1e-3]),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    exp: Experiment
+    base: Any
+    union: Dataset
+    union_features: Features
+    tasks: list[tuple[str, Dataset, Features]]
+    val: Evaluator
+    test: Evaluator
+    seconds: dict[str, float]
+
+
+def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
+    t0 = time.perf_counter()
+    init_base(base_dir, make_spec(exp.preset, options=exp.options), force=True)
+    base = load_base(base_dir)
+    pool, fixed_test = load_source(exp.data)
+    pool = align_labels(pool, base.labels)
+    fixed_test = align_labels(fixed_test, base.labels) if fixed_test is not None else None
+    splits = split_train_val_test(pool, test=fixed_test, val_fraction=exp.val_fraction,
+                                  seed=exp.split_seed)
+    shards: list[tuple[str, Dataset]] = []
+    for k in range(exp.tasks):
+        if exp.rule == "classes":
+            per = len(base.labels) // exp.tasks
+            classes = list(range(k * per, (k + 1) * per))
+            shard = shard_by_classes(splits.train, classes)
+            label = "classes " + ",".join(base.labels[c] for c in classes)
+        else:
+            shard = shard_random(splits.train, k, exp.tasks, seed=exp.split_seed)
+            label = f"shard {k}/{exp.tasks}"
+        if exp.per_task is not None:
+            shard = take(shard, exp.per_task, seed=exp.split_seed + k)
+        shards.append((label, shard))
+    union_rows = np.unique(np.concatenate([positions(splits.train, s) for _, s in shards]))
+    union = splits.train.subset(union_rows)
+    val = take(splits.val, exp.val_limit, exp.split_seed) if exp.val_limit else splits.val
+    test = take(splits.test, exp.test_limit, exp.split_seed) if exp.test_limit else splits.test
+    t1 = time.perf_counter()
+    log(f"{exp.name}: {len(union)} training rows in {exp.tasks} tasks, {len(val)} val, "
+        f"{len(test)} test; computing trunk features once")
+    union_features = trunk_features(base, union, progress=progress, desc="train features")
+    tasks = []
+    for label, shard in shards:
+        pos = positions(union, shard)
+        tasks.append((label, union.subset(pos), union_features.subset(pos)))
+    val_ev = Evaluator(base, val, progress=progress, desc="val features")
+    test_ev = Evaluator(base, test, progress=progress, desc="test features")
+    seconds = {"data_and_base": t1 - t0, "trunk_train": union_features.seconds,
+               "trunk_val": val_ev.features.seconds, "trunk_test": test_ev.features.seconds}
+    log(f"trunk features: train {seconds['trunk_train']:.1f}s, val {seconds['trunk_val']:.1f}s,"
+        f" test {seconds['trunk_test']:.1f}s")
+    return Prepared(exp, base, union, union_features, tasks, val_ev, test_ev, seconds)
+
+
+def tangent_config(p: Prepared, **overrides: Any) -> TangentConfig:
+    cfg = TangentConfig(epochs=p.exp.epochs, kappa=default_kappa(p.exp.rule),
+                        lr=default_lr(p.base), seed=p.exp.seed)
+    return replace(cfg, **overrides)
+
+
+def train_components(p: Prepared, cfg: TangentConfig, progress: bool
+                     ) -> list[tuple[str, Any]]:
+    out = []
+    for k, (label, ds, feats) in enumerate(p.tasks):
+        r = train_tangent(p.base, ds, replace(cfg, seed=cfg.seed + k), features=feats,
+                          progress=progress, desc=f"tangent {k}")
+        log(f"  tangent {label}: {len(ds)} rows, {r.train_seconds:.1f}s, "
+            f"loss {r.epoch_losses[0]:.4g} -> {r.epoch_losses[-1]:.4g}")
+        out.append((label, r))
+    return out
+
+
+def train_nl_components(p: Prepared, cfg: NonlinearConfig, progress: bool
+                        ) -> list[tuple[str, Any]]:
+    out = []
+    for k, (label, ds, feats) in enumerate(p.tasks):
+        r = train_nonlinear(p.base, ds, replace(cfg, seed=cfg.seed + k), features=feats,
+                            progress=progress, desc=f"non-linear {k}")
+        log(f"  NL {label}: {r.train_seconds:.1f}s, loss {r.epoch_losses[0]:.4g} -> "
+            f"{r.epoch_losses[-1]:.4g}")
+        out.append((label, r))
+    return out
+
+
+def run(exp: Experiment, progress: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tmc-bench-") as tmp:
+        p = prepare(exp, Path(tmp) / "base", progress)
+        cfg = tangent_config(p)
+        nl_cfg = NonlinearConfig(epochs=exp.epochs, lr=exp.nl_lr, seed=exp.seed)
+        log(f"tangent components: kappa={cfg.kappa} lr={cfg.lr} epochs={cfg.epochs}")
+        comps = train_components(p, cfg, progress)
+        log(f"non-linear fine-tunes: lr={nl_cfg.lr}")
+        nls = train_nl_components(p, nl_cfg, progress)
+        joint_cfg = replace(cfg, kappa=default_kappa("all"))
+        log(f"joint tangent on {len(p.union)} rows: kappa={joint_cfg.kappa}")
+        joint = train_tangent(p.base, p.union, joint_cfg, features=p.union_features,
+                              progress=progress, desc="joint tangent")
+        t = time.perf_counter()
+        probe = train_linear_probe(p.base, p.union, features=p.union_features, l2=exp.probe_l2)
+        probe_s = time.perf_counter() - t
+        log("evaluating")
+        deltas = [r.delta for _, r in comps]
+        models = [r.params for _, r in nls]
+        results: dict[str, Any] = {}
+        for split, ev in (("test", p.test), ("val", p.val)):
+            t = time.perf_counter()
+            results[split] = {
+                "components_alone": {lab: ev.tangent(r.delta) for lab, r in comps},
+                "tmc_mean": ev.tmc(deltas, normalize="mean"),
+                "tmc_sum": ev.tmc(deltas, normalize="none"),
+                "nl_alone": {lab: ev.nonlinear(r.params) for lab, r in nls},
+                "nl_ensemble_softmax": ev.ensemble(models, "softmax"),
+                "nl_ensemble_logits": ev.ensemble(models, "logits"),
+                "nl_weight_average": ev.weight_average(models),
+                "joint_tangent": ev.tangent(joint.delta),
+                "linear_probe": ev.probe(probe),
+                "base_theta0": ev.base_model(),
+                "rows": len(ev),
+                "eval_seconds": 0.0,
+            }
+            results[split]["eval_seconds"] = time.perf_counter() - t
+        log(json.dumps(results["test"], indent=1))
+        return {
+            "experiment": exp.name,
+            "settings": {
+                "experiment": {k: v for k, v in exp.__dict__.items()},
+                "tangent": cfg.as_dict(), "nonlinear": nl_cfg.as_dict(),
+                "joint_tangent": joint_cfg.as_dict(), "linear_probe_l2": exp.probe_l2,
+                "base_spec": json.loads(p.base.spec.to_json()),
+                "base_fingerprint": p.base.fingerprint,
+                "tangent_region_params": sum(int(np.prod(t.shape))
+                                             for t in p.base.region.values()),
+                "rows_per_task": {lab: len(ds) for lab, ds, _ in p.tasks},
+            },
+            "accuracy": results,
+            "train_seconds": {
+                "tangent_per_component": {lab: r.train_seconds for lab, r in comps},
+                "nonlinear_per_component": {lab: r.train_seconds for lab, r in nls},
+                "joint_tangent": joint.train_seconds, "linear_probe": probe_s,
+                **{f"{k}_features": v for k, v in p.seconds.items()},
+            },
+            "losses": {
+                "tangent": {lab: r.epoch_losses for lab, r in comps},
+                "nonlinear": {lab: r.epoch_losses for lab, r in nls},
+                "joint_tangent": joint.epoch_losses,
+            },
+            "machine": machine(),
+        }
+
+
+def select(exp: Experiment, progress: bool) -> dict[str, Any]:
+    """Sweep κ and learning rates; score on the validation split only."""
+    with tempfile.TemporaryDirectory(prefix="tmc-bench-") as tmp:
+        p = prepare(exp, Path(tmp) / "base", progress)
+        grid: list[dict[str, Any]] = []
+        for kappa, lr in exp.tmc_grid:
+            log(f"select: tangent kappa={kappa} lr={lr}")
+            cfg = tangent_config(p, kappa=kappa, lr=lr)
+            comps = train_components(p, cfg, progress)
+            deltas = [r.delta for _, r in comps]
+            grid.append({"method": "tmc", "kappa": kappa, "lr": lr,
+                         "val_tmc_mean": p.val.tmc(deltas),
+                         "val_alone": [p.val.tangent(d) for d in deltas],
+                         "seconds": [r.train_seconds for _, r in comps]})
+            log(f"  -> val TMC {grid[-1]['val_tmc_mean']:.4f}")
+            _checkpoint(exp, grid)
+        for lr in exp.nl_grid:
+            log(f"select: non-linear lr={lr}")
+            nls = train_nl_components(p, NonlinearConfig(epochs=exp.epochs, lr=lr), progress)
+            models = [r.params for _, r in nls]
+            grid.append({"method": "nonlinear", "lr": lr,
+                         "val_ensemble_softmax": p.val.ensemble(models, "softmax"),
+                         "val_weight_average": p.val.weight_average(models),
+                         "val_alone": [p.val.nonlinear(m) for m in models]})
+            log(f"  -> val NL ensemble {grid[-1]['val_ensemble_softmax']:.4f}")
+            _checkpoint(exp, grid)
+        for l2 in (1e-5, 1e-4, 1e-3, 1e-2):
+            probe = train_linear_probe(p.base, p.union, features=p.union_features, l2=l2)
+            grid.append({"method": "linear_probe", "l2": l2, "val": p.val.probe(probe)})
+        return {"experiment": exp.name, "mode": "select (validation split only)",
+                "settings": {k: v for k, v in exp.__dict__.items()}, "grid": grid,
+                "machine": machine()}
+
+
+def _checkpoint(exp: Experiment, grid: list[dict[str, Any]]) -> None:
+    """Partial --select results, so a long sweep can be read while it runs."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"accuracy_{exp.name}_select.partial.json").write_text(json.dumps(grid, indent=1))
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", choices=sorted(EXPERIMENTS), required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (minutes → seconds)")
+    ap.add_argument("--select", action="store_true", help="sweep κ/lr on the validation split")
+    ap.add_argument("--epochs", type=int, help="override the experiment's epochs")
+    ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    ap.add_argument("--out", type=Path, help="result file (default bench/results/...)")
+    args = ap.parse_args(argv)
+    exp = EXPERIMENTS[args.experiment]
+    if args.quick:
+        exp = replace(exp, per_task=min(exp.per_task or 10**9, 120), epochs=2, test_limit=400,
+                      val_limit=200)
+    if args.epochs:
+        exp = replace(exp, epochs=args.epochs)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    result = select(exp, args.progress) if args.select else run(exp, args.progress)
+    result["wall_seconds"] = time.perf_counter() - started
+    suffix = "_select" if args.select else "_quick" if args.quick else ""
+    out = args.out or RESULTS / f"accuracy_{exp.name}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {out} ({result['wall_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Tangent training on tiny-mlp + sklearn digits: gradients reach Δ, the loss falls, θ0 is
+untouched, caching the trunk changes nothing, a seed fixes the result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, vjp
+
+from bases import Base
+from training.data import Splits, shard_by_classes, shard_random, take
+from training.evaluate import Evaluator
+from training.features import Features, _allocate, _store, trunk_features
+from training.tangent_train import (
+    TangentConfig,
+    delta_norm,
+    linearized_tail,
+    square_loss,
+    train_tangent,
+)
+from tests.training.conftest import JIT_WARNING
+
+pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
+
+
+def test_gradient_reaches_delta_and_is_the_vjp(tiny: Base, gen: torch.Generator) -> None:
+    net = tiny.net
+    h = net.trunk_forward(torch.rand(7, 64, generator=gen))
+    delta = {n: (torch.randn(net.params[n].shape, generator=gen) * 0.1).requires_grad_(True)
+             for n in net.names}
+    y = torch.randint(0, 10, (7,), generator=gen)
+    kappa = float(torch.rand((), generator=gen)) * 20 + 1
+    out = linearized_tail(net, h, delta)
+    torch.testing.assert_close(out, net.tail_forward(h, {k: v.detach() for k, v in
+                                                        delta.items()}))
+    square_loss(out, y, kappa).backward()
+    # d loss / dΔ = Jᵀ g with g = d loss / d out: a reverse-mode product at θ0
+    with torch.enable_grad():
+        o = out.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(square_loss(o, y, kappa), o)
+    names = tuple(net.names)
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        res: torch.Tensor = functional_call(net.tail, dict(zip(names, ps, strict=True)), (h,))
+        return res
+
+    _, pullback = vjp(f, *(net.params[n] for n in names))
+    for n, expected in zip(names, pullback(g), strict=True):
+        assert delta[n].grad is not None
+        torch.testing.assert_close(delta[n].grad, expected, rtol=1e-5, atol=1e-7)
+    for n in names:
+        assert net.params[n].grad is None  # θ0 gets no gradient
+
+
+def test_delta_norm_has_zero_gradient_at_zero(tiny: Base) -> None:
+    d = {n: torch.zeros(tiny.net.params[n].shape, requires_grad=True) for n in tiny.net.names}
+    delta_norm(d).backward()
+    assert all(bool(torch.equal(t.grad, torch.zeros_like(t))) for t in d.values()
+               if t.grad is not None)
+
+
+def test_training_lowers_loss_and_leaves_theta0(tiny: Base, digit_splits: Splits,
+                                                seed: int) -> None:
+    theta0 = {n: p.clone() for n, p in tiny.net.net.state_dict().items()}
+    shard = shard_random(digit_splits.train, seed % 3, 3, seed=seed % 997)
+    kappa = float(np.random.default_rng(seed).choice([1.0, 5.0, 15.0]))
+    res = train_tangent(tiny, shard, TangentConfig(epochs=4, lr=1e-2, kappa=kappa,
+                                                   seed=seed % 1000))
+    ev = Evaluator(tiny, shard)
+    assert ev.square_loss(res.delta, kappa) < 0.8 * ev.square_loss(None, kappa)
+    assert res.epoch_losses[-1] < res.initial_loss
+    assert set(res.delta) == set(tiny.net.names)
+    for n, p in tiny.net.net.state_dict().items():
+        assert torch.equal(p, theta0[n]), f"θ0 parameter {n} changed"
+    test = Evaluator(tiny, digit_splits.test)
+    assert test.tangent(res.delta) > test.base_model() + 0.3
+
+
+def test_cache_gives_the_same_delta(tiny: Base, digit_splits: Splits, seed: int) -> None:
+    shard = take(digit_splits.train, 150, seed=seed % 1000)
+    cfg = TangentConfig(epochs=2, lr=1e-2, kappa=5.0, seed=seed % 1000)
+    cached = train_tangent(tiny, shard, cfg)
+    fresh = train_tangent(tiny, shard, TangentConfig(**{**cfg.as_dict(), "cache": False}))
+    for n in cached.delta:
+        torch.testing.assert_close(cached.delta[n], fresh.delta[n], rtol=1e-5, atol=1e-7)
+    assert cached.epoch_losses == pytest.approx(fresh.epoch_losses, rel=1e-5)
+
+
+def test_same_seed_same_delta_other_seed_differs(tiny: Base, digit_splits: Splits,
+                                                 seed: int) -> None:
+    shard = shard_by_classes(digit_splits.train, [seed % 10, (seed + 3) % 10])
+    cfg = TangentConfig(epochs=2, lr=1e-2, kappa=50.0, seed=seed % 1000)
+    feats = trunk_features(tiny, shard)
+    a = train_tangent(tiny, shard, cfg, features=feats)
+    b = train_tangent(tiny, shard, cfg)
+    c = train_tangent(tiny, shard, TangentConfig(**{**cfg.as_dict(), "seed": cfg.seed + 1}))
+    assert all(torch.equal(a.delta[n], b.delta[n]) for n in a.delta)
+    assert any(not torch.equal(a.delta[n], c.delta[n]) for n in a.delta)
+
+
+def test_masked_features_rebuild_each_batch(gen: torch.Generator) -> None:
+    """Text trunks give (hidden [B, T, D], mask [B, T]); cached rows re-batched in any order
+    give the hidden states and mask that batching those rows directly would."""
+    n, d, max_len = 11, 3, 9
+    lengths = torch.randint(1, max_len + 1, (n,), generator=gen)
+    hidden = torch.randn(n, max_len, d, generator=gen)
+    feats: Features | None = None
+    for lo in range(0, n, 4):
+        rows = np.arange(lo, min(n, lo + 4))
+        width = int(lengths[rows].max())
+        mask = (torch.arange(width)[None] < lengths[rows][:, None]).long()
+        out = (hidden[rows, :width], mask)
+        feats = feats or _allocate(out, n, max_len, 1 << 30)
+        _store(feats, out, rows)
+    assert feats is not None
+    order = torch.randperm(n, generator=gen)[:5].numpy()
+    h, mask = feats.take(order)
+    width = int(lengths[order].max())
+    assert h.shape == (5, width, d) and mask.shape == (5, width)
+    assert torch.equal(mask.sum(1), lengths[order])
+    keep = mask.bool()
+    assert torch.equal(h[keep], hidden[order, :width][keep])
+    assert bool((h[~keep] == 0).all())
