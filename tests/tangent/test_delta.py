@@ -50,7 +50,8 @@ def test_effective_weights_per_normalization(seed: int) -> None:
     assert mean == [w / len(ws) for w in ws], f"seed={seed}"
     total = effective_weights(ws, "sum")
     assert math.isclose(math.fsum(total), 1.0, rel_tol=1e-12), f"seed={seed}"
-    assert all(math.isclose(t * math.fsum(ws), w, rel_tol=1e-12) for t, w in zip(total, ws))
+    assert all(math.isclose(t * math.fsum(ws), w, rel_tol=1e-12)
+               for t, w in zip(total, ws, strict=True))
     assert effective_weights([], "sum") == [] and effective_weights([], "mean") == []
 
 

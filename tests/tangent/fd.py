@@ -1,0 +1,48 @@
+"""Central finite differences over parameters, refusing steps that cross a ReLU/ReLU6 kink."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+KINKED = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh: kinks at its min_val and max_val
+
+
+def _run(net: nn.Module, params: Mapping[str, torch.Tensor], x: object
+         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output, and for every kinked activation the side of each kink its inputs are on."""
+    sides: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        lo, hi = (0.0, float("inf")) if isinstance(mod, nn.ReLU) else (
+            mod.min_val, mod.max_val)  # type: ignore[attr-defined]
+        sides.append((args[0] > lo).to(torch.int8) + (args[0] > hi).to(torch.int8))
+
+    handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, KINKED)]
+    try:
+        with torch.no_grad():
+            out = functional_call(net, dict(params), (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, sides
+
+
+def central_difference(net: nn.Module, x: object, delta: Mapping[str, torch.Tensor],
+                       h: float, tries: int = 4) -> tuple[torch.Tensor, float]:
+    """(f(θ0 + hΔ) − f(θ0 − hΔ)) / 2h over the whole network, by functional_call.
+
+    If some ReLU/ReLU6 input is on different sides of a kink at θ0 ± hΔ, the function is not
+    smooth on that step and the difference is not a derivative: retry with h/10. Returns the
+    difference and the step used."""
+    params = dict(net.named_parameters())
+    for _ in range(tries):
+        plus, sides_p = _run(net, {n: params[n] + h * d for n, d in delta.items()}, x)
+        minus, sides_m = _run(net, {n: params[n] - h * d for n, d in delta.items()}, x)
+        if all(torch.equal(a, b) for a, b in zip(sides_p, sides_m, strict=True)):
+            return (plus - minus) / (2 * h), h
+        h /= 10
+    raise AssertionError(f"every step down to h={h * 10:g} crosses a kink")
