@@ -77,7 +77,10 @@ def init_base(out_dir: Path, spec: BaseSpec, *, force: bool = False) -> str:
     net = module.build(spec)
     module.init_weights(spec, net)
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-    LinearizedNet(net, spec.tangent)  # fail now if the patterns match nothing
+    try:
+        LinearizedNet(net, spec.tangent)  # fail now if the patterns match nothing
+    except ValueError as exc:
+        raise BaseSpecError(str(exc)) from exc
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
