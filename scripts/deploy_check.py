@@ -895,6 +895,11 @@ def check_server_container(w: dict[str, Any], spec: dict[str, Any], c: dict[str,
 
 
 # -------------------------------------------------------------------------------- main flow
+def load_documents(text: str) -> list[dict[str, Any]]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [d for d in yaml.load_all(text, Loader=loader) if d]  # noqa: S506 (safe loader)
+
+
 def check_value_set(helm: str, vs: ValueSet, settings: Any) -> Report:
     rep = Report()
     proc = helm_template(helm, vs.files)
@@ -902,7 +907,7 @@ def check_value_set(helm: str, vs: ValueSet, settings: Any) -> Report:
         rep.error(vs.name, f"helm template failed: {proc.stderr.strip()}")
         return rep
     try:
-        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        docs = load_documents(proc.stdout)
     except yaml.YAMLError as e:
         rep.error(vs.name, f"rendered YAML does not parse: {e}")
         return rep
