@@ -37,7 +37,8 @@ def open_registry(*, registry_dir: Path | None, redis_url: str | None, base_fing
                                       socket_timeout=60.0, health_check_interval=30)
         keys = Keys(redis_prefix)
         index, blobs = RedisIndex(client, keys), RedisBlobStore(client, keys)
-        store = FileBlobStore(cache_dir) if cache_dir is not None else MemoryBlobStore()
+        store = (FileBlobStore(cache_dir, durable=False) if cache_dir is not None
+                 else MemoryBlobStore())
         cache = LocalCache(store)
     elif registry_dir is not None:
         blobs = FileBlobStore(registry_dir / "blobs")

@@ -29,8 +29,9 @@ def _fsync_dir(path: Path) -> None:
 class FileBlobStore:
     """A ``BlobStore`` over a local folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
+        self.durable = durable  # fsync; a cache verified on every load can skip it
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -49,9 +50,11 @@ class FileBlobStore:
             with open(temp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.durable:
+                    os.fsync(fh.fileno())
             os.replace(temp, final)
-            _fsync_dir(final.parent)
+            if self.durable:
+                _fsync_dir(final.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise StorageError(f"cannot write blob {digest}: {exc}") from exc

@@ -66,7 +66,9 @@ class Loader:
         self._watch.forgotten(digests, own=own)
 
     def sweep_cache(self) -> None:
+        """On open: drop partial writes and entries whose digest the index no longer has."""
         if self._cache is not None:
+            self._cache.store.discard_partial()
             self.unreferenced(self._cache.digests())
 
     def reconcile(self, generation: int) -> None:

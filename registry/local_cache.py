@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
+from registry.errors import StorageError
 from registry.ports import BlobStore
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,11 @@ class LocalCache:
         return data
 
     def put(self, digest: str, data: bytes) -> None:
-        self.store.put(digest, data)
+        """Best effort: a cache that cannot write only costs a refetch later."""
+        try:
+            self.store.put(digest, data)
+        except StorageError as exc:
+            log.warning("local cache cannot keep %s: %s", digest, exc)
 
     def purge(self, digests: Iterable[str]) -> None:
         for digest in digests:

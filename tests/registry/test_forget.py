@@ -135,3 +135,15 @@ def test_a_corrupt_cache_entry_is_refetched(redis_store: Store) -> None:
     cached = store.root / "cache" / digest[:2] / digest
     cached.write_bytes(b"tampered")
     assert reg.load_bytes(digest) == made.data and cached.read_bytes() == made.data
+
+
+def test_partial_writes_left_by_a_crash_are_swept_on_open(store: Store) -> None:
+    """A temp file from a killed writer (blob store or local cache) holds component bytes."""
+    store.open()
+    made = make_component(1)
+    folder = store.registry_dir / "blobs" if store.kind == "sqlite" else store.root / "cache"
+    (folder / "ab").mkdir(parents=True, exist_ok=True)
+    (folder / "ab" / f".{'ab' * 32}.0123456789abcdef.tmp").write_bytes(made.data)
+    assert store.find(made.tensor_pattern)
+    store.open()
+    assert store.find(made.tensor_pattern) == []
