@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from registry import Registry
@@ -63,3 +64,18 @@ def test_two_processes_adding_at_once(store: Store, reg: Registry) -> None:
             b"tmc:blob:" + d.encode() for d in digests}
     for digest in digests:
         assert hashlib.sha256(reg.load_bytes(digest)).hexdigest() == digest
+
+
+def test_threads_share_one_registry(reg: Registry) -> None:
+    """The service calls one Registry from a thread pool."""
+    def work(i: int) -> None:
+        digest = reg.add(f"t{i}", make_component(i).data).digest
+        assert reg.resolve_explicit({f"t{i}": 1.0}).items[0].digest == digest
+        assert hashlib.sha256(reg.load_bytes(digest)).hexdigest() == digest
+        if i % 2:
+            reg.forget(f"t{i}")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(16)))
+    assert [c.id for c in reg.list()] == sorted(f"t{i}" for i in range(0, 16, 2))
+    assert reg.generation() == 16 + 8
