@@ -32,6 +32,37 @@ class FitStats:
     rows_per_s: float = 0.0
 
 
+class AdamW:
+    """AdamW (decoupled weight decay), the update of torch.optim.AdamW with its defaults.
+
+    Written out because torch.optim imports torch._dynamo on first use (seconds per process),
+    which dominates short training runs and subprocess-based CLI calls.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.weight_decay = params, lr, weight_decay
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        bc1 = 1 - self.beta1 ** self.t
+        bc2_sqrt = math.sqrt(1 - self.beta2 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            g = p.grad
+            p.mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / bc1)
+
+
 def default_lr_step(epochs: int) -> int:
     """Decay the learning rate once, after 70% of the epochs."""
     return max(1, math.ceil(0.7 * epochs))
@@ -61,9 +92,8 @@ def fit(source: TrunkSource, labels: torch.Tensor, trainable: dict[str, torch.Te
     n = int(labels.shape[0])
     steps_per_epoch = math.ceil(n / batch_size)
     params = list(trainable.values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(
-        opt, step_size=lr_step or default_lr_step(epochs), gamma=lr_gamma)
+    opt = AdamW(params, lr=lr, weight_decay=weight_decay)
+    step_every = lr_step or default_lr_step(epochs)
     gen = torch.Generator().manual_seed(seed)
     stats = FitStats()
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", disable=not progress,
@@ -72,6 +102,7 @@ def fit(source: TrunkSource, labels: torch.Tensor, trainable: dict[str, torch.Te
     try:
         with deterministic():
             for epoch in range(epochs):
+                opt.lr = lr * lr_gamma ** (epoch // step_every)  # step schedule
                 perm = torch.randperm(n, generator=gen)
                 total, seen = 0.0, 0
                 for b in range(steps_per_epoch):
@@ -82,7 +113,8 @@ def fit(source: TrunkSource, labels: torch.Tensor, trainable: dict[str, torch.Te
                     value = float(loss.detach())
                     if stats.steps == 0:
                         stats.initial_loss = value
-                    opt.zero_grad(set_to_none=True)
+                    for p in params:
+                        p.grad = None
                     loss.backward()
                     opt.step()
                     stats.steps += 1
@@ -98,7 +130,6 @@ def fit(source: TrunkSource, labels: torch.Tensor, trainable: dict[str, torch.Te
                         f"training diverged in epoch {epoch + 1} (loss {total / seen}); "
                         "lower --lr or --kappa")
                 stats.epoch_losses.append(total / seen)
-                sched.step()
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start

@@ -122,3 +122,18 @@ def test_masked_features_rebuild_each_batch(gen: torch.Generator) -> None:
     keep = mask.bool()
     assert torch.equal(h[keep], hidden[order, :width][keep])
     assert bool((h[~keep] == 0).all())
+
+
+def test_adamw_matches_torch(gen: torch.Generator) -> None:
+    from training.loop import AdamW
+
+    w0 = torch.randn(5, 3, generator=gen)
+    grads = [torch.randn(5, 3, generator=gen) for _ in range(6)]
+    ours, ref = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    opt = AdamW([ours], lr=3e-3, weight_decay=0.05)
+    ref_opt = torch.optim.AdamW([ref], lr=3e-3, weight_decay=0.05)
+    for g in grads:
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
