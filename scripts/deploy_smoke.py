@@ -134,6 +134,102 @@ def main() -> int:
     return 1 if any(results.values()) else 0
 
 
+def sandbox_lines(spec: dict[str, Any], container: dict[str, Any], env: dict[str, str],
+                  host_base: Path | None) -> list[str]:
+    """Shell lines (run by root inside `unshare -m`) that build the pod's filesystem view:
+    read-only root, tmpfs volumes owned by the pod user under PREFIX (+ /tmp), the base volume
+    filled by the pod's own base-init container (then read-only) or bind-mounted read-only from
+    host_base. Rewrites env paths that lie on a volume to their PREFIX location."""
+    sc = spec["securityContext"]
+    uid, gid = sc["runAsUser"], sc.get("runAsGroup", sc["runAsUser"])
+    py = shlex.quote(sys.executable)
+    mounts = container.get("volumeMounts") or []
+    init = next((c for c in spec.get("initContainers") or [] if c["name"] == "base-init"), None)
+    lines = ["set -e", "mount --bind / /", "mount -o remount,bind,ro /",
+             f"mount -t tmpfs -o uid={uid},gid={gid},mode=0755 tmpfs /mnt",
+             # `tmc` and `python` as the image has them on PATH
+             "mkdir -p /mnt/bin",
+             f"printf '#!/bin/sh\\nexec %s -m app.cli \"$@\"\\n' {py} > /mnt/bin/tmc",
+             f"printf '#!/bin/sh\\nexec %s \"$@\"\\n' {py} > /mnt/bin/python",
+             "chmod 755 /mnt/bin/tmc /mnt/bin/python"]
+    for m in sorted(mounts, key=lambda m: m["mountPath"]):
+        if m["mountPath"] == "/tmp":
+            continue
+        target = shlex.quote(PREFIX + m["mountPath"])
+        lines.append(f"mkdir -p {target}")
+        if m["name"] == "base" and init is None:
+            assert host_base is not None
+            lines += [f"mount --bind {shlex.quote(str(host_base))} {target}",
+                      f"mount -o remount,bind,ro {target}"]
+        else:
+            lines.append(f"mount -t tmpfs -o uid={uid},gid={gid},mode=0755 tmpfs {target}")
+    # This dev machine's Python lives under /root (mode 0700), which the pod user cannot
+    # traverse: expose just that tree (an artefact of the host; the image has /usr/local).
+    real_python = os.path.realpath(sys.executable)
+    if real_python.startswith("/root/"):
+        tree = "/root/" + real_python.split("/")[2]
+        lines += ["mkdir -p /mnt/.pytree", f"mount --bind {tree} /mnt/.pytree",
+                  "mount -t tmpfs -o mode=0755 tmpfs /root", f"mkdir -p {tree}",
+                  f"mount --bind /mnt/.pytree {tree}"]
+    # /tmp last: prepared host files (the base) live under the host's /tmp.
+    lines.append(f"mount -t tmpfs -o uid={uid},gid={gid},mode=1777 tmpfs /tmp")
+    roots = [m["mountPath"] for m in mounts if m["mountPath"] != "/tmp"]
+    for k, v in list(env.items()):
+        if any(dc.under(v, r) for r in roots):
+            env[k] = PREFIX + v
+    if init is not None:
+        ienv = {e["name"]: str(e["value"]) for e in init.get("env") or []}
+        ienv["BASE_OUT"] = PREFIX + ienv["BASE_OUT"]
+        lines.append("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in ienv.items())
+                     + f" PATH=/mnt/bin:$PATH setpriv --reuid={uid} --regid={gid} "
+                     "--clear-groups " + " ".join(shlex.quote(str(a)) for a in
+                                                  init["command"] + init["args"]))
+        base = PREFIX + next(m["mountPath"] for m in mounts if m["name"] == "base")
+        lines.append(f"mount -o remount,ro {shlex.quote(base)}")
+    lines.append("export PATH=/mnt/bin:$PATH")
+    lines.append(f"cd /tmp && exec setpriv --reuid={uid} --regid={gid} --clear-groups \"$@\"")
+    return lines
+
+
+def run_in_pod(lines: list[str], argv: list[str], env: dict[str, str],
+               **popen: Any) -> subprocess.Popen[Any]:
+    child_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(dc.ROOT),
+                 "PYTHONDONTWRITEBYTECODE": "1", **env}
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             "\n".join(lines), "pod", *argv], env=child_env, cwd="/", **popen)
+
+
+def kubelet_env(c: dict[str, Any], secret_value: str, index: str = "0") -> dict[str, str]:
+    """The container env as the kubelet builds it: Secrets -> secret_value, the completion-index
+    fieldRef -> index, $(VAR) expanded from earlier entries."""
+    env: dict[str, str] = {}
+    for e in c.get("env") or []:
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)),
+                                    str(e["value"]))
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = secret_value
+        elif "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = index
+    return env
+
+
+def run_training_job(job: dict[str, Any], url: str, admin_token: str, log: Path,
+                     extra: list[str]) -> tuple[int, str]:
+    """Run a training Job's pod (index 0) against the smoke server; smoke-sized extra args."""
+    spec = job["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    env = kubelet_env(c, admin_token)
+    env["TRAIN_SERVER_URL"] = url
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), str(a))
+            for a in c["command"] + c["args"]]
+    lines = sandbox_lines(spec, c, env, None)
+    with open(log, "w") as f:
+        proc = run_in_pod(lines, args + extra, env, stdout=f, stderr=subprocess.STDOUT)
+        rc = proc.wait(timeout=900)
+    return rc, env["COMPONENT_ID"]
+
+
 def smoke(args: argparse.Namespace, vs: Any) -> int:
     proc = dc.helm_template(args.helm, vs.files)
     if proc.returncode:
@@ -144,10 +240,7 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
     server = spec["containers"][0]
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs
                   if d["kind"] == "ConfigMap"}
-    rep = dc.Report()
-    env = dc.container_env(server, configmaps, "smoke", rep, vs.external)
-    uid = spec["securityContext"]["runAsUser"]
-    gid = spec["securityContext"].get("runAsGroup", uid)
+    env = dc.container_env(server, configmaps, "smoke", dc.Report(), vs.external)
     grace = spec["terminationGracePeriodSeconds"]
     admin_token = secrets.token_hex(20)
     env["TMC_ADMIN_TOKEN"] = admin_token
@@ -158,7 +251,9 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
         env["TMC_DEVICE"] = "cpu"
     port = args.port or free_port()
     env["TMC_PORT"] = str(port)
+    env["TMC_HOST"] = "127.0.0.1"  # the smoke test stays on loopback
     redis_proc = None
+    pod = None
     work = Path(tempfile.mkdtemp(prefix="tmc-smoke-"))
     try:
         if "TMC_REDIS_URL" in env:
@@ -173,23 +268,18 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
                 [redis_bin, "--bind", "127.0.0.1", "--port", str(rport), "--save", "",
                  "--appendonly", "yes", "--dir", str(work / "redis"), *auth],
                 stdout=subprocess.DEVNULL)
-            # The chart's URL, host swapped for the local server, $(REDIS_PASSWORD) expanded
-            # from the Secret-provided variable the way the kubelet does it.
+            # The chart's URL, host swapped for the local server (plain TCP), $(REDIS_PASSWORD)
+            # expanded from the Secret-provided variable the way the kubelet does it.
             raw = re.sub(r"^rediss?://([^@/]*@)?[^/]+/", rf"redis://\g<1>127.0.0.1:{rport}/",
-                         raw)  # the local server speaks plain TCP
+                         raw)
             env["REDIS_PASSWORD"] = password
             env["TMC_REDIS_URL"] = raw.replace("$(REDIS_PASSWORD)", password)
-        # Volumes: every mount is a tmpfs owned by the pod user, except a PVC-backed base,
-        # which is prepared here (as root, like an operator would) and bind-mounted read-only.
-        mounts = server.get("volumeMounts") or []
-        volumes = {v["name"]: v for v in spec.get("volumes") or []}
-        init = next((c for c in spec.get("initContainers") or [] if c["name"] == "base-init"),
-                    None)
-        host_base = work / "base"
-        if init is None:
-            base_dir = env["TMC_BASE_DIR"]
-            rel = Path(base_dir).relative_to(next(m["mountPath"] for m in mounts
-                                                  if m["name"] == "base"))
+        host_base = None
+        if not any(c["name"] == "base-init" for c in spec.get("initContainers") or []):
+            # A PVC-backed base: prepared here as root, like an operator would.
+            host_base = work / "base"
+            mount = next(m["mountPath"] for m in server["volumeMounts"] if m["name"] == "base")
+            rel = Path(env["TMC_BASE_DIR"]).relative_to(mount)
             subprocess.run([sys.executable, "-m", "app.cli", "base", "init", "--preset",
                             "minilm", "--out", str(host_base / rel)], check=True, cwd=dc.ROOT,
                            env={**os.environ, "PYTHONPATH": str(dc.ROOT)},
@@ -197,68 +287,22 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
             # `tmc base init` writes theta0.safetensors with mode 0600: a base prepared by
             # another user must be made readable for the pod user (see helm/tmc/README.md).
             subprocess.run(["chmod", "-R", "a+rX", str(host_base)], check=True)
-        script = ["set -e", "mount --bind / /", "mount -o remount,bind,ro /",
-                  f"mount -t tmpfs -o uid={uid},gid={gid},mode=0755 tmpfs /mnt"]
-        for m in sorted(mounts, key=lambda m: m["mountPath"]):
-            target = m["mountPath"] if m["mountPath"] == "/tmp" else PREFIX + m["mountPath"]
-            if target == "/tmp":
-                continue
-            script.append(f"mkdir -p {shlex.quote(target)}")
-            if m["name"] == "base" and init is None:
-                script.append(f"mount --bind {shlex.quote(str(host_base))} {shlex.quote(target)}")
-                script.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
-            else:
-                kind = next(iter(k for k in volumes.get(m["name"], {}) if k != "name"), "vct")
-                script.append(f"mount -t tmpfs -o uid={uid},gid={gid},mode=0755 tmpfs "
-                              f"{shlex.quote(target)}  # {m['name']}: {kind}")
-        # This dev machine's Python lives under /root (mode 0700), which the pod user cannot
-        # traverse: expose just that tree (an artefact of the host; the image has /usr/local).
-        real_python = os.path.realpath(sys.executable)
-        if real_python.startswith("/root/"):
-            tree = "/root/" + real_python.split("/")[2]
-            script += ["mkdir -p /mnt/.pytree", f"mount --bind {tree} /mnt/.pytree",
-                       "mount -t tmpfs -o mode=0755 tmpfs /root", f"mkdir -p {tree}",
-                       f"mount --bind /mnt/.pytree {tree}"]
-        # /tmp last: the prepared base directory lives under the host's /tmp.
-        script.append(f"mount -t tmpfs -o uid={uid},gid={gid},mode=1777 tmpfs /tmp")
-        for k in ("TMC_BASE_DIR", "TMC_HOME", "TMC_REGISTRY_DIR", "TMC_BLOB_CACHE_DIR"):
-            if k in env:
-                env[k] = PREFIX + env[k]
-        if init is not None:
-            # The init container: its own env and command, as the pod user, then the base
-            # volume becomes read-only for the server (its mount is readOnly in the pod).
-            ienv = {e["name"]: str(e["value"]) for e in init.get("env") or []}
-            ienv["BASE_OUT"] = PREFIX + ienv["BASE_OUT"]
-            cmd = [str(a) for a in init["command"] + init["args"]]
-            py_bin = shlex.quote(str(Path(sys.executable).parent))
-            script.append("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in ienv.items())
-                          + f" PATH={py_bin}:$PATH setpriv --reuid={uid} "
-                          f"--regid={gid} --clear-groups "
-                          + " ".join(shlex.quote(a.replace("exec tmc ", "exec python -m app.cli "))
-                                     for a in cmd))
-            base_mount = PREFIX + next(m["mountPath"] for m in mounts if m["name"] == "base")
-            script.append(f"mount -o remount,ro {shlex.quote(base_mount)}")
-        serve = [sys.executable, "-m", "app.cli", *[str(a) for a in server["args"]]]
+        lines = sandbox_lines(spec, server, env, host_base)
+        serve = ["tmc", *[str(a) for a in server["args"]]]
         serve[serve.index("--port") + 1] = str(port)
-        serve[serve.index("--host") + 1] = "127.0.0.1"  # the smoke test stays on loopback
-        env["TMC_HOST"] = "127.0.0.1"
-        script.append(f"cd /tmp && exec setpriv --reuid={uid} --regid={gid} --clear-groups "
-                      + " ".join(shlex.quote(a) for a in serve))
-        child_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(dc.ROOT),
-                     "PYTHONDONTWRITEBYTECODE": "1", **env}
+        serve[serve.index("--host") + 1] = "127.0.0.1"
         print("smoke: pod env:", " ".join(f"{k}={v}" for k, v in sorted(env.items())
                                           if "TOKEN" not in k and "REDIS" not in k))
         t0 = time.monotonic()
         with open(work / "pod.log", "w") as log_file:
-            pod = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                                    "\n".join(script)], env=child_env, cwd="/",
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+            pod = run_in_pod(lines, serve, env, stdout=log_file, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         status = 0
         while time.monotonic() - t0 < args.startup_timeout:
             if pod.poll() is not None:
                 print((work / "pod.log").read_text()[-4000:])
-                sys.exit(f"smoke: server exited with {pod.returncode} during startup")
+                print(f"smoke: server exited with {pod.returncode} during startup")
+                return 1
             try:
                 status, _ = get(url + "/healthz", 2)
                 if status == 200:
@@ -267,6 +311,7 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
                 pass
             time.sleep(0.5)
         print(f"smoke: /healthz {status} after {time.monotonic() - t0:.1f}s")
+        body = b""
         while time.monotonic() - t0 < args.startup_timeout:
             status, body = get(url + "/readyz")
             if status == 200:
@@ -279,28 +324,40 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
                         if ln.startswith("tmc_")})
         print(f"smoke: /metrics {mstatus}, {len(names)} tmc_ series, e.g. {names[:4]}")
         failures += mstatus != 200
-        cli_env = {**os.environ, "PYTHONPATH": str(dc.ROOT),
-                   "TMC_INFERENCE_TOKEN": env.get("TMC_INFERENCE_TOKEN", "")}
-        if not cli_env["TMC_INFERENCE_TOKEN"]:
-            cli_env.pop("TMC_INFERENCE_TOKEN")
-        cli_env["TMC_ADMIN_TOKEN"] = admin_token
+        cli_env = {**os.environ, "PYTHONPATH": str(dc.ROOT), "TMC_ADMIN_TOKEN": admin_token}
+        if env.get("TMC_INFERENCE_TOKEN"):
+            cli_env["TMC_INFERENCE_TOKEN"] = env["TMC_INFERENCE_TOKEN"]
         failures += push_component(url, work, cli_env)
 
         def tmc(*argv: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([sys.executable, "-m", "app.cli", *argv], cwd=dc.ROOT,
                                   env=cli_env, capture_output=True, text=True)
 
+        trained = []
+        for job in (d for d in docs if d["kind"] == "Job"):
+            t1 = time.monotonic()
+            rc, cid = run_training_job(job, url, admin_token, work / "job.log",
+                                       ["--limit", "256", "--val-limit", "128", "--epochs", "1"])
+            tail = (work / "job.log").read_text().strip().splitlines()[-2:]
+            print(f"smoke: Job {job['metadata']['name']} (index 0, smoke-sized) -> exit {rc} "
+                  f"in {time.monotonic() - t1:.1f}s: {' | '.join(tail)[:300]}")
+            failures += rc != 0
+            trained.append(cid)
         # The chart's own `helm test` script: readyz, then one `tmc predict --all`.
         pred = run_helm_test(docs, url, work, cli_env)
         print(f"smoke: helm test script -> exit {pred.returncode}: "
               f"{(pred.stdout + pred.stderr).strip()[-600:]}")
-        failures += pred.returncode != 0 or "smoke-1@" not in pred.stdout
-        forget = tmc("forget", "--server", url, "smoke-1")
-        print(f"smoke: tmc forget smoke-1 -> exit {forget.returncode}: "
-              f"{(forget.stdout or forget.stderr).strip()[:200]}")
-        failures += forget.returncode != 0
+        failures += pred.returncode != 0
+        for cid in ["smoke-1", *trained]:
+            if f"{cid}@" not in pred.stdout:
+                print(f"smoke: {cid} missing from the prediction's provenance")
+                failures += 1
+            forget = tmc("forget", "--server", url, cid)
+            print(f"smoke: tmc forget {cid} -> exit {forget.returncode}: "
+                  f"{(forget.stdout or forget.stderr).strip()[:200]}")
+            failures += forget.returncode != 0
         t1 = time.monotonic()
-        os.kill(pod.pid, signal.SIGTERM)  # sh exec'd into unshare's child chain: forward
+        os.kill(pod.pid, signal.SIGTERM)  # unshare -> sh -> setpriv -> python: one exec chain
         try:
             rc = pod.wait(timeout=grace + 5)
         except subprocess.TimeoutExpired:
@@ -311,14 +368,18 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
         print(f"smoke: SIGTERM -> exit {rc} in {took:.1f}s (grace period {grace}s) "
               f"{'ok' if ok else 'TOO SLOW'}")
         failures += not ok
-        log = (work / "pod.log").read_text()
-        for bad in ("Read-only file system", "Permission denied", "Traceback"):
-            if bad in log:
-                print(f"smoke: pod log mentions {bad!r}:\n{log[-3000:]}")
-                failures += 1
+        for log_path in (work / "pod.log", work / "job.log"):
+            log = log_path.read_text() if log_path.exists() else ""
+            for bad in ("Read-only file system", "Permission denied", "Traceback"):
+                if bad in log:
+                    print(f"smoke: {log_path.name} mentions {bad!r}:\n{log[-3000:]}")
+                    failures += 1
         print(f"smoke {'passed' if not failures else 'FAILED'} ({vs.name})")
         return 1 if failures else 0
     finally:
+        if pod is not None and pod.poll() is None:
+            pod.kill()
+            pod.wait()
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(timeout=10)
