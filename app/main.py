@@ -24,7 +24,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or await run_in_threadpool(Service.build, settings)
+        svc = service if service is not None else await run_in_threadpool(Service.build,
+                                                                         settings)
         await run_in_threadpool(svc.start)
         app.state.service = svc
         log.info("tmc ready: base %s (%s) on %s", svc.base.spec.name,

@@ -155,7 +155,8 @@ class Service:
         self.worker.call(lambda: self.executor.purge(digests))
 
     def readiness(self) -> dict[str, Any]:
-        checks = {"base_loaded": True, "warm_forward": self.ready, "draining": self.draining}
+        checks: dict[str, Any] = {"base_loaded": True, "warm_forward": self.ready,
+                                  "draining": self.draining}
         try:
             checks["registry_generation"] = self.registry.generation()
             checks["registry"] = True

@@ -105,7 +105,7 @@ class DeviceWorker:
             except queue.Empty:
                 break
             if got is _STOP:
-                return None if not batch else batch
+                return batch if batch else None
             if isinstance(got, Control):
                 self._run_control(got)
                 continue

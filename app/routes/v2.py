@@ -17,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.composition import BaseOnly, CompositionSpec, Named, parse_components_param
 from app.deps import InferenceDep, ServiceDep
 from app.errors import BadRequestError, NotReadyError
-from app.routes.v2_binary import HEADER, attach_binary_inputs, decode_binary, split_body
-from app.routes.v2_binary import encode_binary_outputs
+from app.routes.v2_binary import (
+    HEADER,
+    attach_binary_inputs,
+    decode_binary,
+    encode_binary_outputs,
+    split_body,
+)
 from app.service import Prediction, Service
 from bases import InputError
 from tangent import NORMALIZATIONS

@@ -84,8 +84,9 @@ def test_invalid_component_uploads_store_nothing(admin_client, client, tiny_base
 
 
 def test_bad_ids_and_empty_and_oversize_uploads(tiny_base_dir, tmp_path, tiny_base):
-    from tests.app.conftest import ADMIN, live_server, settings_for
     import httpx
+
+    from tests.app.conftest import ADMIN, live_server, settings_for
 
     settings = settings_for(tiny_base_dir, tmp_path / "r", max_component_bytes=4096)
     with live_server(settings) as url, httpx.Client(

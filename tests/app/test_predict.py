@@ -43,7 +43,7 @@ def test_composition_equals_offline_linearized_model(admin_client, client, tiny_
     x = torch.randn(4, 64)
     weights = {"c0": 0.5, "c1": 0.3, "c2": -0.2}
     got = logits(predict(client, x, components=weights))
-    want = offline(tiny_base, x, [(s, w) for s, w in zip(seeds, weights.values())])
+    want = offline(tiny_base, x, [(s, w) for s, w in zip(seeds, weights.values(), strict=True)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"seeds {seeds}")
 
 
@@ -56,7 +56,7 @@ def test_linearity_composed_equals_sum_of_single_contributions(admin_client, cli
     weights = [0.7, -1.3, 2.0]
     singles = [logits(predict(client, x, components={f"c{i}": 1.0})) for i in range(3)]
     composed = logits(predict(client, x, components={f"c{i}": w for i, w in enumerate(weights)}))
-    expected = f0 + sum(w * (y - f0) for w, y in zip(weights, singles))
+    expected = f0 + sum(w * (y - f0) for w, y in zip(weights, singles, strict=True))
     err = (composed - expected).norm() / expected.norm()
     assert err < 1e-5, (err, seeds)
 
@@ -112,7 +112,7 @@ def test_concurrent_clients_get_the_same_outputs_as_sequential_requests(
 
     with cf.ThreadPoolExecutor(16) as pool:
         concurrent = list(pool.map(call, jobs))
-    for got, want in zip(concurrent, sequential):
+    for got, want in zip(concurrent, sequential, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     metrics = client.get("/metrics").text
     assert "tmc_batch_size_count" in metrics
