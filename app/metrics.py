@@ -55,6 +55,14 @@ class Metrics:
         self.rejected = Counter("tmc_rejected_requests", "Requests refused before the device",
                                 ["reason"], registry=r)
         self.build = Info("tmc_build", "Build and base model", registry=r)
+        self._seen_hits = self._seen_misses = 0
+
+    def sync_cache(self, hits: int, misses: int) -> None:
+        """Advance the cache counters to the LRU's own tallies (read at scrape time)."""
+        self.cache_hits.inc(max(0, hits - self._seen_hits))
+        self.cache_misses.inc(max(0, misses - self._seen_misses))
+        self._seen_hits, self._seen_misses = max(hits, self._seen_hits), max(
+            misses, self._seen_misses)
 
     def observe_batch(self, items: int, groups: int) -> None:
         self.batch_items.observe(items)

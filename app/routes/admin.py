@@ -43,7 +43,6 @@ async def put_component(cid: str, request: Request, service: ServiceDep,
     if not data:
         raise BadRequestError("empty body: send the component's safetensors bytes")
     result = await run_in_threadpool(service.registry.add, cid, data, weight, tag or [], active)
-    service.metrics.components.set(len(await run_in_threadpool(service.registry.list)))
     return JSONResponse(result.to_dict(), status_code=201 if result.created_version else 200)
 
 
@@ -89,7 +88,6 @@ def _apply_patch(service: Any, cid: str, body: ComponentPatch) -> None:
 @router.delete("/v1/components/{cid}")
 async def forget_component(cid: str, service: ServiceDep) -> dict[str, Any]:
     receipt = await run_in_threadpool(service.forget, cid)
-    service.metrics.components.set(len(await run_in_threadpool(service.registry.list)))
     return {"forgotten": True, **receipt.to_dict()}
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import ServiceDep
 
@@ -30,4 +31,6 @@ async def metrics(service: ServiceDep) -> Response:
     m.cache_bytes.labels(cache="components").set(ex.components.nbytes)
     m.cache_bytes.labels(cache="compositions").set(ex.composed.nbytes)
     m.queue_depth.set(service.worker.pending)
+    m.sync_cache(ex.composed.hits, ex.composed.misses)
+    m.components.set(len(await run_in_threadpool(service.registry.list)))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
