@@ -46,3 +46,18 @@ def central_difference(net: nn.Module, x: object, delta: Mapping[str, torch.Tens
             return (plus - minus) / (2 * h), h
         h /= 10
     raise AssertionError(f"every step down to h={h * 10:g} crosses a kink")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float,
+                 context: str = "") -> None:
+    """Elementwise |a − e| ≤ atol + rtol·|e|, like torch.testing.assert_close but without its
+    first-call import of torch.distributed.tensor (seconds)."""
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape} {context}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype} {context}"
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+        err = (actual - expected).abs()
+        worst = int(err.view(-1).argmax())
+        raise AssertionError(
+            f"not close: max abs err {float(err.max()):.3g} at flat index {worst} "
+            f"(actual {float(actual.view(-1)[worst]):.8g}, expected "
+            f"{float(expected.view(-1)[worst]):.8g}; rtol={rtol}, atol={atol}) {context}")

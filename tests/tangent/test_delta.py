@@ -18,6 +18,7 @@ from tangent import (
     delta_nbytes,
     effective_weights,
 )
+from tests.tangent.numerics import assert_close
 
 SHAPES = {"a.weight": (7, 5), "a.bias": (7,), "b.weight": (3, 7)}
 
@@ -94,8 +95,7 @@ def test_compose_is_the_weighted_sum_with_missing_names_as_zero(gen: torch.Gener
             if name in t.delta:
                 want += t.weight * t.delta[name].double()
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{m} seed={seed}")
+        assert_close(got.double(), want, rtol=1e-5, atol=1e-6, context=f"seed={seed}")
 
 
 @pytest.mark.parametrize("normalize", ["none", "sum", "mean"])

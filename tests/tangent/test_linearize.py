@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tangent import LinearizedNet, Term, UnsupportedOpError, compose, region_names
 from tests.tangent import toy
-from tests.tangent.fd import central_difference
+from tests.tangent.numerics import assert_close, central_difference
 
 # torch 2.13: the first forward-AD call imports torch._decomp.decompositions_for_jvp, which
 # calls the deprecated torch.jit.script (a DeprecationWarning from torch.jit._script).
@@ -139,8 +139,8 @@ def test_exact_forgetting_bit_for_bit(case: str, gen: torch.Generator, seed: int
 def test_full_jvp_forward_agrees(case: str, gen: torch.Generator, seed: int) -> None:
     net, x = _setup(case, gen)
     delta = net.random_delta(gen, scale=0.05)
-    torch.testing.assert_close(net.full_jvp_forward(x, delta), net.forward(x, delta),
-                               rtol=1e-5, atol=1e-6, msg=lambda m: f"{m} seed={seed}")
+    assert_close(net.full_jvp_forward(x, delta), net.forward(x, delta), rtol=1e-5, atol=1e-6,
+                 context=f"seed={seed}")
     h = net.trunk_forward(x)
     assert torch.equal(net.tail_forward(h, delta), net.forward(x, delta))
 
