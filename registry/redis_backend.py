@@ -18,7 +18,7 @@ forget deletes the index entries and the bytes in the same EXEC. Reads WATCH ``P
 confirm with an EXEC; a read that keeps losing to writers falls back to one Lua call that
 copies the index metadata atomically. Either way every read is one consistent snapshot.
 Keys are built from validated ids and hex digests only. Not for Redis Cluster (keys span
-slots).
+slots). With RDB/AOF persistence on, forgotten bytes stay in old snapshots until rewritten.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Reads run in one deferred transaction (one WAL snapshot); writes run under
 ``BEGIN IMMEDIATE``. Records are the same JSON documents the Redis backend stores.
 ``PRAGMA secure_delete`` zeroes deleted rows, and a ``wal_checkpoint(TRUNCATE)`` after
-every deletion empties the WAL, so forgotten metadata does not linger in the files.
+every deletion empties the WAL, so forgotten metadata does not linger in the files (a
+reader in another process holding an old snapshot can defer the truncation to the next
+checkpoint). Component bytes are never in SQLite: they are blob files.
 Blob deletions staged by a transaction (``drop_blob``) run right after its commit; the
 core holds ``mutation_lock`` (a thread lock + ``flock`` on ``registry.lock``) around them.
 """
