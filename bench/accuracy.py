@@ -57,6 +57,10 @@ from training.probe import train_linear_probe
 from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Trunk features are a pure function of (base fingerprint, rows): kept on disk between runs
+# (safetensors, keyed by a digest of both) so that sweeps do not recompute them.
+CACHE_DIR = Path(os.environ.get("TMC_BENCH_CACHE", Path(tempfile.gettempdir()) /
+                                "tmc-bench-features"))
 
 
 @dataclass
@@ -112,6 +116,27 @@ class Prepared:
     seconds: dict[str, float]
 
 
+def cached_features(base: Any, ds: Dataset, desc: str, progress: bool) -> Features:
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    h = hashlib.sha256(f"{base.fingerprint}\0{ds.source}\0".encode())
+    h.update(np.ascontiguousarray(ds.index).tobytes())
+    path = CACHE_DIR / f"{h.hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return Features("masked" if "lengths" in t else "tensor", t["data"], t.get("lengths"))
+    feats = trunk_features(base, ds, progress=progress, desc=desc)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tensors = {"data": feats.data.contiguous()}
+    if feats.lengths is not None:
+        tensors["lengths"] = feats.lengths
+    save_file(tensors, str(path.with_suffix(".tmp")))
+    os.replace(path.with_suffix(".tmp"), path)
+    return feats
+
+
 def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
     t0 = time.perf_counter()
     init_base(base_dir, make_spec(exp.preset, options=exp.options), force=True)
@@ -141,13 +166,14 @@ def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
     t1 = time.perf_counter()
     log(f"{exp.name}: {len(union)} training rows in {exp.tasks} tasks, {len(val)} val, "
         f"{len(test)} test; computing trunk features once")
-    union_features = trunk_features(base, union, progress=progress, desc="train features")
+    union_features = cached_features(base, union, "train features", progress)
     tasks = []
     for label, shard in shards:
         pos = positions(union, shard)
         tasks.append((label, union.subset(pos), union_features.subset(pos)))
-    val_ev = Evaluator(base, val, progress=progress, desc="val features")
-    test_ev = Evaluator(base, test, progress=progress, desc="test features")
+    val_ev = Evaluator(base, val, features=cached_features(base, val, "val features", progress))
+    test_ev = Evaluator(base, test,
+                        features=cached_features(base, test, "test features", progress))
     seconds = {"data_and_base": t1 - t0, "trunk_train": union_features.seconds,
                "trunk_val": val_ev.features.seconds, "trunk_test": test_ev.features.seconds}
     log(f"trunk features: train {seconds['trunk_train']:.1f}s, val {seconds['trunk_val']:.1f}s,"

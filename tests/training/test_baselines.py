@@ -9,6 +9,7 @@ from safetensors.torch import load as st_load
 
 from bases import Base
 from tangent import read_metadata
+from tests.training.conftest import JIT_WARNING
 from training.data import Splits, shard_random
 from training.errors import UsageError
 from training.evaluate import Evaluator, compose_deltas, evaluate_files
@@ -22,7 +23,6 @@ from training.nonlinear import (
     weight_average,
 )
 from training.probe import penultimate, train_linear_probe
-from tests.training.conftest import JIT_WARNING
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 

@@ -18,10 +18,10 @@ from safetensors.torch import load as st_load
 
 from bases import load_base
 from tangent import read_metadata
+from tests.training.conftest import JIT_WARNING, run_cli
 from training.data import align_labels, load_fashion_mnist, shard_by_classes, take
 from training.evaluate import Evaluator
 from training.tangent_train import TangentConfig, train_tangent
-from tests.training.conftest import JIT_WARNING, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(JIT_WARNING)]
 
@@ -31,8 +31,8 @@ def test_short_real_run_learns_and_is_deterministic(effnet_dir: Path, tmp_path: 
     rng = np.random.default_rng(seed)
     classes = sorted(rng.choice(10, size=2, replace=False).tolist())
     argv = ["--base", str(effnet_dir), "--data", "fashion-mnist", "--classes",
-            ",".join(map(str, classes)), "--limit", "256", "--epochs", "3", "--batch-size", "16", "--val-limit",
-            "128", "--seed", str(seed % 1000), "--json", "--quiet"]
+            ",".join(map(str, classes)), "--limit", "256", "--epochs", "3", "--batch-size",
+            "16", "--val-limit", "128", "--seed", str(seed % 1000), "--json", "--quiet"]
     runs = []
     for name in ("a", "b"):
         code, out, err = run_cli([*argv, "--out", str(tmp_path / f"{name}.safetensors")],

@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call, vjp
 
 from bases import Base
+from tests.training.conftest import JIT_WARNING
 from training.data import Splits, shard_by_classes, shard_random, take
 from training.evaluate import Evaluator
 from training.features import Features, _allocate, _store, trunk_features
@@ -19,7 +20,6 @@ from training.tangent_train import (
     square_loss,
     train_tangent,
 )
-from tests.training.conftest import JIT_WARNING
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 
