@@ -1,0 +1,273 @@
+"""Shared benchmark helpers: machine description, interleaved timing, result files.
+
+Every benchmark writes ``bench/results/<name>.json`` (``<name>_quick.json`` for ``--quick``)
+with the same top-level shape::
+
+    {"name", "quick", "machine": {...}, "settings": {...}, "results": {...},
+     "targets": {"<target>": {"value": x, "threshold": y, "met": bool, "note": "..."}}}
+
+Timing on a shared machine is noisy, so cases are measured in interleaved rounds (every
+case once per round, in a shuffled order): slow drifts in background load hit every case
+alike, and ratios between cases are taken from the same rounds. Figures are medians with
+min and max over the rounds.
+
+Import this module before torch: it sets ``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP
+workers collapse throughput when other processes compete for the cores).
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import datetime as _dt
+import json
+import math
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- machine -----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on, including the load other processes put on it."""
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cores": usable_cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_at_start": list(os.getloadavg()),
+        "git_commit": _git_commit(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# -- statistics --------------------------------------------------------------------------------
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and count of a list of samples (any unit)."""
+    xs = [float(x) for x in samples]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def scale(stats: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The same summary in another unit (factor > 0 keeps min/max in place)."""
+    out = dict(stats)
+    for key in ("median", "min", "max"):
+        if out.get(key) is not None:
+            out[key] = out[key] * factor
+    return out
+
+
+def per_second(stats: dict[str, Any], items: float) -> dict[str, Any]:
+    """Seconds per call -> items per second (min and max swap)."""
+    def inv(v: float | None) -> float | None:
+        return None if not v else items / v
+    return {"median": inv(stats["median"]), "min": inv(stats["max"]),
+            "max": inv(stats["min"]), "n": stats["n"]}
+
+
+def ratio_samples(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
+    """num/den per round (the rounds are interleaved, so each pair saw the same load)."""
+    pairs = [a / b for a, b in zip(num, den, strict=False) if b]
+    return summarize(pairs)
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+    """Least squares y = a + b·x, with R²."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    slope = sxy / sxx if sxx else 0.0
+    intercept = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot else 1.0
+    return {"intercept": intercept, "slope": slope, "r2": r2}
+
+
+# -- timing ------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One thing to time. ``setup`` runs untimed before each call (e.g. clear a cache)."""
+
+    key: str
+    fn: Callable[[], Any]
+    setup: Callable[[], Any] | None = None
+    inner: int = 0  # calls averaged per sample; 0 = calibrate from the warm-up call
+    samples: list[float] = field(default_factory=list)
+
+    def once(self) -> float:
+        if self.setup is not None:
+            self.setup()
+        start = time.perf_counter()
+        self.fn()
+        return time.perf_counter() - start
+
+    def sample(self) -> float:
+        return sum(self.once() for _ in range(self.inner)) / self.inner
+
+
+def run_rounds(cases: Sequence[Case], repeats: int, *, min_sample_s: float = 0.02,
+               max_inner: int = 20, seed: int = 0, budget_s: float | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Time every case ``repeats`` times in interleaved, shuffled rounds.
+
+    Each case is warmed up (twice when a call is cheap); cheap cases average ``inner`` calls
+    per sample so one sample takes at least ``min_sample_s``. ``budget_s`` stops after the
+    round that crosses it (at least 2 rounds). Returns key -> seconds per call, one entry per round.
+    """
+    for case in cases:
+        warm = case.once()
+        if warm < 0.2:
+            warm = case.once()
+        if case.inner <= 0:
+            case.inner = max(1, min(max_inner, math.ceil(min_sample_s / max(warm, 1e-6))))
+    rng = random.Random(seed)
+    order = list(cases)
+    started = time.perf_counter()
+    for r in range(repeats):
+        rng.shuffle(order)
+        for case in order:
+            case.samples.append(case.sample())
+        elapsed = time.perf_counter() - started
+        if progress:
+            progress(f"round {r + 1}/{repeats} done ({elapsed:.0f} s)")
+        if budget_s is not None and r >= 1 and elapsed > budget_s:
+            if progress:
+                progress(f"time budget {budget_s:.0f} s reached after {r + 1} rounds")
+            break
+    return {c.key: list(c.samples) for c in cases}
+
+
+# -- output ------------------------------------------------------------------------------------
+def target(value: float | None, threshold: float, op: str, note: str = "") -> dict[str, Any]:
+    """A target entry; op is '<=' or '>='. A missing value is not met."""
+    met = value is not None and (value <= threshold if op == "<=" else value >= threshold)
+    return {"value": value, "threshold": threshold, "op": op, "met": bool(met), "note": note}
+
+
+def result_stem(name: str, quick: bool) -> str:
+    return f"{name}_quick" if quick else name
+
+
+def write_result(name: str, quick: bool, machine_info: dict[str, Any], settings: dict[str, Any],
+                 results: dict[str, Any], targets: dict[str, Any], started: float) -> Path:
+    machine_info = {**machine_info, "load_average_at_end": list(os.getloadavg())}
+    doc = {"name": name, "quick": quick,
+           "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+           "wall_seconds": time.perf_counter() - started,
+           "machine": machine_info, "settings": settings, "results": results,
+           "targets": targets}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{result_stem(name, quick)}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def png_path(name: str, quick: bool) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{result_stem(name, quick)}.png"
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- processes ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tmc_command() -> list[str]:
+    """The `tmc` CLI of this interpreter's environment."""
+    script = Path(sys.executable).with_name("tmc")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size (VmRSS) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
