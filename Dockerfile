@@ -14,6 +14,11 @@
 # CUDA build of torch on Linux x86_64. TORCH_INDEX_URL="" installs torch==TORCH_VERSION from the
 # default index (PyPI or a pip.conf mirror).
 # No secret is baked in: TMC_ADMIN_TOKEN and friends come from the environment at run time.
+#
+# Plain Docker (state, base model and embedded registry in one volume at TMC_HOME):
+#   docker run --rm -v tmc-state:/var/lib/tmc tmc:0.1.0 base init --preset minilm
+#   docker run -p 8000:8000 -v tmc-state:/var/lib/tmc -e TMC_ADMIN_TOKEN=<16+ chars> tmc:0.1.0
+# Kubernetes: helm/tmc (see helm/tmc/README.md).
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -21,9 +26,9 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
+# (bytecode is compiled at install time here: the runtime root filesystem may be read-only)
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -87,4 +92,6 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TMC_PORT', '8000'), timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["tmc"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+# Host and port come from TMC_HOST/TMC_PORT (0.0.0.0:8000 above), so `-e TMC_PORT=...` moves the
+# server and the HEALTHCHECK together (explicit --host/--port flags would override the env).
+CMD ["serve"]
