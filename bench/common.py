@@ -22,17 +22,19 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import platform
 import random
+import secrets
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,3 +273,108 @@ def cpu_seconds(pid: int | str = "self") -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    admin_token: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+
+@contextlib.contextmanager
+def tmc_server(base_dir: Path, workdir: Path, *, env: dict[str, str] | None = None,
+               command: list[str] | None = None, ready_timeout_s: float = 300.0
+               ) -> Iterator[Server]:
+    """`tmc serve` (uvicorn, real HTTP) on a free loopback port, stopped on exit.
+
+    Only this server's TMC_* settings are passed (inherited TMC_* variables are dropped,
+    so a developer's TMC_REDIS_URL cannot leak in); its log goes to workdir/server.log.
+    """
+    import httpx
+
+    port = free_port()
+    token = "bench-admin-" + secrets.token_hex(12)
+    workdir.mkdir(parents=True, exist_ok=True)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("TMC_")}
+    child_env.update({
+        "TMC_BASE_DIR": str(base_dir), "TMC_REGISTRY_DIR": str(workdir / "registry"),
+        "TMC_HOME": str(workdir / "home"), "TMC_ADMIN_TOKEN": token,
+        "TMC_HOST": "127.0.0.1", "TMC_PORT": str(port), "TMC_DEVICE": "cpu",
+        "TMC_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(command or [*tmc_command(), "serve"], env=child_env,
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tmc serve exited with {proc.returncode}: "
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tmc serve not ready after {ready_timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield Server(url, port, token, proc, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (comments dropped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def fashion_mnist_images(count: int, seed: int = 0) -> tuple[list[Any], str]:
+    """`count` 28×28 uint8 grey images (numpy) from the Debian dataset, else random ones."""
+    import gzip
+
+    import numpy as np
+
+    path = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    if path.is_file():
+        with gzip.open(path, "rb") as f:
+            data = f.read(16 + count * 784)
+        arr = np.frombuffer(data[16:], dtype=np.uint8).reshape(-1, 28, 28)
+        if len(arr) >= count:
+            return [a.copy() for a in arr[:count]], str(path)
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(count)], "random"
+
+
+def png_base64(image: Any) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")  # uint8 [H, W] -> grey
+    return base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,418 @@
+"""Serving under load: `tmc serve` (uvicorn, real HTTP) against closed-loop clients.
+
+    python -m bench.serving [--quick] [--duration S] [--concurrency 1,8,32,64]
+
+A base (effnet-lite0, 64×64, region R2) and 8 random components are set up in a temporary
+folder; `tmc serve` runs as a subprocess on a free loopback port with its default batching
+(TMC_MAX_BATCH_SIZE 32, TMC_MAX_QUEUE_DELAY_MS 2). Each client sends one Fashion-MNIST
+28×28 image (base64 PNG) per POST /v1/predict and sends the next request as soon as the
+answer arrives (closed loop), over its own keep-alive connection, for a fixed duration after
+a warm-up. Two workloads per concurrency, interleaved: homogeneous (every client the same
+2-component composition) and mixed (8 distinct 2-component compositions among the clients).
+Measured: p50/p99 latency, throughput (inputs/s), mean device batch size and groups per batch
+(from /metrics deltas), server and client CPU use.
+
+The offline baseline is the same linearized forward, ``Executor.run`` on the same base and
+composition, in this process, at batch 1..32, timed in interleaved rounds before and after
+the load phase; the service is compared with it at the mean batch size the service formed.
+The load generator is a minimal asyncio HTTP/1.1 client (pre-built requests, responses read
+by Content-Length) so that it takes as little of the shared CPU as possible; it still runs
+on the same cores as the server, and its CPU use is reported.
+Results: bench/results/serving[_quick].json and .png.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import os
+
+# Shared 2-core machine: spinning OpenMP workers collapse throughput under competition.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from app.composition import make_plan
+from app.executor import Executor
+from bases import init_base, load_base, make_spec
+from bench import common
+from registry import ResolvedItem
+from tangent import encode_component
+
+NAME = "serving"
+N_COMPONENTS = 8
+OFFLINE_BATCHES = (1, 2, 4, 8, 16, 24, 32)
+BASE_OPTIONS = {"image_size": 64, "tangent_blocks": 0}
+
+
+# -- setup -------------------------------------------------------------------------------------
+def compositions() -> list[dict[str, float]]:
+    """8 distinct 2-component compositions; the first one is the homogeneous workload's."""
+    return [{f"c{j}": 0.5, f"c{(j + 1) % N_COMPONENTS}": 0.5} for j in range(N_COMPONENTS)]
+
+
+def push_components(server: common.Server, region: dict[str, Any], fingerprint: str
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """PUT 8 random components: (digest -> tensors for the offline executor, id -> digest)."""
+    gen = torch.Generator().manual_seed(0)
+    by_digest: dict[str, dict[str, torch.Tensor]] = {}
+    ids: dict[str, str] = {}
+    with httpx.Client(base_url=server.url, timeout=60.0) as client:
+        for k in range(N_COMPONENTS):
+            tensors = {n: torch.randn(p.shape, generator=gen) * 1e-2 for n, p in region.items()}
+            data = encode_component(tensors, fingerprint, {"bench": "serving", "index": k})
+            r = client.put(f"/v1/components/c{k}", content=data, headers={
+                **server.admin_headers, "Content-Type": "application/octet-stream"})
+            r.raise_for_status()
+            by_digest[r.json()["digest"]] = tensors
+            ids[f"c{k}"] = r.json()["digest"]
+    return by_digest, ids
+
+
+def request_bytes(port: int, body: dict[str, Any]) -> bytes:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+    return head.encode() + payload
+
+
+# -- load generator ----------------------------------------------------------------------------
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes
+                    ) -> tuple[int, bytes]:
+    writer.write(req)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
+                  if k.strip().lower() == "content-length")
+    return status, await reader.readexactly(length)
+
+
+@dataclass
+class LevelStats:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+    completed: int = 0
+
+
+async def _client(port: int, requests: list[bytes], start: float, warm_until: float,
+                  deadline: float, stats: LevelStats) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        k = 0
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            status, body = await _exchange(reader, writer, requests[k % len(requests)])
+            t1 = time.perf_counter()
+            k += 1
+            if status != 200:
+                stats.errors += 1
+                stats.first_error = stats.first_error or f"{status}: {body[:200]!r}"
+            elif t0 >= warm_until and t1 <= deadline:
+                stats.latencies.append(t1 - t0)
+                stats.completed += 1
+    finally:
+        writer.close()
+
+
+async def _scrape(url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        return common.parse_metrics((await client.get(f"{url}/metrics")).text)
+
+
+async def _level(server: common.Server, per_client: list[list[bytes]], warmup_s: float,
+                 duration_s: float) -> dict[str, Any]:
+    stats = LevelStats()
+    start = time.perf_counter()
+    warm_until, deadline = start + warmup_s, start + warmup_s + duration_s
+    tasks = [asyncio.create_task(_client(server.port, reqs, start, warm_until, deadline, stats))
+             for reqs in per_client]
+    await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
+    m0, cpu0, own0, t0 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
+                          time.process_time(), time.perf_counter())
+    await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+    m1, cpu1, own1, t1 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
+                          time.process_time(), time.perf_counter())
+    await asyncio.gather(*tasks)
+    window = t1 - t0
+    return _level_result(stats, m0, m1, window, cpu1 - cpu0, own1 - own0)
+
+
+def _delta(m0: dict[str, float], m1: dict[str, float], key: str) -> float:
+    return m1.get(key, 0.0) - m0.get(key, 0.0)
+
+
+def _level_result(stats: LevelStats, m0: dict[str, float], m1: dict[str, float],
+                  window: float, server_cpu: float, client_cpu: float) -> dict[str, Any]:
+    lat = sorted(stats.latencies)
+    batches = _delta(m0, m1, "tmc_batch_size_count")
+    return {
+        "completed": stats.completed, "errors": stats.errors, "first_error": stats.first_error,
+        "window_s": window,
+        "throughput_inputs_per_s": stats.completed / window if window else None,
+        "latency_ms": {"p50": _pct(lat, 50) * 1e3 if lat else None,
+                       "p99": _pct(lat, 99) * 1e3 if lat else None,
+                       "mean": statistics.fmean(lat) * 1e3 if lat else None,
+                       "min": lat[0] * 1e3 if lat else None,
+                       "max": lat[-1] * 1e3 if lat else None},
+        "batches": batches,
+        "mean_batch_size": _delta(m0, m1, "tmc_batch_size_sum") / batches if batches else None,
+        "mean_groups_per_batch": (_delta(m0, m1, "tmc_batch_groups_sum") / batches
+                                  if batches else None),
+        "composition_cache_misses": _delta(m0, m1, "tmc_composition_cache_misses_total"),
+        "server_forward_ms_mean": _mean_ms(m0, m1, FORWARD),
+        "server_queue_wait_ms_mean": _mean_ms(m0, m1, "tmc_queue_wait_seconds"),
+        "server_request_ms_mean": _mean_ms(m0, m1, REQUEST),
+        "server_cpu_cores": server_cpu / window if window else None,
+        "client_cpu_cores": client_cpu / window if window else None,
+    }
+
+
+FORWARD = 'tmc_forward_duration_seconds{kind="linearized"}'
+REQUEST = 'tmc_request_duration_seconds{route="/v1/predict"}'
+
+
+def _mean_ms(m0: dict[str, float], m1: dict[str, float], metric: str) -> float | None:
+    """Mean of a Prometheus histogram over the window, in ms (labels kept in place)."""
+    name, brace, labels = metric.partition("{")
+    count = _delta(m0, m1, f"{name}_count{brace}{labels}")
+    total = _delta(m0, m1, f"{name}_sum{brace}{labels}")
+    return total / count * 1e3 if count else None
+
+
+def _pct(sorted_xs: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    rank = max(1, min(len(sorted_xs), round(q / 100 * len(sorted_xs) + 0.5)))
+    return sorted_xs[rank - 1]
+
+
+def run_load(server: common.Server, images_b64: list[str], levels: list[int],
+             warmup_s: float, duration_s: float) -> dict[str, Any]:
+    comps = compositions()
+    reqs = [[request_bytes(server.port, {"inputs": [img], "components": c, "top_k": 1})
+             for img in images_b64] for c in comps]
+    asyncio.run(_prime(server, reqs))
+    out: dict[str, Any] = {"homogeneous": {}, "mixed": {}}
+    for conc in levels:
+        for mode in ("homogeneous", "mixed"):
+            per_client = [_rotate(reqs[0 if mode == "homogeneous" else i % len(comps)], i)
+                          for i in range(conc)]
+            res = asyncio.run(_level(server, per_client, warmup_s, duration_s))
+            out[mode][str(conc)] = res
+            common.log(f"{mode:11s} c={conc:2d}: {res['throughput_inputs_per_s']:.1f} inputs/s, "
+                       f"p50 {res['latency_ms']['p50']:.1f} ms, p99 "
+                       f"{res['latency_ms']['p99']:.1f} ms, batch {res['mean_batch_size']}, "
+                       f"errors {res['errors']}")
+    return out
+
+
+def _rotate(xs: list[bytes], k: int) -> list[bytes]:
+    k %= len(xs)
+    return xs[k:] + xs[:k]
+
+
+async def _prime(server: common.Server, reqs: list[list[bytes]]) -> None:
+    """One request per composition (composes and caches each Δ); checks the answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        for j, per_comp in enumerate(reqs):
+            status, body = await _exchange(reader, writer, per_comp[0])
+            if status != 200:
+                raise RuntimeError(f"composition {j}: HTTP {status}: {body[:300]!r}")
+            prov = json.loads(body)["provenance"]
+            ids = sorted(c["id"] for c in prov["components"])
+            if ids != sorted(compositions()[j]) or not prov["composition_digest"]:
+                raise RuntimeError(f"composition {j}: unexpected provenance {prov}")
+    finally:
+        writer.close()
+
+
+# -- offline baseline --------------------------------------------------------------------------
+def offline_cases(base_dir: Path, by_digest: dict[str, dict[str, torch.Tensor]],
+                  ids: dict[str, str], images: list[Any]) -> list[common.Case]:
+    base = load_base(base_dir)
+    executor = Executor(base.net, by_digest.__getitem__, torch.device("cpu"), torch.float32,
+                        1 << 34)
+    comp = compositions()[0]
+    plan = make_plan([ResolvedItem(cid, ids[cid], w) for cid, w in sorted(comp.items())],
+                     1, "none", False)
+    raw = [base64.b64decode(common.png_base64(img)) for img in images]
+    items = base.preprocessor.encode(raw)
+    cases = []
+    for b in OFFLINE_BATCHES:
+        x = base.preprocessor.collate([items[i % len(items)] for i in range(b)])
+        cases.append(common.Case(f"offline|{b}", lambda x=x: executor.run(plan, x)))
+    return cases
+
+
+def offline_summary(samples: dict[str, list[float]]) -> dict[str, Any]:
+    out = {}
+    for b in OFFLINE_BATCHES:
+        stats = common.summarize(samples[f"offline|{b}"])
+        out[str(b)] = {"ms_per_call": common.scale(stats, 1e3),
+                       "inputs_per_s": common.per_second(stats, b)}
+    return out
+
+
+def offline_at(offline: dict[str, Any], batch: float) -> tuple[float, float]:
+    """(ms per call, inputs/s) at a fractional batch size: per-call time interpolated."""
+    bs = [int(b) for b in offline]
+    ms = [offline[str(b)]["ms_per_call"]["median"] for b in bs]
+    batch = min(max(batch, bs[0]), bs[-1])
+    for (b0, m0), (b1, m1) in zip(zip(bs, ms, strict=True), zip(bs[1:], ms[1:], strict=True),
+                                  strict=False):
+        if b0 <= batch <= b1:
+            t = m0 + (m1 - m0) * (batch - b0) / (b1 - b0)
+            return t, batch / t * 1e3
+    return ms[-1], bs[-1] / ms[-1] * 1e3
+
+
+# -- analysis ----------------------------------------------------------------------------------
+def compare(load: dict[str, Any], offline: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    t1 = offline["1"]["ms_per_call"]["median"]
+    thr32 = offline["32"]["inputs_per_s"]["median"]
+    for mode, levels in load.items():
+        for conc, res in levels.items():
+            mb = res["mean_batch_size"] or 1.0
+            _, thr_at = offline_at(offline, mb)
+            thr = res["throughput_inputs_per_s"] or 0.0
+            out[f"{mode}|{conc}"] = {
+                "offline_inputs_per_s_at_mean_batch": thr_at,
+                "throughput_over_offline_at_mean_batch": thr / thr_at,
+                "throughput_over_offline_batch32": thr / thr32,
+                "p50_minus_offline_batch1_ms": (res["latency_ms"]["p50"] or 0.0) - t1,
+                "p50_minus_server_forward_same_window_ms": (
+                    (res["latency_ms"]["p50"] or 0.0) - (res["server_forward_ms_mean"] or 0.0)),
+            }
+        out["mixed_over_homogeneous"] = {
+            conc: (load["mixed"][conc]["throughput_inputs_per_s"] or 0.0)
+            / (load["homogeneous"][conc]["throughput_inputs_per_s"] or 1.0)
+            for conc in load["homogeneous"]}
+    return out
+
+
+def make_targets(load: dict[str, Any], cmp: dict[str, Any], levels: list[int]
+                 ) -> dict[str, Any]:
+    t: dict[str, Any] = {}
+    if 1 in levels:
+        t["service overhead at concurrency 1 (p50 − offline batch-1 forward, ms)"] = \
+            common.target(cmp["homogeneous|1"]["p50_minus_offline_batch1_ms"], 2.0, "<=",
+                          "homogeneous, one PNG per request; p50 − the server's own mean "
+                          "forward time in the same window: "
+                          f"{cmp['homogeneous|1']['p50_minus_server_forward_same_window_ms']:.1f}"
+                          " ms")
+    top = 32 if 32 in levels else max(levels)
+    c = cmp[f"homogeneous|{top}"]
+    mb = load["homogeneous"][str(top)]["mean_batch_size"]
+    t[f"throughput at concurrency {top} / offline at the same batch size"] = common.target(
+        c["throughput_over_offline_at_mean_batch"], 0.8, ">=",
+        f"mean batch {mb:.1f}; vs offline at batch 32: "
+        f"{c['throughput_over_offline_batch32']:.2f}" if mb else "no batches seen")
+    t[f"mixed / homogeneous throughput at concurrency {top}"] = common.target(
+        cmp["mixed_over_homogeneous"][str(top)], 0.7, ">=", "8 distinct compositions")
+    return t
+
+
+# -- plot --------------------------------------------------------------------------------------
+def plot(load: dict[str, Any], offline: dict[str, Any], cmp: dict[str, Any], path: Path) -> None:
+    plt = common.pyplot()
+    fig, (ax_thr, ax_lat, ax_b) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode, levels in load.items():
+        cs = [int(c) for c in levels]
+        ax_thr.plot(cs, [levels[str(c)]["throughput_inputs_per_s"] for c in cs], marker="o",
+                    label=f"service, {mode}")
+        line, = ax_lat.plot(cs, [levels[str(c)]["latency_ms"]["p50"] for c in cs], marker="o",
+                            label=f"p50, {mode}")
+        ax_lat.plot(cs, [levels[str(c)]["latency_ms"]["p99"] for c in cs], marker="x",
+                    linestyle="--", color=line.get_color(), label=f"p99, {mode}")
+        ax_b.plot(cs, [levels[str(c)]["mean_batch_size"] for c in cs], marker="o", label=mode)
+        if mode == "homogeneous":
+            ax_thr.plot(cs, [cmp[f"{mode}|{c}"]["offline_inputs_per_s_at_mean_batch"]
+                             for c in cs], linestyle=":", marker="s",
+                        label="offline forward at the service's mean batch")
+    ax_thr.axhline(offline["32"]["inputs_per_s"]["median"], color="grey", linestyle="--",
+                   label="offline forward, batch 32")
+    ax_thr.set(title="throughput", xlabel="concurrent clients", ylabel="inputs / s",
+               xscale="log")
+    ax_lat.axhline(offline["1"]["ms_per_call"]["median"], color="grey", linestyle="--",
+                   label="offline forward, batch 1")
+    ax_lat.set(title="latency", xlabel="concurrent clients", ylabel="ms", xscale="log",
+               yscale="log")
+    ax_b.set(title="mean device batch size", xlabel="concurrent clients", ylabel="inputs",
+             xscale="log")
+    for ax in (ax_thr, ax_lat, ax_b):
+        ax.legend(fontsize=7)
+    fig.suptitle("tmc serve (effnet-lite0 64×64, R2) under closed-loop load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- main --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 s per level")
+    ap.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
+    ap.add_argument("--warmup", type=float, help="seconds discarded per level (default 2)")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--offline-rounds", type=int, help="rounds before and after the load")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    warmup = args.warmup or (1.0 if args.quick else 2.0)
+    rounds = args.offline_rounds or (3 if args.quick else 7)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    info = common.machine("cpu")
+    images, source = common.fashion_mnist_images(64)
+    images_b64 = [common.png_base64(img) for img in images]
+    with tempfile.TemporaryDirectory(prefix="tmc-bench-serving-") as tmp:
+        base_dir = Path(tmp) / "base"
+        init_base(base_dir, make_spec("effnet-lite0", options=BASE_OPTIONS))
+        common.log("base ready; starting tmc serve")
+        with common.tmc_server(base_dir, Path(tmp) / "server") as server:
+            base = load_base(base_dir, check_forward_ad=False)
+            by_digest, ids = push_components(server, base.region, base.fingerprint)
+            cases = offline_cases(base_dir, by_digest, ids, images)
+            common.log("offline baseline (before the load)")
+            common.run_rounds(cases, rounds)
+            load = run_load(server, images_b64, levels, warmup, duration)
+            common.log("offline baseline (after the load)")
+            samples = common.run_rounds(cases, rounds, seed=1)  # appends to the same cases
+    offline = offline_summary(samples)
+    cmp = compare(load, offline)
+    targets = make_targets(load, cmp, levels)
+    settings = {"base": {"preset": "effnet-lite0", **BASE_OPTIONS}, "components": N_COMPONENTS,
+                "compositions": compositions(), "inputs_per_request": 1,
+                "input_format": "base64 PNG, 28×28 grey", "images": source,
+                "concurrency": levels, "warmup_s": warmup, "duration_s": duration,
+                "offline_batches": list(OFFLINE_BATCHES), "offline_rounds": 2 * rounds,
+                "server": {"TMC_MAX_BATCH_SIZE": "32 (default)",
+                           "TMC_MAX_QUEUE_DELAY_MS": "2 (default)", "TMC_DEVICE": "cpu"},
+                "client": "asyncio, one keep-alive HTTP/1.1 connection per client, closed loop"}
+    results = {"load": load, "offline": offline, "comparison": cmp,
+               "offline_raw_seconds": samples}
+    path = common.write_result(NAME, args.quick, info, settings, results, targets, started)
+    plot(load, offline, cmp, common.png_path(NAME, args.quick))
+    for name, t in targets.items():
+        common.log(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']} ({t['note']})")
+    common.log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
