@@ -459,9 +459,22 @@ def helm_template(helm: str, files: list[Path]) -> subprocess.CompletedProcess[s
 
 
 # ----------------------------------------------------------------------------- k8s schemas
+def _cache_k8s_schemas() -> None:
+    """kubernetes-validate re-reads and re-parses its JSON schemas (incl. the large
+    _definitions.json) on every call; cache them (read-only use, pinned 1.37.0)."""
+    import functools
+
+    import kubernetes_validate.utils as kvu
+
+    if not hasattr(kvu.schema_contents, "cache_info"):
+        kvu.schema_contents = functools.cache(kvu.schema_contents)
+
+
 def validate_documents(docs: list[dict[str, Any]], where: str, rep: Report) -> None:
     import jsonschema
     import kubernetes_validate
+
+    _cache_k8s_schemas()
 
     sm_schema = json.loads((SCHEMA_DIR / "servicemonitor.schema.json").read_text())
     for doc in docs:
