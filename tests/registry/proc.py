@@ -1,6 +1,9 @@
 """A registry client in its own process, for the crash and concurrency tests.
 
 python -m tests.registry.proc KIND ROOT URL ID:SEED [ID:SEED ...]   (URL "-" for none)
+
+Prints "ready" once the registry is open, then waits for a line on stdin before adding,
+so the test can start its own adds at the same moment.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ def main(argv: list[str]) -> None:
     store = Store(kind, Path(root), None if url == "-" else url)
     reg = store.open(cache=f"cache-{kind}-proc")
     try:
-        for item in items:
-            cid, seed = item.split(":")
-            reg.add(cid, make_component(int(seed)).data)
+        payloads = [(cid, make_component(int(seed)).data)
+                    for cid, seed in (item.split(":") for item in items)]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for cid, data in payloads:
+            reg.add(cid, data)
     finally:
         reg.close()
 

@@ -17,16 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _proc(store: Store, *items: str, crash: str | None = None) -> subprocess.Popen[bytes]:
+    """A process that opens the store, says "ready", and adds ``items`` when told to go."""
     env = {k: v for k, v in os.environ.items() if k != "TMC_TEST_CRASH_POINT"}
     if crash:
         env["TMC_TEST_CRASH_POINT"] = crash
     args = [sys.executable, "-m", "tests.registry.proc", store.kind, str(store.root),
             store.url or "-", *items]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    return proc
 
 
 def _finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(b"go\n", timeout=120)
     return proc.returncode, err.decode(errors="replace")
 
 
@@ -47,12 +51,17 @@ def test_a_crash_between_blob_and_index_leaves_the_registry_as_it_was(
 
 
 def test_two_processes_adding_at_once(store: Store, reg: Registry) -> None:
-    one = [f"p1-{i}:{i}" for i in range(12)] + ["both:100"]
-    two = [f"p2-{i}:{i + 50}" for i in range(12)] + ["both:200"]
-    procs = [_proc(store, *one), _proc(store, *two)]
-    for proc in procs:
-        rc, err = _finish(proc)
-        assert rc == 0, err
+    """This process and another add at the same moment, one id in common."""
+    other = _proc(store, *[f"p2-{i}:{i + 50}" for i in range(12)], "both:200")
+    mine = [(f"p1-{i}", make_component(i).data) for i in range(12)]
+    mine.append(("both", make_component(100).data))
+    assert other.stdin is not None
+    other.stdin.write(b"go\n")
+    other.stdin.flush()
+    for cid, data in mine:
+        reg.add(cid, data)
+    rc, err = _finish(other)
+    assert rc == 0, err
     infos = {c.id: c for c in reg.list()}
     assert len(infos) == 25 and len(infos["both"].versions) == 2
     assert reg.generation() == 26
