@@ -90,6 +90,8 @@ def init_base(out_dir: Path, spec: BaseSpec, *, force: bool = False) -> str:
     (tmp / SPEC_FILE).write_bytes(spec.to_json())
     fp = fingerprint(spec.to_json(), tensors)
     (tmp / FINGERPRINT_FILE).write_text(fp + "\n")
+    for path in tmp.iterdir():  # readable by the serving user, whoever wrote the base
+        path.chmod(0o644)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return fp
