@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import socket
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     results = run(args.mb, args.repeats)
     report = {"component_mb": args.mb, "machine": platform.platform(),
+              "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
               "python": platform.python_version(), "redis": _redis_version(),
               "backends": results, "table": _table(results)}
     RESULTS.mkdir(parents=True, exist_ok=True)
