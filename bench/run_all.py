@@ -1,0 +1,162 @@
+"""Run every benchmark, then write bench/results/SUMMARY.md (`make bench`, `make bench-quick`).
+
+    python -m bench.run_all [--quick] [--only cost,serving] [--skip accuracy]
+
+Each benchmark runs as its own subprocess (its own process group) with a time limit; one
+that is missing (module or flag not there yet), fails or runs out of time is reported and
+the run goes on. The statuses go to bench/results/run_all[_quick].json and into the summary.
+Exit status: 0 when every benchmark that exists succeeded, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+    quick_args: tuple[str, ...] = ("--quick",)
+    limit_s: float = 900.0
+    quick_limit_s: float = 300.0
+    needs_flags: tuple[str, ...] = ()  # flags its --help must list, else "missing"
+
+
+STEPS = (
+    Step("overhead", "bench.overhead", limit_s=900, quick_limit_s=300),
+    Step("cost", "bench.cost", limit_s=1500, quick_limit_s=420),
+    Step("serving", "bench.serving", limit_s=600, quick_limit_s=300),
+    Step("memory", "bench.memory", limit_s=600, quick_limit_s=300),
+    Step("registry_latency", "bench.registry_latency", quick_args=("--repeats", "3"),
+         limit_s=600, quick_limit_s=300),
+    Step("accuracy", "bench.accuracy", args=("--all",), limit_s=2700, quick_limit_s=900,
+         needs_flags=("--all",)),
+)
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # ok | failed | timeout | missing
+    command: list[str]
+    seconds: float = 0.0
+    returncode: int | None = None
+    detail: str = ""
+    tail: list[str] = field(default_factory=list)
+
+
+def missing_reason(step: Step) -> str | None:
+    try:
+        found = importlib.util.find_spec(step.module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        return f"module {step.module} does not exist"
+    if step.needs_flags:
+        help_text = subprocess.run([sys.executable, "-m", step.module, "--help"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=300)
+        absent = [f for f in step.needs_flags if f not in help_text.stdout + help_text.stderr]
+        if absent:
+            return f"{step.module} has no {', '.join(absent)} flag"
+    return None
+
+
+def run_step(step: Step, quick: bool) -> Outcome:
+    command = [sys.executable, "-m", step.module, *step.args,
+               *(step.quick_args if quick else ())]
+    reason = missing_reason(step)
+    if reason:
+        print(f"== {step.name}: MISSING ({reason})", flush=True)
+        return Outcome(step.name, "missing", command, detail=reason)
+    limit = step.quick_limit_s if quick else step.limit_s
+    print(f"== {step.name}: {' '.join(command[1:])} (limit {limit:.0f} s)", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    tail: deque[str] = deque(maxlen=40)
+    reader = threading.Thread(target=_pump, args=(proc, step.name, tail), daemon=True)
+    reader.start()
+    try:
+        rc: int | None = proc.wait(timeout=limit)
+        status = "ok" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        rc, status = None, "timeout"
+    reader.join(timeout=10)
+    seconds = time.perf_counter() - started
+    print(f"== {step.name}: {status.upper()} after {seconds:.0f} s", flush=True)
+    detail = f"over the {limit:.0f} s limit" if status == "timeout" else (
+        f"exit status {rc}" if status == "failed" else "")
+    return Outcome(step.name, status, command, seconds, rc, detail,
+                   list(tail) if status != "ok" else [])
+
+
+def _pump(proc: subprocess.Popen[str], name: str, tail: deque[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail.append(line.rstrip("\n"))
+        print(f"[{name}] {line}", end="", flush=True)
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the benchmark's own process group (it and the servers it started), then KILL."""
+    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
+    ap.add_argument("--only", help="comma-separated benchmark names")
+    ap.add_argument("--skip", help="comma-separated benchmark names")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    skip = set(args.skip.split(",")) if args.skip else set()
+    started = time.perf_counter()
+    outcomes = [run_step(s, args.quick) for s in STEPS
+                if (only is None or s.name in only) and s.name not in skip]
+    record: dict[str, Any] = {
+        "name": "run_all", "quick": args.quick,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_seconds": time.perf_counter() - started,
+        "steps": [o.__dict__ for o in outcomes]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / ("run_all_quick.json" if args.quick else "run_all.json")).write_text(
+        json.dumps(record, indent=1) + "\n")
+    from bench import summary
+
+    path = summary.write_summary()
+    print(f"== summary: {path}", flush=True)
+    for o in outcomes:
+        print(f"   {o.name:17s} {o.status:8s} {o.seconds:6.0f} s  {o.detail}", flush=True)
+    return 0 if all(o.status in ("ok", "missing") for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

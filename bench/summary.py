@@ -1,0 +1,372 @@
+"""Build bench/results/SUMMARY.md from whatever bench/results/*.json exist.
+
+    python -m bench.summary
+
+One section per benchmark: where a full run's file exists it is used, else the quick run's
+(marked as such). A missing or unreadable file gives a one-line note, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Doc = dict[str, Any]
+
+
+# -- loading -----------------------------------------------------------------------------------
+def load(path: Path) -> Doc | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def pick(name: str, results: Path) -> tuple[Doc | None, Path | None]:
+    """The full run's file if there is one, else the quick run's."""
+    for stem in (name, f"{name}_quick"):
+        path = results / f"{stem}.json"
+        doc = load(path) if path.is_file() else None
+        if doc is not None:
+            return doc, path
+    return None, None
+
+
+# -- formatting --------------------------------------------------------------------------------
+def num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        mag = abs(x)
+        if mag >= 100:
+            return f"{x:.0f}"
+        if mag >= 10:
+            return f"{x:.1f}"
+        return f"{x:.{digits - 1}f}" if mag >= 1 else f"{x:.{digits}g}"
+    return str(x)
+
+
+def span(stats: Any, digits: int = 3) -> str:
+    """'median (min–max)' of a summary dict."""
+    if not isinstance(stats, dict) or stats.get("median") is None:
+        return "–"
+    return (f"{num(stats['median'], digits)} ({num(stats.get('min'), digits)}–"
+            f"{num(stats.get('max'), digits)})")
+
+
+def table(header: list[str], rows: Iterable[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def source_line(doc: Doc, path: Path) -> str:
+    m = doc.get("machine")
+    parts = [f"file `{path.name}`"]
+    if doc.get("quick"):
+        parts.append("**quick (smoke) run**")
+    if doc.get("written"):
+        parts.append(f"written {doc['written']}")
+    if isinstance(m, dict):
+        load_avg = m.get("load_average_at_start")
+        parts.append(f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, torch "
+                     f"{m.get('torch', '?')} ({m.get('torch_threads', '?')} threads), "
+                     f"{m.get('device', '?')}")
+        if isinstance(load_avg, list) and load_avg:
+            parts.append(f"load average at start {load_avg[0]:.1f}")
+    return "_" + "; ".join(parts) + "_"
+
+
+def png_link(path: Path) -> str:
+    png = path.with_suffix(".png")
+    return f"\n![{png.stem}]({png.name})\n" if png.is_file() else ""
+
+
+def targets_table(doc: Doc) -> str:
+    targets = doc.get("targets")
+    if not isinstance(targets, dict) or not targets:
+        return ""
+    rows = []
+    for name, t in targets.items():
+        if not isinstance(t, dict):
+            continue
+        rows.append([name, num(t.get("value")), f"{t.get('op', '')} {num(t.get('threshold'))}",
+                     "✅ met" if t.get("met") else "❌ not met", t.get("note", "")])
+    return "Targets:\n\n" + table(["target", "value", "threshold", "", "note"], rows)
+
+
+# -- sections ----------------------------------------------------------------------------------
+def cost_section(doc: Doc) -> str:
+    out = []
+    for key, res in doc["results"].items():
+        s = res.get("settings", {})
+        out.append(f"**{key}** — {s.get('description', '')}; region "
+                   f"{num(s.get('region_params'))} params ({num(s.get('region_bytes', 0) / 1e6)}"
+                   f" MB); {s.get('rounds')} rounds; (c),(d) measured up to N="
+                   f"{s.get('cap_full_c_d')}, (c') up to N={s.get('cap_tails_c_prime')}, "
+                   "extrapolated beyond (marked *).")
+        pts = {(m, p["n"], p["batch"]): p for m, info in res["methods"].items()
+               for p in info["points"]}
+        ns = sorted({n for (_, n, _) in pts})
+        methods = list(res["methods"])
+
+        def cell(m: str, n: int, b: int, field: str, pts: dict[Any, Any] = pts) -> str:
+            p = pts.get((m, n, b))
+            if p is None:
+                return "–"
+            return num(p[field]["median"]) + ("*" if p["extrapolated"] else "")
+        out.append("\nLatency at batch 1 (ms per request, median over rounds):\n")
+        out.append(table(["N", *methods], [[n, *(cell(m, n, 1, "ms_per_call") for m in methods)]
+                                           for n in ns]))
+        out.append("\nThroughput at batch 32 (inputs/s, median):\n")
+        out.append(table(["N", *methods], [[n, *(cell(m, n, 32, "items_per_s") for m in methods)]
+                                           for n in ns]))
+        out.append("\nCost ratios at batch 32 (other / (a), per round; median (min–max)):\n")
+        out.append(table(["N", "(c)/(a)", "(c')/(a)", "(d)/(a)", "(b)/(a)"], [
+            [n, *(span(res["ratios"][f"{n}|32"][m], 2) for m in ("c", "c'", "d", "b"))]
+            for n in ns if f"{n}|32" in res["ratios"]]))
+        rows = []
+        for b, br in res["breakdown"].items():
+            rows.append([b, span(br["trunk"]), span(br["tail_plain"]), span(br["tail_jvp"]),
+                         span(br["jvp_tail_over_plain_tail"], 2), span(br["full_plain"]),
+                         span(br["full_jvp_naive"]), num(br.get("crossover_n_vs_c_prime"))])
+        out.append("\nPieces (ms per call): trunk, one plain tail, the JVP tail, a full plain "
+                   "forward, the whole network under JVP (no trunk split); N* = where (c') "
+                   "meets (a):\n")
+        out.append(table(["batch", "trunk", "plain tail", "JVP tail", "JVP/plain",
+                          "full plain", "full JVP", "N*"], rows))
+        comp = res["compose"]
+        fit = comp["linear_fit_ms_vs_mb"]
+        out.append(f"\nΣ w_k Δ_k (the cache miss of (b)) vs `copy_` of the same bytes "
+                   f"(|Δ| = {num(comp['delta_bytes'] / 1e6)} MB; linear fit "
+                   f"{num(fit['slope'])} ms/MB, R² {num(fit['r2'])}):\n")
+        out.append(table(["N", "MB", "compose ms", "compose GB/s", "in-place add_ GB/s",
+                          "copy_ GB/s", "compose/copy"], [
+            [p["n"], num(p["bytes"] / 1e6), span(p["compose_ms"]),
+             num(p["compose_gb_per_s"]["median"]), num(p["add_inplace_gb_per_s"]["median"]),
+             num(p["copy_gb_per_s"]["median"]), span(p["compose_over_copy_bandwidth"], 2)]
+            for p in comp["points"]]))
+        out.append("")
+    return "\n".join(out)
+
+
+def serving_section(doc: Doc) -> str:
+    res = doc["results"]
+    off = res["offline"]
+    cmp = res["comparison"]
+    rows = []
+    for mode, levels in res["load"].items():
+        for conc, r in levels.items():
+            c = cmp.get(f"{mode}|{conc}", {})
+            rows.append([mode, conc, num(r["throughput_inputs_per_s"]),
+                         num(r["latency_ms"]["p50"]), num(r["latency_ms"]["p99"]),
+                         num(r["mean_batch_size"]), num(r["mean_groups_per_batch"]),
+                         num(c.get("offline_inputs_per_s_at_mean_batch")),
+                         num(c.get("throughput_over_offline_at_mean_batch"), 2),
+                         num(r.get("server_cpu_cores"), 2), r["errors"]])
+    out = [table(["workload", "clients", "inputs/s", "p50 ms", "p99 ms", "mean batch",
+                  "groups/batch", "offline inputs/s at that batch", "service/offline",
+                  "server CPU cores", "errors"], rows)]
+    out.append("\nOffline `Executor.run` (same base and composition, in-process; ms per call, "
+               "median (min–max) over rounds before and after the load):\n")
+    out.append(table(["batch", "ms per call", "inputs/s"], [
+        [b, span(v["ms_per_call"]), num(v["inputs_per_s"]["median"])] for b, v in off.items()]))
+    return "\n".join(out)
+
+
+def memory_section(doc: Doc) -> str:
+    variants = doc["results"]["variants"]
+    names = list(variants)
+    stages = [s["stage"] for s in variants[names[0]]["stages"]]
+    rows = []
+    for i, stage in enumerate(stages):
+        row = [stage, num(variants[names[0]]["stages"][i]["cache_bytes"] / 2**20)]
+        for n in names:
+            st = variants[n]["stages"][i]
+            row += [num(st["rss_bytes"] / 2**20), num(st["rss_growth_bytes"] / 2**20)]
+        rows.append(row)
+    header = ["stage", "tensors cached MiB"]
+    for n in names:
+        header += [f"RSS MiB ({n})", "growth MiB"]
+    return table(header, rows)
+
+
+def registry_section(doc: Doc) -> str:
+    backends = doc.get("backends") or doc.get("results", {}).get("backends", {})
+    steps: list[str] = []
+    for b in backends.values():
+        steps = list(b.get("median_ms", {}))
+        break
+    rows = []
+    for name, b in backends.items():
+        rows.append([name, *(f"{num(b['median_ms'][s])} ({num(b['min_ms'][s])}–"
+                             f"{num(b['max_ms'][s])})" for s in steps)])
+    return (f"One {num(doc.get('component_mb'))} MB component, median (min–max) ms:\n\n"
+            + table(["backend", *steps], rows))
+
+
+def accuracy_section(docs: list[tuple[Doc, Path]]) -> str:
+    keys = ("tmc_mean", "tmc_sum", "nl_ensemble_softmax", "nl_ensemble_logits",
+            "nl_weight_average", "joint_tangent", "linear_probe", "base_theta0")
+    rows = []
+    for doc, path in docs:
+        test = doc.get("accuracy", {}).get("test", {})
+        if not test:
+            continue
+        rows.append([f"`{path.name}`", doc.get("experiment", "?"),
+                     *(num(test.get(k)) for k in keys), num(test.get("rows"))])
+    if not rows:
+        return "No accuracy results with a test section."
+    return "Test accuracy:\n\n" + table(["file", "experiment", *keys, "test rows"], rows)
+
+
+def generic_section(doc: Doc) -> str:
+    """Numeric leaves (up to depth 3, 40 rows) for a benchmark this file does not know."""
+    rows: list[list[Any]] = []
+
+    def walk(prefix: str, value: Any, depth: int) -> None:
+        if len(rows) >= 40 or depth > 3:
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k not in ("machine", "settings", "targets", "raw_seconds"):
+                    walk(f"{prefix}.{k}" if prefix else str(k), v, depth + 1)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append([prefix, num(float(value))])
+    walk("", doc.get("results", doc), 0)
+    return table(["figure", "value"], rows) if rows else "(no numeric figures)"
+
+
+# -- assembly ----------------------------------------------------------------------------------
+Renderer = Callable[[Doc], str]
+SECTIONS: tuple[tuple[str, str, Renderer, str], ...] = (
+    ("overhead", "Linearized forward overhead", generic_section, ""),
+    ("cost", "1. Cost vs number of components", cost_section,
+     "(a) TMC with the composed Δ cached; (b) first request of a new composition (Σ on the "
+     "request); (c) N full non-linear models; (c') N non-linear tails sharing one trunk pass; "
+     "(d) N separate linearized models. The (c)/(c') models are perturbed copies: only their "
+     "cost is measured."),
+    ("serving", "3. Serving under load", serving_section,
+     "`tmc serve` over loopback HTTP, closed-loop clients, one 28×28 PNG per request; "
+     "homogeneous = one composition for all clients, mixed = 8 distinct compositions."),
+    ("memory", "4. Memory", memory_section,
+     "Server RSS while adding, composing and forgetting components, next to the exact "
+     "tensor accounting (`tmc_cache_bytes`)."),
+    ("registry_latency", "Registry latency", registry_section, ""),
+)
+
+
+def section(title: str, intro: str, results: Path, name: str, render: Renderer) -> str:
+    doc, path = pick(name, results)
+    if doc is None or path is None:
+        return f"## {title}\n\n_No results yet (`{name}.json` missing)._\n"
+    parts = [f"## {title}", "", source_line(doc, path), ""]
+    if intro:
+        parts += [intro, ""]
+    try:
+        parts.append(render(doc))
+    except Exception as exc:  # a changed format must not break the whole summary
+        parts.append(f"_Could not render `{path.name}`: {type(exc).__name__}: {exc}_")
+    tt = targets_table(doc)
+    if tt:
+        parts += ["", tt]
+    parts.append(png_link(path))
+    return "\n".join(parts)
+
+
+def accuracy_block(results: Path) -> str:
+    files = sorted(p for p in results.glob("accuracy*.json") if ".partial" not in p.name)
+    docs = [(d, p) for p in files if (d := load(p)) is not None]
+    if not docs:
+        return "## Accuracy\n\n_No results yet (`accuracy*.json` missing)._\n"
+    parts = ["## Accuracy (TMC vs the paper's baselines)", ""]
+    try:
+        parts.append(accuracy_section(docs))
+    except Exception as exc:
+        parts.append(f"_Could not render: {type(exc).__name__}: {exc}_")
+    for doc, path in docs:
+        tt = targets_table(doc)
+        if tt:
+            parts += ["", f"`{path.name}` — {tt}"]
+        parts.append(png_link(path))
+    return "\n".join(parts)
+
+
+def overview(results: Path) -> str:
+    rows = []
+    for name in ("overhead", "cost", "serving", "memory", "registry_latency"):
+        doc, path = pick(name, results)
+        if doc is None or path is None or not isinstance(doc.get("targets"), dict):
+            continue
+        for tname, t in doc["targets"].items():
+            if isinstance(t, dict):
+                rows.append([name + (" (quick)" if doc.get("quick") else ""), tname,
+                             num(t.get("value")),
+                             f"{t.get('op', '')} {num(t.get('threshold'))}",
+                             "✅" if t.get("met") else "❌"])
+    return table(["benchmark", "target", "value", "threshold", "met"], rows) if rows else \
+        "_No targets recorded yet._"
+
+
+def run_status(results: Path) -> str:
+    for stem in ("run_all", "run_all_quick"):
+        doc = load(results / f"{stem}.json")
+        if doc and isinstance(doc.get("steps"), list):
+            rows = [[s.get("name"), s.get("status"), num(s.get("seconds")), s.get("detail", "")]
+                    for s in doc["steps"]]
+            return (f"Last `python -m bench.run_all{' --quick' if doc.get('quick') else ''}`"
+                    f" ({doc.get('written', '?')}, {num(doc.get('wall_seconds'))} s):\n\n"
+                    + table(["benchmark", "status", "seconds", "detail"], rows))
+    return ""
+
+
+HEADER = """# Benchmark summary
+
+Generated by `python -m bench.summary` (run by `make bench` / `make bench-quick`) from
+`bench/results/*.json`; each section names its file and the machine. Figures are medians
+over repeated, interleaved rounds with min–max in brackets; ratios are taken per round
+within one process run. The machine is a small shared VM: when other jobs run at the same
+time (see the load average in each section), absolute timings are several times slower
+than on an idle machine and the spread is wide; ratios measured side by side hold up better
+than absolute numbers.
+"""
+
+
+def build(results: Path = RESULTS) -> str:
+    parts = [HEADER]
+    status = run_status(results)
+    if status:
+        parts += [status, ""]
+    parts += ["## Targets at a glance", "", overview(results), ""]
+    for name, title, render, intro in SECTIONS:
+        parts += [section(title, intro, results, name, render), ""]
+    parts.append(accuracy_block(results))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_summary(results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "SUMMARY.md"
+    path.write_text(build(results))
+    return path
+
+
+def main() -> int:
+    print(write_summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
