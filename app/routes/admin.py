@@ -76,13 +76,8 @@ async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep
 
 
 def _apply_patch(service: Any, cid: str, body: ComponentPatch) -> None:
-    service.registry.get(cid)  # 404 before any change
-    if body.weight is not None:
-        service.registry.reweight(cid, body.weight)
-    if body.tags is not None:
-        service.registry.set_tags(cid, body.tags)
-    if body.active is not None:
-        service.registry.set_active(cid, body.active)
+    """One atomic change: the generation moves once."""
+    service.registry.update(cid, weight=body.weight, tags=body.tags, active=body.active)
 
 
 @router.delete("/v1/components/{cid}")
@@ -96,7 +91,8 @@ class CompositionBody(BaseModel):
     weights: dict[str, Weight]
     normalize: Literal["none", "sum", "mean"] = "none"
     expected_generation: int | None = Field(
-        None, description="compare-and-set: refuse (409) if the registry moved past it")
+        None, description="compare-and-set: the generation at which this composition was "
+        "last written (0 = must not exist yet); refused with 409 when it moved")
 
 
 @router.put("/v1/compositions/{name}")
