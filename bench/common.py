@@ -140,38 +140,52 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
 # -- timing ------------------------------------------------------------------------------------
 @dataclass
 class Case:
-    """One thing to time. ``setup`` runs untimed before each call (e.g. clear a cache)."""
+    """One thing to time. ``setup`` runs untimed before each call (e.g. clear a cache).
+
+    Each sample records wall-clock seconds and this process's CPU seconds (all threads) per
+    call: on a machine shared with other jobs, wall time includes waiting for a core, CPU
+    time mostly does not, so CPU-time ratios are the steadier measure of compute cost.
+    """
 
     key: str
     fn: Callable[[], Any]
     setup: Callable[[], Any] | None = None
     inner: int = 0  # calls averaged per sample; 0 = calibrate from the warm-up call
-    samples: list[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)  # wall seconds per call
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds per call
 
-    def once(self) -> float:
+    def once(self) -> tuple[float, float]:
         if self.setup is not None:
             self.setup()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         self.fn()
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-    def sample(self) -> float:
-        return sum(self.once() for _ in range(self.inner)) / self.inner
+    def sample(self) -> None:
+        pairs = [self.once() for _ in range(self.inner)]
+        self.samples.append(sum(w for w, _ in pairs) / self.inner)
+        self.cpu.append(sum(c for _, c in pairs) / self.inner)
+
+
+@dataclass
+class Timings:
+    wall: dict[str, list[float]]  # key -> wall seconds per call, one entry per round
+    cpu: dict[str, list[float]]  # key -> process CPU seconds per call, one entry per round
 
 
 def run_rounds(cases: Sequence[Case], repeats: int, *, min_sample_s: float = 0.02,
                max_inner: int = 20, seed: int = 0, budget_s: float | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+               progress: Callable[[str], None] | None = None) -> Timings:
     """Time every case ``repeats`` times in interleaved, shuffled rounds.
 
     Each case is warmed up (twice when a call is cheap); cheap cases average ``inner`` calls
     per sample so one sample takes at least ``min_sample_s``. ``budget_s`` stops after the
-    round that crosses it (at least 2 rounds). Returns key -> seconds per call, one entry per round.
+    round that crosses it (at least 2 rounds). Calling it again on the same cases appends.
     """
     for case in cases:
-        warm = case.once()
+        warm, _ = case.once()
         if warm < 0.2:
-            warm = case.once()
+            warm, _ = case.once()
         if case.inner <= 0:
             case.inner = max(1, min(max_inner, math.ceil(min_sample_s / max(warm, 1e-6))))
     rng = random.Random(seed)
@@ -180,7 +194,7 @@ def run_rounds(cases: Sequence[Case], repeats: int, *, min_sample_s: float = 0.0
     for r in range(repeats):
         rng.shuffle(order)
         for case in order:
-            case.samples.append(case.sample())
+            case.sample()
         elapsed = time.perf_counter() - started
         if progress:
             progress(f"round {r + 1}/{repeats} done ({elapsed:.0f} s)")
@@ -188,7 +202,7 @@ def run_rounds(cases: Sequence[Case], repeats: int, *, min_sample_s: float = 0.0
             if progress:
                 progress(f"time budget {budget_s:.0f} s reached after {r + 1} rounds")
             break
-    return {c.key: list(c.samples) for c in cases}
+    return Timings({c.key: list(c.samples) for c in cases}, {c.key: list(c.cpu) for c in cases})
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from tangent.delta import cast_delta
 NAME = "cost"
 BATCHES = (1, 32)
 METHODS = ("a", "b", "c", "c'", "d")
+C_PRIME = "c'"
 METHOD_LABELS = {
     "a": "(a) TMC, Δ cached",
     "b": "(b) TMC, new composition (Σ on the request)",
@@ -82,6 +83,7 @@ class PresetConfig:
 
 
 FULL_NS = (1, 2, 5, 10, 20, 50)
+MIN_SAMPLE_S = 0.15  # cheap calls are averaged until one sample takes this long
 
 
 def configs(quick: bool) -> dict[str, PresetConfig]:
@@ -258,8 +260,23 @@ def method_series(samples: dict[str, list[float]], cfg: PresetConfig, method: st
     return [t + (n - cap) * s for t, s in zip(at_cap, tail, strict=False)], True
 
 
-def analyse(samples: dict[str, list[float]], cfg: PresetConfig, fx: Fixture) -> dict[str, Any]:
-    out: dict[str, Any] = {"methods": {}, "ratios": {}, "breakdown": {}, "compose": {}}
+def analyse(timings: common.Timings, cfg: PresetConfig, fx: Fixture) -> dict[str, Any]:
+    """Wall-clock figures (latency, throughput, ratios) plus the same ratios in CPU time."""
+    out = analyse_clock(timings.wall, cfg)
+    cpu = analyse_clock(timings.cpu, cfg)
+    for method, info in out["methods"].items():
+        for point, cpu_point in zip(info["points"], cpu["methods"][method]["points"],
+                                    strict=True):
+            point["cpu_ms_per_call"] = cpu_point["ms_per_call"]
+    out["ratios_cpu"] = cpu["ratios"]
+    out["breakdown_cpu"] = cpu["breakdown"]
+    out["a_flatness_cpu"] = cpu["a_flatness"]
+    out["compose"] = compose_analysis(timings.wall, cfg, fx.delta_bytes)
+    return out
+
+
+def analyse_clock(samples: dict[str, list[float]], cfg: PresetConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"methods": {}, "ratios": {}, "breakdown": {}}
     series: dict[tuple[str, int, int], list[float]] = {}
     for method in METHODS:
         rows = []
@@ -288,7 +305,6 @@ def analyse(samples: dict[str, list[float]], cfg: PresetConfig, fx: Fixture) -> 
     out["a_flatness"] = {str(b): common.ratio_samples(series[("a", cfg.ns[-1], b)],
                                                       series[("a", cfg.ns[0], b)])
                          for b in BATCHES}
-    out["compose"] = compose_analysis(samples, cfg, fx.delta_bytes)
     return out
 
 
@@ -337,18 +353,21 @@ def preset_targets(cfg: PresetConfig, res: dict[str, Any]) -> dict[str, Any]:
     t: dict[str, Any] = {}
     ns = cfg.ns
     for batch in BATCHES:
-        flat = res["a_flatness"][str(batch)]
+        flat, flat_cpu = res["a_flatness"][str(batch)], res["a_flatness_cpu"][str(batch)]
         t[f"{cfg.key}: (a) flat N={ns[0]}→{ns[-1]}, batch {batch} (abs(ratio − 1))"] = \
             common.target(abs(flat["median"] - 1.0), 0.10, "<=",
                           f"(a) at N={ns[-1]} / (a) at N={ns[0]}, per round: "
-                          f"{flat['median']:.3f} ({flat['min']:.3f}–{flat['max']:.3f})")
+                          f"{flat['median']:.3f} ({flat['min']:.3f}–{flat['max']:.3f}); "
+                          f"in CPU time {flat_cpu['median']:.3f}")
     n5 = 5 if 5 in ns else ns[min(1, len(ns) - 1)]
-    r = res["ratios"][f"{n5}|32"]
+    r, r_cpu = res["ratios"][f"{n5}|32"], res["ratios_cpu"][f"{n5}|32"]
     t[f"{cfg.key}: (c)/(a) at N={n5}, batch 32"] = common.target(
         median_of(r["c"]), 2.5, ">=", "paper: TMC 2.5–10× cheaper than N full models"
-        + (" (c extrapolated)" if n5 > cfg.cap_full else ""))
+        + (" (c extrapolated)" if n5 > cfg.cap_full else "")
+        + f"; in CPU time {median_of(r_cpu['c']):.2f}")
     t[f"{cfg.key}: (c')/(a) at N={n5}, batch 32"] = common.target(
-        median_of(r["c'"]), 1.0, ">=", "TMC should beat the shared-trunk tail ensemble from N≈4")
+        median_of(r["c'"]), 1.0, ">=", "TMC should beat the shared-trunk tail ensemble from "
+        f"N≈4; in CPU time {median_of(r_cpu[C_PRIME]):.2f}")
     comp = res["compose"]
     t[f"{cfg.key}: (b) Σ time linear in N·|Δ| (R²)"] = common.target(
         comp["linear_fit_ms_vs_mb"]["r2"], 0.95, ">=", "least squares over N")
@@ -415,19 +434,20 @@ def run_preset(cfg: PresetConfig, workdir: Path, repeats: int | None) -> dict[st
         cases += method_cases(fx, cfg, batch, x) + breakdown_cases(fx, batch, x)
     cases += compose_cases(fx, cfg)
     common.log(f"{cfg.key}: {len(cases)} cases, warming up")
-    samples = common.run_rounds(cases, repeats or cfg.repeats, budget_s=cfg.budget_s,
+    timings = common.run_rounds(cases, repeats or cfg.repeats, budget_s=cfg.budget_s,
+                                min_sample_s=MIN_SAMPLE_S,
                                 progress=lambda m: common.log(f"{cfg.key}: {m}"))
-    res = analyse(samples, cfg, fx)
+    res = analyse(timings, cfg, fx)
     res["settings"] = {"description": cfg.description, "preset": cfg.preset,
                        "options": cfg.options, "ns": list(cfg.ns), "batches": list(BATCHES),
                        "cap_full_c_d": cfg.cap_full, "cap_tails_c_prime": cfg.cap_tails,
-                       "rounds": len(next(iter(samples.values()))),
+                       "rounds": len(next(iter(timings.wall.values()))),
                        "region_params": sum(t.numel() for t in fx.deltas[0].values()),
                        "region_bytes": fx.delta_bytes,
                        "network_params": sum(p.numel() for p in base.net.params.values()),
                        "inner_calls_per_sample": {c.key: c.inner for c in cases},
                        "seq_len": cfg.seq_len or None}
-    res["raw_seconds"] = samples
+    res["raw_seconds"] = {"wall": timings.wall, "cpu": timings.cpu}
     return res
 
 

@@ -177,6 +177,8 @@ def _level_result(stats: LevelStats, m0: dict[str, float], m1: dict[str, float],
         "server_queue_wait_ms_mean": _mean_ms(m0, m1, "tmc_queue_wait_seconds"),
         "server_request_ms_mean": _mean_ms(m0, m1, REQUEST),
         "server_cpu_cores": server_cpu / window if window else None,
+        "server_cpu_ms_per_input": server_cpu / stats.completed * 1e3 if stats.completed
+        else None,
         "client_cpu_cores": client_cpu / window if window else None,
     }
 
@@ -258,12 +260,14 @@ def offline_cases(base_dir: Path, by_digest: dict[str, dict[str, torch.Tensor]],
     return cases
 
 
-def offline_summary(samples: dict[str, list[float]]) -> dict[str, Any]:
+def offline_summary(timings: common.Timings) -> dict[str, Any]:
     out = {}
     for b in OFFLINE_BATCHES:
-        stats = common.summarize(samples[f"offline|{b}"])
+        stats = common.summarize(timings.wall[f"offline|{b}"])
+        cpu = common.summarize(timings.cpu[f"offline|{b}"])
         out[str(b)] = {"ms_per_call": common.scale(stats, 1e3),
-                       "inputs_per_s": common.per_second(stats, b)}
+                       "inputs_per_s": common.per_second(stats, b),
+                       "cpu_ms_per_input": common.scale(cpu, 1e3 / b)}
     return out
 
 
@@ -278,6 +282,12 @@ def offline_at(offline: dict[str, Any], batch: float) -> tuple[float, float]:
             t = m0 + (m1 - m0) * (batch - b0) / (b1 - b0)
             return t, batch / t * 1e3
     return ms[-1], bs[-1] / ms[-1] * 1e3
+
+
+def _offline_cpu_at(offline: dict[str, Any], batch: float) -> float:
+    """Offline CPU ms per input at the nearest measured batch size at or below `batch`."""
+    bs = [int(b) for b in offline if int(b) <= max(batch, 1.0)]
+    return float(offline[str(max(bs))]["cpu_ms_per_input"]["median"])
 
 
 # -- analysis ----------------------------------------------------------------------------------
@@ -295,6 +305,8 @@ def compare(load: dict[str, Any], offline: dict[str, Any]) -> dict[str, Any]:
                 "throughput_over_offline_at_mean_batch": thr / thr_at,
                 "throughput_over_offline_batch32": thr / thr32,
                 "p50_minus_offline_batch1_ms": (res["latency_ms"]["p50"] or 0.0) - t1,
+                "server_cpu_per_input_over_offline": (
+                    (res["server_cpu_ms_per_input"] or 0.0) / _offline_cpu_at(offline, mb)),
                 "p50_minus_server_forward_same_window_ms": (
                     (res["latency_ms"]["p50"] or 0.0) - (res["server_forward_ms_mean"] or 0.0)),
             }
@@ -321,9 +333,12 @@ def make_targets(load: dict[str, Any], cmp: dict[str, Any], levels: list[int]
     t[f"throughput at concurrency {top} / offline at the same batch size"] = common.target(
         c["throughput_over_offline_at_mean_batch"], 0.8, ">=",
         f"mean batch {mb:.1f}; vs offline at batch 32: "
-        f"{c['throughput_over_offline_batch32']:.2f}" if mb else "no batches seen")
+        f"{c['throughput_over_offline_batch32']:.2f}; server CPU per input / offline CPU per "
+        f"input: {c['server_cpu_per_input_over_offline']:.2f}" if mb else "no batches seen")
+    groups = load["mixed"][str(top)]["mean_groups_per_batch"]
     t[f"mixed / homogeneous throughput at concurrency {top}"] = common.target(
-        cmp["mixed_over_homogeneous"][str(top)], 0.7, ">=", "8 distinct compositions")
+        cmp["mixed_over_homogeneous"][str(top)], 0.7, ">=",
+        f"8 distinct compositions; {groups or 0:.1f} groups (forwards) per device batch")
     return t
 
 
@@ -392,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             common.run_rounds(cases, rounds)
             load = run_load(server, images_b64, levels, warmup, duration)
             common.log("offline baseline (after the load)")
-            samples = common.run_rounds(cases, rounds, seed=1)  # appends to the same cases
-    offline = offline_summary(samples)
+            timings = common.run_rounds(cases, rounds, seed=1)  # appends to the same cases
+    offline = offline_summary(timings)
     cmp = compare(load, offline)
     targets = make_targets(load, cmp, levels)
     settings = {"base": {"preset": "effnet-lite0", **BASE_OPTIONS}, "components": N_COMPONENTS,
@@ -405,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                            "TMC_MAX_QUEUE_DELAY_MS": "2 (default)", "TMC_DEVICE": "cpu"},
                 "client": "asyncio, one keep-alive HTTP/1.1 connection per client, closed loop"}
     results = {"load": load, "offline": offline, "comparison": cmp,
-               "offline_raw_seconds": samples}
+               "offline_raw_seconds": {"wall": timings.wall, "cpu": timings.cpu}}
     path = common.write_result(NAME, args.quick, info, settings, results, targets, started)
     plot(load, offline, cmp, common.png_path(NAME, args.quick))
     for name, t in targets.items():
