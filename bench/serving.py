@@ -346,19 +346,21 @@ def make_targets(load: dict[str, Any], cmp: dict[str, Any], levels: list[int]
 def plot(load: dict[str, Any], offline: dict[str, Any], cmp: dict[str, Any], path: Path) -> None:
     plt = common.pyplot()
     fig, (ax_thr, ax_lat, ax_b) = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {"homogeneous": "tab:blue", "mixed": "tab:orange"}
     for mode, levels in load.items():
         cs = [int(c) for c in levels]
+        color = colors.get(mode, "tab:green")
         ax_thr.plot(cs, [levels[str(c)]["throughput_inputs_per_s"] for c in cs], marker="o",
-                    label=f"service, {mode}")
-        line, = ax_lat.plot(cs, [levels[str(c)]["latency_ms"]["p50"] for c in cs], marker="o",
-                            label=f"p50, {mode}")
+                    color=color, label=f"service, {mode}")
+        ax_thr.plot(cs, [cmp[f"{mode}|{c}"]["offline_inputs_per_s_at_mean_batch"]
+                         for c in cs], linestyle=":", marker="s", color=color,
+                    label=f"offline forward at the service's mean batch ({mode})")
+        ax_lat.plot(cs, [levels[str(c)]["latency_ms"]["p50"] for c in cs], marker="o",
+                    color=color, label=f"p50, {mode}")
         ax_lat.plot(cs, [levels[str(c)]["latency_ms"]["p99"] for c in cs], marker="x",
-                    linestyle="--", color=line.get_color(), label=f"p99, {mode}")
-        ax_b.plot(cs, [levels[str(c)]["mean_batch_size"] for c in cs], marker="o", label=mode)
-        if mode == "homogeneous":
-            ax_thr.plot(cs, [cmp[f"{mode}|{c}"]["offline_inputs_per_s_at_mean_batch"]
-                             for c in cs], linestyle=":", marker="s",
-                        label="offline forward at the service's mean batch")
+                    linestyle="--", color=color, label=f"p99, {mode}")
+        ax_b.plot(cs, [levels[str(c)]["mean_batch_size"] for c in cs], marker="o", color=color,
+                  label=mode)
     ax_thr.axhline(offline["32"]["inputs_per_s"]["median"], color="grey", linestyle="--",
                    label="offline forward, batch 32")
     ax_thr.set(title="throughput", xlabel="concurrent clients", ylabel="inputs / s",

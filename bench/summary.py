@@ -133,10 +133,22 @@ def cost_section(doc: Doc) -> str:
         out.append("\nThroughput at batch 32 (inputs/s, median):\n")
         out.append(table(["N", *methods], [[n, *(cell(m, n, 32, "items_per_s") for m in methods)]
                                            for n in ns]))
-        out.append("\nCost ratios at batch 32 (other / (a), per round; median (min–max)):\n")
-        out.append(table(["N", "(c)/(a)", "(c')/(a)", "(d)/(a)", "(b)/(a)"], [
-            [n, *(span(res["ratios"][f"{n}|32"][m], 2) for m in ("c", "c'", "d", "b"))]
+        cpu = res.get("ratios_cpu", {})
+        out.append("\nCost ratios at batch 32 (other / (a), per round; median (min–max)); the "
+                   "same in process CPU time (median), which waiting for a busy core does not "
+                   "inflate:\n")
+        out.append(table(["N", "(c)/(a)", "(c')/(a)", "(d)/(a)", "(b)/(a)", "CPU (c)/(a)",
+                          "CPU (c')/(a)", "CPU (d)/(a)"], [
+            [n, *(span(res["ratios"][f"{n}|32"][m], 2) for m in ("c", "c'", "d", "b")),
+             *(num(cpu.get(f"{n}|32", {}).get(m, {}).get("median"), 2)
+               for m in ("c", "c'", "d"))]
             for n in ns if f"{n}|32" in res["ratios"]]))
+        flat, flat_cpu = res.get("a_flatness", {}), res.get("a_flatness_cpu", {})
+        if flat:
+            out.append(f"\n(a) at N={ns[-1]} / (a) at N={ns[0]}, per round: batch 1 "
+                       f"{span(flat.get('1'), 3)}, batch 32 {span(flat.get('32'), 3)}; in CPU "
+                       f"time {num(flat_cpu.get('1', {}).get('median'))} and "
+                       f"{num(flat_cpu.get('32', {}).get('median'))}.")
         rows = []
         for b, br in res["breakdown"].items():
             rows.append([b, span(br["trunk"]), span(br["tail_plain"]), span(br["tail_jvp"]),
@@ -175,10 +187,13 @@ def serving_section(doc: Doc) -> str:
                          num(r["mean_batch_size"]), num(r["mean_groups_per_batch"]),
                          num(c.get("offline_inputs_per_s_at_mean_batch")),
                          num(c.get("throughput_over_offline_at_mean_batch"), 2),
-                         num(r.get("server_cpu_cores"), 2), r["errors"]])
+                         num(r.get("server_cpu_cores"), 2),
+                         num(r.get("server_cpu_ms_per_input")),
+                         num(c.get("server_cpu_per_input_over_offline"), 2), r["errors"]])
     out = [table(["workload", "clients", "inputs/s", "p50 ms", "p99 ms", "mean batch",
                   "groups/batch", "offline inputs/s at that batch", "service/offline",
-                  "server CPU cores", "errors"], rows)]
+                  "server CPU cores", "server CPU ms/input", "÷ offline CPU/input", "errors"],
+                 rows)]
     out.append("\nOffline `Executor.run` (same base and composition, in-process; ms per call, "
                "median (min–max) over rounds before and after the load):\n")
     out.append(table(["batch", "ms per call", "inputs/s"], [
