@@ -167,10 +167,17 @@ class Case:
         self.cpu.append(sum(c for _, c in pairs) / self.inner)
 
 
-@dataclass
-class Timings:
-    wall: dict[str, list[float]]  # key -> wall seconds per call, one entry per round
-    cpu: dict[str, list[float]]  # key -> process CPU seconds per call, one entry per round
+class Timings(dict[str, list[float]]):
+    """key -> wall seconds per call, one entry per round (a plain dict of the wall times,
+    as callers index it), plus ``.cpu``: key -> process CPU seconds per call."""
+
+    def __init__(self, wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+        super().__init__(wall)
+        self.cpu = cpu
+
+    @property
+    def wall(self) -> dict[str, list[float]]:
+        return dict(self)
 
 
 def run_rounds(cases: Sequence[Case], repeats: int, *, min_sample_s: float = 0.02,
