@@ -14,8 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bases import Base
 from tangent import Term, compose
 from tests.bases.conftest import JIT_WARNING
-from tests.tangent.numerics import assert_close, central_difference
-from tests.tangent.test_linearize import record_tangent_inputs
+from tests.tangent.numerics import assert_close, central_difference, record_tangent_inputs
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 

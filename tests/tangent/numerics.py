@@ -1,10 +1,12 @@
-"""Central finite differences over parameters, refusing steps that cross a ReLU/ReLU6 kink."""
+"""Numerical helpers for the tests: kink-aware central finite differences over parameters,
+a light assert_close, and a probe for which modules receive tangent-carrying inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
@@ -61,3 +63,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
             f"not close: max abs err {float(err.max()):.3g} at flat index {worst} "
             f"(actual {float(actual.view(-1)[worst]):.8g}, expected "
             f"{float(expected.view(-1)[worst]):.8g}; rtol={rtol}, atol={atol}) {context}")
+
+
+def _carries_tangent(t: object) -> bool:
+    if isinstance(t, tuple | list):
+        return any(_carries_tangent(u) for u in t)
+    if not isinstance(t, torch.Tensor):
+        return False
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t)) or (
+        fwAD.unpack_dual(t).tangent is not None)
+
+
+def record_tangent_inputs(net: nn.Module, run: Callable[[], object]) -> dict[str, bool]:
+    """For every submodule called during run(): did any of its inputs carry a tangent?"""
+    seen: dict[str, bool] = {}
+    handles = []
+    for name, module in net.named_modules():
+        if name:
+            def hook(mod: nn.Module, args: tuple[object, ...], name: str = name) -> None:
+                seen[name] = seen.get(name, False) or _carries_tangent(args)
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tangent import LinearizedNet, Term, UnsupportedOpError, compose, region_names
 from tests.tangent import toy
-from tests.tangent.numerics import assert_close, central_difference
+from tests.tangent.numerics import assert_close, central_difference, record_tangent_inputs
 
 # torch 2.13: the first forward-AD call imports torch._decomp.decompositions_for_jvp, which
 # calls the deprecated torch.jit.script (a DeprecationWarning from torch.jit._script).
@@ -146,34 +146,6 @@ def test_full_jvp_forward_agrees(case: str, gen: torch.Generator, seed: int) -> 
 
 
 # -- the trunk carries no tangent -----------------------------------------------------------
-
-def _carries_tangent(t: object) -> bool:
-    if isinstance(t, tuple | list):
-        return any(_carries_tangent(u) for u in t)
-    if not isinstance(t, torch.Tensor):
-        return False
-    import torch.autograd.forward_ad as fwAD
-
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t)) or (
-        fwAD.unpack_dual(t).tangent is not None)
-
-
-def record_tangent_inputs(net: nn.Module, run: Callable[[], object]) -> dict[str, bool]:
-    """For every submodule called during run(): did any of its inputs carry a tangent?"""
-    seen: dict[str, bool] = {}
-    handles = []
-    for name, module in net.named_modules():
-        if name:
-            def hook(mod: nn.Module, args: tuple[object, ...], name: str = name) -> None:
-                seen[name] = seen.get(name, False) or _carries_tangent(args)
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
 
 def test_trunk_inputs_carry_no_tangent(gen: torch.Generator) -> None:
     net, x = _setup("convnet", gen)
