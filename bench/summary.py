@@ -108,7 +108,7 @@ def targets_table(doc: Doc) -> str:
 
 
 # -- sections ----------------------------------------------------------------------------------
-def cost_section(doc: Doc) -> str:
+def cost_section(doc: Doc, path: Path) -> str:
     out = []
     for key, res in doc["results"].items():
         s = res.get("settings", {})
@@ -174,7 +174,7 @@ def cost_section(doc: Doc) -> str:
     return "\n".join(out)
 
 
-def serving_section(doc: Doc) -> str:
+def serving_section(doc: Doc, path: Path) -> str:
     res = doc["results"]
     off = res["offline"]
     cmp = res["comparison"]
@@ -201,7 +201,7 @@ def serving_section(doc: Doc) -> str:
     return "\n".join(out)
 
 
-def memory_section(doc: Doc) -> str:
+def memory_section(doc: Doc, path: Path) -> str:
     variants = doc["results"]["variants"]
     names = list(variants)
     stages = [s["stage"] for s in variants[names[0]]["stages"]]
@@ -218,7 +218,7 @@ def memory_section(doc: Doc) -> str:
     return table(header, rows)
 
 
-def registry_section(doc: Doc) -> str:
+def registry_section(doc: Doc, path: Path) -> str:
     backends = doc.get("backends") or doc.get("results", {}).get("backends", {})
     steps: list[str] = []
     for b in backends.values():
@@ -247,7 +247,7 @@ def accuracy_section(docs: list[tuple[Doc, Path]]) -> str:
     return "Test accuracy:\n\n" + table(["file", "experiment", *keys, "test rows"], rows)
 
 
-def generic_section(doc: Doc) -> str:
+def generic_section(doc: Doc, path: Path) -> str:
     """Numeric leaves (up to depth 3, 40 rows) for a benchmark this file does not know."""
     rows: list[list[Any]] = []
 
@@ -264,10 +264,20 @@ def generic_section(doc: Doc) -> str:
     return table(["figure", "value"], rows) if rows else "(no numeric figures)"
 
 
+def overhead_section(doc: Doc, path: Path) -> str:
+    """The table bench.overhead writes next to its JSON, else the generic figures."""
+    md = path.with_suffix(".md")
+    if md.is_file():
+        return md.read_text().strip()
+    return generic_section(doc, path)
+
+
 # -- assembly ----------------------------------------------------------------------------------
-Renderer = Callable[[Doc], str]
+Renderer = Callable[[Doc, Path], str]
 SECTIONS: tuple[tuple[str, str, Renderer, str], ...] = (
-    ("overhead", "Linearized forward overhead", generic_section, ""),
+    ("overhead", "Linearized forward vs plain forward", overhead_section,
+     "Cost of one linearized forward (trunk plain + tail JVP) against a plain forward and "
+     "against the whole network under JVP, per tangent region; FLOP floor of DESIGN.md §2."),
     ("cost", "1. Cost vs number of components", cost_section,
      "(a) TMC with the composed Δ cached; (b) first request of a new composition (Σ on the "
      "request); (c) N full non-linear models; (c') N non-linear tails sharing one trunk pass; "
@@ -291,7 +301,7 @@ def section(title: str, intro: str, results: Path, name: str, render: Renderer) 
     if intro:
         parts += [intro, ""]
     try:
-        parts.append(render(doc))
+        parts.append(render(doc, path))
     except Exception as exc:  # a changed format must not break the whole summary
         parts.append(f"_Could not render `{path.name}`: {type(exc).__name__}: {exc}_")
     tt = targets_table(doc)
