@@ -76,22 +76,34 @@ class LinearizedNet:
     def tail_forward(self, h: Inputs, delta: Mapping[str, torch.Tensor] | None = None
                      ) -> torch.Tensor:
         """f_tail(h; θ0) + J f_tail(h; θ0)·Δ; a plain forward when Δ is empty."""
-        with torch.no_grad():
-            if not delta:
+        if not delta:
+            with torch.no_grad():
                 out: torch.Tensor = self.tail(h)
-                return out
-            names = tuple(delta)
-            primals = tuple(self.params[n] for n in names)
-            tangents = tuple(delta[n] for n in names)
-
-            def tail_fn(*ps: torch.Tensor) -> torch.Tensor:
-                res: torch.Tensor = functional_call(
-                    self.tail, dict(zip(names, ps, strict=True)), (h,), strict=False)
-                return res
-
-            y0, dy = jvp(tail_fn, primals, tangents)
-            out = y0 + dy
             return out
+        y0, dy = self.tail_jvp(h, delta)
+        return y0 + dy
+
+    def tail_jvp(self, h: Inputs, delta: Mapping[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_tail(h; θ0), J f_tail(h; θ0)·Δ): only the parameters Δ names carry tangents."""
+        names = tuple(delta)
+        primals = tuple(self.params[n] for n in names)
+        tangents = tuple(delta[n] for n in names)
+
+        def tail_fn(*ps: torch.Tensor) -> torch.Tensor:
+            res: torch.Tensor = functional_call(
+                self.tail, dict(zip(names, ps, strict=True)), (h,), strict=False)
+            return res
+
+        with torch.no_grad():
+            y0, dy = jvp(tail_fn, primals, tangents)
+        return y0, dy
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LinearizedNet:
+        """Move θ0 to a device/dtype in place (parameters are re-read afterwards)."""
+        self.net.to(device=device, dtype=dtype)
+        self.params = dict(self.net.named_parameters())
+        return self
 
     def forward(self, x: Inputs, delta: Mapping[str, torch.Tensor] | None = None
                 ) -> torch.Tensor:
