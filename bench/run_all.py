@@ -129,6 +129,16 @@ def _stop_group(proc: subprocess.Popen[str]) -> None:
             continue
 
 
+def _merge(path: Path, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    try:
+        old = json.loads(path.read_text()).get("steps", [])
+    except (OSError, ValueError, AttributeError):
+        return steps
+    new = {s["name"]: s for s in steps}
+    merged = [new.pop(s["name"], s) for s in old if isinstance(s, dict) and "name" in s]
+    return merged + list(new.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     outcomes = [run_step(s, args.quick) for s in STEPS
                 if (only is None or s.name in only) and s.name not in skip]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / ("run_all_quick.json" if args.quick else "run_all.json")
+    steps = [o.__dict__ for o in outcomes]
+    if only is not None or skip:  # a partial run updates the last full record's steps
+        steps = _merge(path, steps)
     record: dict[str, Any] = {
         "name": "run_all", "quick": args.quick,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_seconds": time.perf_counter() - started,
-        "steps": [o.__dict__ for o in outcomes]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("run_all_quick.json" if args.quick else "run_all.json")).write_text(
-        json.dumps(record, indent=1) + "\n")
+        "wall_seconds": time.perf_counter() - started, "steps": steps}
+    path.write_text(json.dumps(record, indent=1) + "\n")
     from bench import summary
 
     path = summary.write_summary()
