@@ -151,6 +151,7 @@ class Case:
     fn: Callable[[], Any]
     setup: Callable[[], Any] | None = None
     inner: int = 0  # calls averaged per sample; 0 = calibrate from the warm-up call
+    group: str = ""  # cases of one group get the same inner count (compare like with like)
     samples: list[float] = field(default_factory=list)  # wall seconds per call
     cpu: list[float] = field(default_factory=list)  # process CPU seconds per call
 
@@ -186,14 +187,21 @@ def run_rounds(cases: Sequence[Case], repeats: int, *, min_sample_s: float = 0.0
     """Time every case ``repeats`` times in interleaved, shuffled rounds.
 
     Each case is warmed up (twice when a call is cheap); cheap cases average ``inner`` calls
-    per sample so one sample takes at least ``min_sample_s``. ``budget_s`` stops after the
-    round that crosses it (at least 2 rounds). Calling it again on the same cases appends.
+    per sample so one sample takes at least ``min_sample_s`` — the same count for every case
+    of a group (set by its slowest member), since the first call after another case runs
+    with colder caches than the following ones. ``budget_s`` stops after the round that
+    crosses it (at least 2 rounds). Calling it again on the same cases appends.
     """
+    slowest: dict[str, float] = {}
     for case in cases:
         warm, _ = case.once()
         if warm < 0.2:
             warm, _ = case.once()
+        key = case.group or case.key
+        slowest[key] = max(slowest.get(key, 0.0), warm)
+    for case in cases:
         if case.inner <= 0:
+            warm = slowest[case.group or case.key]
             case.inner = max(1, min(max_inner, math.ceil(min_sample_s / max(warm, 1e-6))))
     rng = random.Random(seed)
     order = list(cases)

@@ -39,7 +39,7 @@ import hashlib
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +75,12 @@ class PresetConfig:
     ns: tuple[int, ...]
     cap_full: int  # (c) and (d) measured for N <= cap_full, extrapolated beyond
     cap_tails: int  # (c') measured for N <= cap_tails
-    repeats: int
-    budget_s: float
+    repeats: int  # rounds at batch 32
+    budget_s: float  # per phase: batch 1, batch 32, compose
     description: str
     seq_len: int = 0  # text presets: tokens per input
-    extra: dict[str, Any] = field(default_factory=dict)
+    repeats_b1: int = 15  # rounds at batch 1 (cheap, and noisier per call)
+    repeats_compose: int = 15
 
 
 FULL_NS = (1, 2, 5, 10, 20, 50)
@@ -91,27 +92,31 @@ def configs(quick: bool) -> dict[str, PresetConfig]:
         return {
             "effnet-r2": PresetConfig(
                 "effnet-r2", "effnet-lite0", {"image_size": 64, "tangent_blocks": 0},
-                (1, 2, 5, 10, 50), 2, 50, 3, 60.0,
-                "EfficientNet-Lite0 64×64, region R2 = conv head + BN + classifier"),
+                (1, 2, 5, 10, 50), 2, 50, 2, 45.0,
+                "EfficientNet-Lite0 64×64, region R2 = conv head + BN + classifier",
+                repeats_b1=6, repeats_compose=6),
             "minilm": PresetConfig(
                 "minilm", "minilm", {"tangent_layers": 1, "max_tokens": 32},
-                (1, 5, 50), 1, 5, 2, 40.0,
+                (1, 5, 50), 1, 5, 2, 30.0,
                 "MiniLM-L6, region = last encoder layer + classifier, 32 tokens (quick)",
-                seq_len=32),
+                seq_len=32, repeats_b1=4, repeats_compose=4),
         }
     return {
         "effnet-r2": PresetConfig(
             "effnet-r2", "effnet-lite0", {"image_size": 64, "tangent_blocks": 0},
-            FULL_NS, 10, 50, 7, 240.0,
-            "EfficientNet-Lite0 64×64, region R2 = conv head + BN + classifier"),
+            FULL_NS, 10, 50, 7, 180.0,
+            "EfficientNet-Lite0 64×64, region R2 = conv head + BN + classifier",
+            repeats_b1=21, repeats_compose=21),
         "effnet-r3": PresetConfig(
             "effnet-r3", "effnet-lite0", {"image_size": 64, "tangent_blocks": 1},
-            FULL_NS, 5, 50, 5, 180.0,
-            "EfficientNet-Lite0 64×64, region R3 = last MBConv block + R2"),
+            FULL_NS, 5, 50, 5, 120.0,
+            "EfficientNet-Lite0 64×64, region R3 = last MBConv block + R2",
+            repeats_b1=15, repeats_compose=15),
         "minilm": PresetConfig(
             "minilm", "minilm", {"tangent_layers": 1, "max_tokens": 128},
-            FULL_NS, 2, 10, 3, 240.0,
-            "MiniLM-L6, region = last encoder layer + classifier, 128 tokens", seq_len=128),
+            FULL_NS, 2, 10, 3, 200.0,
+            "MiniLM-L6, region = last encoder layer + classifier, 128 tokens", seq_len=128,
+            repeats_b1=11, repeats_compose=11),
     }
 
 
@@ -223,16 +228,26 @@ def breakdown_cases(fx: Fixture, batch: int, x: Any) -> list[common.Case]:
     ]
 
 
+def cases_for_batch(fx: Fixture, cfg: PresetConfig, batch: int, x: Any) -> list[common.Case]:
+    """Every model call at one batch size, one call per sample: each sample then follows a
+    different case (same cache state for all), and ratios compare like with like."""
+    cases = method_cases(fx, cfg, batch, x) + breakdown_cases(fx, batch, x)
+    for case in cases:
+        case.inner = 1
+    return cases
+
+
 def compose_cases(fx: Fixture, cfg: PresetConfig) -> list[common.Case]:
     """Σ w_k Δ_k (+ cast) alone, next to a plain copy_ and an in-place add_ of the same bytes."""
     cases: list[common.Case] = []
     numel = sum(t.numel() for t in fx.deltas[0].values())
     for n in cfg.ns:
         terms = [Term(f"{k:064x}", 1.0 / n, fx.deltas[k]) for k in range(n)]
+        group = f"compose|{n}"  # compose, copy_ and add_ at one N: the same calls per sample
         cases.append(common.Case(f"compose|{n}", lambda ts=terms: cast_delta(
-            compose(ts, "none"), "cpu", torch.float32)))
+            compose(ts, "none"), "cpu", torch.float32), group=group))
         src, dst = torch.randn(n * numel), torch.empty(n * numel)
-        cases.append(common.Case(f"copy|{n}", lambda s=src, d=dst: d.copy_(s)))
+        cases.append(common.Case(f"copy|{n}", lambda s=src, d=dst: d.copy_(s), group=group))
         acc = {name: torch.empty_like(t) for name, t in fx.deltas[0].items()}
 
         def inplace(ts: list[Term] = terms, out: dict[str, torch.Tensor] = acc) -> None:
@@ -241,7 +256,7 @@ def compose_cases(fx: Fixture, cfg: PresetConfig) -> list[common.Case]:
             for term in ts[1:]:
                 for name, t in out.items():
                     t.add_(term.delta[name], alpha=term.weight)
-        cases.append(common.Case(f"add_inplace|{n}", inplace))
+        cases.append(common.Case(f"add_inplace|{n}", inplace, group=group))
     return cases
 
 
@@ -428,24 +443,29 @@ def run_preset(cfg: PresetConfig, workdir: Path, repeats: int | None) -> dict[st
     base = build_base(cfg, workdir)
     fx = build_fixture(cfg, base)
     gen = torch.Generator().manual_seed(1)
-    cases: list[common.Case] = []
-    for batch in BATCHES:
-        x = make_input(base, cfg, batch, gen)
-        cases += method_cases(fx, cfg, batch, x) + breakdown_cases(fx, batch, x)
-    cases += compose_cases(fx, cfg)
-    common.log(f"{cfg.key}: {len(cases)} cases, warming up")
-    timings = common.run_rounds(cases, repeats or cfg.repeats, budget_s=cfg.budget_s,
-                                min_sample_s=MIN_SAMPLE_S,
-                                progress=lambda m: common.log(f"{cfg.key}: {m}"))
+    timings = common.Timings({}, {})
+    inner: dict[str, int] = {}
+    phases = [(f"batch {b}", cases_for_batch(fx, cfg, b, make_input(base, cfg, b, gen)),
+               cfg.repeats_b1 if b == 1 else (repeats or cfg.repeats)) for b in BATCHES]
+    phases.append(("compose", compose_cases(fx, cfg), cfg.repeats_compose))
+    for label, cases, rounds in phases:
+        common.log(f"{cfg.key}, {label}: {len(cases)} cases, warming up")
+        t = common.run_rounds(cases, rounds, budget_s=cfg.budget_s, min_sample_s=MIN_SAMPLE_S,
+                              progress=lambda m, lb=label: common.log(f"{cfg.key}, {lb}: {m}"))
+        timings.update(t.wall)
+        timings.cpu.update(t.cpu)
+        inner.update({c.key: c.inner for c in cases})
     res = analyse(timings, cfg, fx)
     res["settings"] = {"description": cfg.description, "preset": cfg.preset,
                        "options": cfg.options, "ns": list(cfg.ns), "batches": list(BATCHES),
                        "cap_full_c_d": cfg.cap_full, "cap_tails_c_prime": cfg.cap_tails,
-                       "rounds": len(next(iter(timings.wall.values()))),
+                       "rounds": {"batch 1": len(timings["a|1|1"]),
+                                  "batch 32": len(timings["a|1|32"]),
+                                  "compose": len(timings[f"compose|{cfg.ns[0]}"])},
                        "region_params": sum(t.numel() for t in fx.deltas[0].values()),
                        "region_bytes": fx.delta_bytes,
                        "network_params": sum(p.numel() for p in base.net.params.values()),
-                       "inner_calls_per_sample": {c.key: c.inner for c in cases},
+                       "inner_calls_per_sample": inner,
                        "seq_len": cfg.seq_len or None}
     res["raw_seconds"] = {"wall": timings.wall, "cpu": timings.cpu}
     return res

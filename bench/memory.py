@@ -238,7 +238,8 @@ def plot(variants: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter settling pauses")
+    ap.add_argument("--quick", action="store_true",
+                    help="shorter settling pauses, default allocator settings only")
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_child:
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tmc-bench-memory-") as tmp:
         base_dir = Path(tmp) / "base"
         init_base(base_dir, make_spec("effnet-lite0", options=BASE_OPTIONS))
-        for i, (name, extra_env) in enumerate(VARIANTS.items()):
+        chosen = {"default": VARIANTS["default"]} if args.quick else VARIANTS
+    for i, (name, extra_env) in enumerate(chosen.items()):
             common.log(f"variant {name}")
             work, marker = Path(tmp) / f"server{i}", Path(tmp) / f"trim{i}.log"
             env = {"TMC_CACHE_BYTES": str(4 << 30), TRIM_MARKER_ENV: str(marker), **extra_env}
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 "server_env": {"TMC_CACHE_BYTES": "4 GiB (no eviction)"},
                 "component": "random float32 Δ over the whole region",
                 "rss": "VmRSS of the server process, median of 3 reads after a settle pause",
-                "settle_s": settle, "variants": VARIANTS}
+                "settle_s": settle, "variants": {k: VARIANTS[k] for k in variants}}
     results = {"variants": variants}
     path = common.write_result(NAME, args.quick, info, settings, results, targets, started)
     plot(variants, common.png_path(NAME, args.quick))

@@ -383,15 +383,15 @@ def plot(load: dict[str, Any], offline: dict[str, Any], cmp: dict[str, Any], pat
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 3 s per level")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2.5 s per level")
     ap.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
     ap.add_argument("--warmup", type=float, help="seconds discarded per level (default 2)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--offline-rounds", type=int, help="rounds before and after the load")
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    duration = args.duration or (3.0 if args.quick else 10.0)
-    warmup = args.warmup or (1.0 if args.quick else 2.0)
+    duration = args.duration or (2.5 if args.quick else 10.0)
+    warmup = args.warmup or (0.5 if args.quick else 2.0)
     rounds = args.offline_rounds or (3 if args.quick else 7)
     levels = [int(c) for c in args.concurrency.split(",")]
     info = common.machine("cpu")

@@ -114,7 +114,7 @@ def cost_section(doc: Doc, path: Path) -> str:
         s = res.get("settings", {})
         out.append(f"**{key}** — {s.get('description', '')}; region "
                    f"{num(s.get('region_params'))} params ({num(s.get('region_bytes', 0) / 1e6)}"
-                   f" MB); {s.get('rounds')} rounds; (c),(d) measured up to N="
+                   f" MB); rounds: {_rounds(s.get('rounds'))}; (c),(d) measured up to N="
                    f"{s.get('cap_full_c_d')}, (c') up to N={s.get('cap_tails_c_prime')}, "
                    "extrapolated beyond (marked *).")
         pts = {(m, p["n"], p["batch"]): p for m, info in res["methods"].items()
@@ -172,6 +172,12 @@ def cost_section(doc: Doc, path: Path) -> str:
             for p in comp["points"]]))
         out.append("")
     return "\n".join(out)
+
+
+def _rounds(rounds: Any) -> str:
+    if isinstance(rounds, dict):
+        return ", ".join(f"{k} {v}" for k, v in rounds.items())
+    return str(rounds)
 
 
 def serving_section(doc: Doc, path: Path) -> str:
