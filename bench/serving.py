@@ -7,8 +7,9 @@ folder; `tmc serve` runs as a subprocess on a free loopback port with its defaul
 (TMC_MAX_BATCH_SIZE 32, TMC_MAX_QUEUE_DELAY_MS 2). Each client sends one Fashion-MNIST
 28×28 image (base64 PNG) per POST /v1/predict and sends the next request as soon as the
 answer arrives (closed loop), over its own keep-alive connection, for a fixed duration after
-a warm-up. Two workloads per concurrency, interleaved: homogeneous (every client the same
-2-component composition) and mixed (8 distinct 2-component compositions among the clients).
+a warm-up. Three workloads per concurrency, interleaved: homogeneous (every client the same
+2-component composition), mixed (8 distinct 2-component compositions among the clients), and
+homogeneous with 8 images per request (shows which costs are per request, not per input).
 Measured: p50/p99 latency, throughput (inputs/s), mean device batch size and groups per batch
 (from /metrics deltas), server and client CPU use.
 
@@ -105,10 +106,11 @@ class LevelStats:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     first_error: str = ""
-    completed: int = 0
+    completed: int = 0  # inputs answered inside the window
+    requests: int = 0  # requests answered inside the window
 
 
-async def _client(port: int, requests: list[bytes], start: float, warm_until: float,
+async def _client(port: int, requests: list[bytes], per_request: int, warm_until: float,
                   deadline: float, stats: LevelStats) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -123,7 +125,8 @@ async def _client(port: int, requests: list[bytes], start: float, warm_until: fl
                 stats.first_error = stats.first_error or f"{status}: {body[:200]!r}"
             elif t0 >= warm_until and t1 <= deadline:
                 stats.latencies.append(t1 - t0)
-                stats.completed += 1
+                stats.completed += per_request
+                stats.requests += 1
     finally:
         writer.close()
 
@@ -133,13 +136,13 @@ async def _scrape(url: str) -> dict[str, float]:
         return common.parse_metrics((await client.get(f"{url}/metrics")).text)
 
 
-async def _level(server: common.Server, per_client: list[list[bytes]], warmup_s: float,
-                 duration_s: float) -> dict[str, Any]:
+async def _level(server: common.Server, per_client: list[list[bytes]], per_request: int,
+                 warmup_s: float, duration_s: float) -> dict[str, Any]:
     stats = LevelStats()
     start = time.perf_counter()
     warm_until, deadline = start + warmup_s, start + warmup_s + duration_s
-    tasks = [asyncio.create_task(_client(server.port, reqs, start, warm_until, deadline, stats))
-             for reqs in per_client]
+    tasks = [asyncio.create_task(_client(server.port, reqs, per_request, warm_until, deadline,
+                                         stats)) for reqs in per_client]
     await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
     m0, cpu0, own0, t0 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
                           time.process_time(), time.perf_counter())
@@ -160,7 +163,8 @@ def _level_result(stats: LevelStats, m0: dict[str, float], m1: dict[str, float],
     lat = sorted(stats.latencies)
     batches = _delta(m0, m1, "tmc_batch_size_count")
     return {
-        "completed": stats.completed, "errors": stats.errors, "first_error": stats.first_error,
+        "completed_inputs": stats.completed, "completed_requests": stats.requests,
+        "errors": stats.errors, "first_error": stats.first_error,
         "window_s": window,
         "throughput_inputs_per_s": stats.completed / window if window else None,
         "latency_ms": {"p50": _pct(lat, 50) * 1e3 if lat else None,
@@ -201,21 +205,30 @@ def _pct(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[rank - 1]
 
 
+# workload -> (inputs per request, distinct compositions among the clients)
+MODES = {"homogeneous": (1, 1), "mixed": (1, N_COMPONENTS), "homogeneous, 8 per request": (8, 1)}
+
+
 def run_load(server: common.Server, images_b64: list[str], levels: list[int],
              warmup_s: float, duration_s: float) -> dict[str, Any]:
     comps = compositions()
-    reqs = [[request_bytes(server.port, {"inputs": [img], "components": c, "top_k": 1})
-             for img in images_b64] for c in comps]
-    asyncio.run(_prime(server, reqs))
-    out: dict[str, Any] = {"homogeneous": {}, "mixed": {}}
+
+    def bodies(comp: dict[str, float], per_request: int) -> list[bytes]:
+        n = len(images_b64)
+        return [request_bytes(server.port, {
+            "inputs": [images_b64[(j * per_request + i) % n] for i in range(per_request)],
+            "components": comp, "top_k": 1}) for j in range(n)]
+
+    asyncio.run(_prime(server, [bodies(c, 1) for c in comps]))
+    out: dict[str, Any] = {mode: {} for mode in MODES}
     for conc in levels:
-        for mode in ("homogeneous", "mixed"):
-            per_client = [_rotate(reqs[0 if mode == "homogeneous" else i % len(comps)], i)
-                          for i in range(conc)]
-            res = asyncio.run(_level(server, per_client, warmup_s, duration_s))
+        for mode, (per_request, distinct) in MODES.items():
+            reqs = [bodies(c, per_request) for c in comps[:distinct]]
+            per_client = [_rotate(reqs[i % distinct], i) for i in range(conc)]
+            res = asyncio.run(_level(server, per_client, per_request, warmup_s, duration_s))
             out[mode][str(conc)] = res
-            common.log(f"{mode:11s} c={conc:2d}: {res['throughput_inputs_per_s']:.1f} inputs/s, "
-                       f"p50 {res['latency_ms']['p50']:.1f} ms, p99 "
+            common.log(f"{mode:26s} c={conc:2d}: {res['throughput_inputs_per_s']:.1f} inputs/s,"
+                       f" p50 {res['latency_ms']['p50']:.1f} ms, p99 "
                        f"{res['latency_ms']['p99']:.1f} ms, batch {res['mean_batch_size']}, "
                        f"errors {res['errors']}")
     return out
@@ -310,10 +323,12 @@ def compare(load: dict[str, Any], offline: dict[str, Any]) -> dict[str, Any]:
                 "p50_minus_server_forward_same_window_ms": (
                     (res["latency_ms"]["p50"] or 0.0) - (res["server_forward_ms_mean"] or 0.0)),
             }
-        out["mixed_over_homogeneous"] = {
-            conc: (load["mixed"][conc]["throughput_inputs_per_s"] or 0.0)
-            / (load["homogeneous"][conc]["throughput_inputs_per_s"] or 1.0)
-            for conc in load["homogeneous"]}
+    for mode, key in (("mixed", "mixed_over_homogeneous"),
+                      ("homogeneous, 8 per request", "eight_per_request_over_one")):
+        if mode in load:
+            out[key] = {conc: (load[mode][conc]["throughput_inputs_per_s"] or 0.0)
+                        / (load["homogeneous"][conc]["throughput_inputs_per_s"] or 1.0)
+                        for conc in load["homogeneous"]}
     return out
 
 
@@ -346,7 +361,8 @@ def make_targets(load: dict[str, Any], cmp: dict[str, Any], levels: list[int]
 def plot(load: dict[str, Any], offline: dict[str, Any], cmp: dict[str, Any], path: Path) -> None:
     plt = common.pyplot()
     fig, (ax_thr, ax_lat, ax_b) = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = {"homogeneous": "tab:blue", "mixed": "tab:orange"}
+    colors = {"homogeneous": "tab:blue", "mixed": "tab:orange",
+              "homogeneous, 8 per request": "tab:green"}
     for mode, levels in load.items():
         cs = [int(c) for c in levels]
         color = colors.get(mode, "tab:green")
@@ -414,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp = compare(load, offline)
     targets = make_targets(load, cmp, levels)
     settings = {"base": {"preset": "effnet-lite0", **BASE_OPTIONS}, "components": N_COMPONENTS,
-                "compositions": compositions(), "inputs_per_request": 1,
+                "compositions": compositions(), "workloads": {
+                    m: {"inputs_per_request": k, "distinct_compositions": d}
+                    for m, (k, d) in MODES.items()},
                 "input_format": "base64 PNG, 28×28 grey", "images": source,
                 "concurrency": levels, "warmup_s": warmup, "duration_s": duration,
                 "offline_batches": list(OFFLINE_BATCHES), "offline_rounds": 2 * rounds,
