@@ -73,7 +73,7 @@ class Experiment:
     per_task: int | None = None  # cap on training rows per task (None: the whole shard)
     epochs: int = 10
     nl_lr: float = 1e-3
-    probe_l2: float = 1e-4
+    probe_l2s: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # chosen on the validation split
     split_seed: int = 0
     val_fraction: float = 0.1
     seed: int = 0
@@ -88,15 +88,15 @@ class Experiment:
 EXPERIMENTS = {
     "fmnist-class-il": Experiment(
         "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
-        nl_lr=1e-3, tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)],
+        nl_lr=3e-4, tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)],
         nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
     "fmnist-data-il": Experiment(
         "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", per_task=2000, epochs=10,
-        nl_lr=1e-3, tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (1.0, 5.0, 15.0, 50.0)],
-        nl_grid=[1e-4, 1e-3]),
+        nl_lr=1e-3, tmc_grid=[(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
+                              (15.0, 1e-4)], nl_grid=[1e-4, 1e-3]),
     "bbc-data-il": Experiment(
         "bbc-data-il", "minilm", "bbc", "shard", epochs=5, nl_lr=1e-4,
-        tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (1.0, 1e-4), (15.0, 1e-4)], nl_grid=[1e-4, 1e-3]),
+        tmc_grid=[(5.0, 1e-4), (1.0, 1e-4), (15.0, 1e-4), (5.0, 1e-3)], nl_grid=[1e-4, 1e-3]),
 }
 
 
@@ -183,7 +183,7 @@ def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
 
 def tangent_config(p: Prepared, **overrides: Any) -> TangentConfig:
     cfg = TangentConfig(epochs=p.exp.epochs, kappa=default_kappa(p.exp.rule),
-                        lr=default_lr(p.base), seed=p.exp.seed)
+                        lr=default_lr(p.base, p.exp.rule), seed=p.exp.seed)
     return replace(cfg, **overrides)
 
 
@@ -220,13 +220,16 @@ def run(exp: Experiment, progress: bool) -> dict[str, Any]:
         comps = train_components(p, cfg, progress)
         log(f"non-linear fine-tunes: lr={nl_cfg.lr}")
         nls = train_nl_components(p, nl_cfg, progress)
-        joint_cfg = replace(cfg, kappa=default_kappa("all"))
+        joint_cfg = replace(cfg, kappa=default_kappa("all"), lr=default_lr(p.base, "all"))
         log(f"joint tangent on {len(p.union)} rows: kappa={joint_cfg.kappa}")
         joint = train_tangent(p.base, p.union, joint_cfg, features=p.union_features,
                               progress=progress, desc="joint tangent")
         t = time.perf_counter()
-        probe = train_linear_probe(p.base, p.union, features=p.union_features, l2=exp.probe_l2)
-        probe_s = time.perf_counter() - t
+        probes = [train_linear_probe(p.base, p.union, features=p.union_features, l2=l2)
+                  for l2 in exp.probe_l2s]
+        probe_val = [p.val.probe(pr) for pr in probes]
+        probe = probes[int(np.argmax(probe_val))]
+        probe_s = (time.perf_counter() - t) / len(probes)
         log("evaluating")
         deltas = [r.delta for _, r in comps]
         models = [r.params for _, r in nls]
@@ -254,7 +257,9 @@ def run(exp: Experiment, progress: bool) -> dict[str, Any]:
             "settings": {
                 "experiment": {k: v for k, v in exp.__dict__.items()},
                 "tangent": cfg.as_dict(), "nonlinear": nl_cfg.as_dict(),
-                "joint_tangent": joint_cfg.as_dict(), "linear_probe_l2": exp.probe_l2,
+                "joint_tangent": joint_cfg.as_dict(), "linear_probe_l2": probe.l2,
+                "linear_probe_val_by_l2": dict(zip(map(str, exp.probe_l2s), probe_val,
+                                                   strict=True)),
                 "base_spec": json.loads(p.base.spec.to_json()),
                 "base_fingerprint": p.base.fingerprint,
                 "tangent_region_params": sum(int(np.prod(t.shape))
@@ -303,7 +308,7 @@ def select(exp: Experiment, progress: bool) -> dict[str, Any]:
                          "val_alone": [p.val.nonlinear(m) for m in models]})
             log(f"  -> val NL ensemble {grid[-1]['val_ensemble_softmax']:.4f}")
             _checkpoint(exp, grid)
-        for l2 in (1e-5, 1e-4, 1e-3, 1e-2):
+        for l2 in (1e-4, 1e-3, 1e-2, 1e-1) if exp.nl_grid else ():
             probe = train_linear_probe(p.base, p.union, features=p.union_features, l2=l2)
             grid.append({"method": "linear_probe", "l2": l2, "val": p.val.probe(probe)})
         return {"experiment": exp.name, "mode": "select (validation split only)",
@@ -314,7 +319,8 @@ def select(exp: Experiment, progress: bool) -> dict[str, Any]:
 def _checkpoint(exp: Experiment, grid: list[dict[str, Any]]) -> None:
     """Partial --select results, so a long sweep can be read while it runs."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"accuracy_{exp.name}_select.partial.json").write_text(json.dumps(grid, indent=1))
+    (RESULTS / f"accuracy_{exp.name}_select.partial.json").write_text(
+        json.dumps(grid, indent=1))
 
 
 def machine() -> dict[str, Any]:
@@ -330,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (minutes → seconds)")
     ap.add_argument("--select", action="store_true", help="sweep κ/lr on the validation split")
     ap.add_argument("--epochs", type=int, help="override the experiment's epochs")
+    ap.add_argument("--tmc-grid", help="--select: (κ, lr) grid, e.g. 300:1e-4,1000:1e-4")
+    ap.add_argument("--nl-grid", help="--select: NL lr grid, e.g. 1e-4,1e-3 ('' for none)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     ap.add_argument("--out", type=Path, help="result file (default bench/results/...)")
     args = ap.parse_args(argv)
@@ -339,12 +348,17 @@ def main(argv: list[str] | None = None) -> int:
                       val_limit=200)
     if args.epochs:
         exp = replace(exp, epochs=args.epochs)
+    if args.tmc_grid is not None:
+        pairs = (item.split(":") for item in args.tmc_grid.split(",") if item)
+        exp = replace(exp, tmc_grid=[(float(k), float(lr)) for k, lr in pairs])
+    if args.nl_grid is not None:
+        exp = replace(exp, nl_grid=[float(x) for x in args.nl_grid.split(",") if x])
     torch.manual_seed(0)
     started = time.perf_counter()
     result = select(exp, args.progress) if args.select else run(exp, args.progress)
     result["wall_seconds"] = time.perf_counter() - started
     suffix = "_select" if args.select else "_quick" if args.quick else ""
-    out = args.out or RESULTS / f"accuracy_{exp.name}{suffix}.json"
+    out = args.out or RESULTS / f"accuracy_{exp.name}{suffix}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {out} ({result['wall_seconds']:.0f}s)")

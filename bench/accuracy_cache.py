@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         pool, _ = load_source(DATA[args.preset])
         rows = take(align_labels(pool, base.labels), args.rows, seed=0)
         cfg = TangentConfig(epochs=args.epochs, kappa=default_kappa("shard"),
-                            lr=default_lr(base), seed=0)
+                            lr=default_lr(base, "shard"), seed=0)
         t = time.perf_counter()
         cached = train_tangent(base, rows, cfg)
         cached_s = time.perf_counter() - t

@@ -103,10 +103,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="AdamW learning rate (default: 1e-3 for a tangent region of <= 1M "
-                   "parameters, else 1e-4; non-linear: 1e-3 / 1e-4 likewise)")
+                   help="AdamW learning rate (default: with --classes 1e-4; otherwise 1e-3 "
+                   "for a tangent region of <= 1M parameters, else 1e-4; --nonlinear: 3e-4 "
+                   "with --classes, else as the tangent default)")
     p.add_argument("--kappa", type=_positive_float, default=None,
-                   help="target scale κ of the rescaled square loss (default: 50 with "
+                   help="target scale κ of the rescaled square loss (default: 300 with "
                    "--classes, 5 otherwise)")
     p.add_argument("--l2", type=_nonneg_float, default=1e-5, help="weight of ‖Δ‖₂")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.01,
@@ -282,10 +283,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _fit(args: argparse.Namespace, base: Any, shard: Any, rule: str, progress: bool
          ) -> tuple[Any, str]:
-    from training.nonlinear import NonlinearConfig, train_nonlinear
+    from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
     from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
 
-    lr = args.lr if args.lr is not None else default_lr(base)
+    lr = args.lr if args.lr is not None else (
+        default_nonlinear_lr(base, rule) if args.nonlinear else default_lr(base, rule))
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                   weight_decay=args.weight_decay, lr_step=args.lr_step, seed=args.seed,
                   cache=not args.no_cache)

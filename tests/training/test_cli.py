@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from bases import Base, init_base, make_spec
 from tangent import decode_component, read_metadata
 from tests.training.conftest import JIT_WARNING, run_cli
+from training.tangent_train import KAPPA_BY_RULE, LR_CLASSES
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_train_writes_a_valid_component_with_provenance(tiny_dir: Path, tiny: Ba
         assert key in meta, key
     assert meta["shard_rule"] == "shard" and meta["shard"] == f"{k}/4"
     assert json.loads(meta["samples"]) == summary["samples"] > 0
-    assert json.loads(meta["kappa"]) == 5.0  # the data-incremental default
+    assert json.loads(meta["kappa"]) == KAPPA_BY_RULE["shard"]  # the data-incremental default
     assert meta["loss"] == "rescaled_square" and json.loads(meta["epochs"]) == 2
     assert 0.0 <= summary["val_accuracy"] <= 1.0
     assert summary["epoch_losses"][-1] < summary["initial_loss"]
@@ -69,7 +70,9 @@ def test_class_shard_defaults_and_nonlinear_file(tiny_dir: Path, tmp_path: Path,
     code, stdout, _ = run_cli(["--base", str(tiny_dir), "--data", "digits", "--classes",
                                "3,4", "--epochs", "1", "--out", str(tmp_path / "t.st"),
                                "--json", "--quiet"], capsys)
-    assert code == 0 and json.loads(stdout)["kappa"] == 50.0  # the class-incremental default
+    summary = json.loads(stdout)
+    assert code == 0 and summary["kappa"] == KAPPA_BY_RULE["classes"]  # class-incremental
+    assert summary["lr"] == LR_CLASSES
 
 
 @pytest.mark.parametrize("argv, code, needles", [

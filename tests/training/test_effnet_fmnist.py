@@ -32,7 +32,8 @@ def test_short_real_run_learns_and_is_deterministic(effnet_dir: Path, tmp_path: 
     classes = sorted(rng.choice(10, size=2, replace=False).tolist())
     argv = ["--base", str(effnet_dir), "--data", "fashion-mnist", "--classes",
             ",".join(map(str, classes)), "--limit", "256", "--epochs", "3", "--batch-size",
-            "16", "--val-limit", "128", "--seed", str(seed % 1000), "--json", "--quiet"]
+            "16", "--lr", "2e-3", "--kappa", "50", "--val-limit", "128", "--seed",
+            str(seed % 1000), "--json", "--quiet"]
     runs = []
     for name in ("a", "b"):
         code, out, err = run_cli([*argv, "--out", str(tmp_path / f"{name}.safetensors")],
