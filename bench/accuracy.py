@@ -100,6 +100,9 @@ EXPERIMENTS = {
 }
 
 
+DEFAULT_RUN = ("fmnist-class-il", "bbc-data-il")  # the two runs of the closing note
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -125,14 +128,20 @@ def cached_features(base: Any, ds: Dataset, desc: str, progress: bool) -> Featur
     h.update(np.ascontiguousarray(ds.index).tobytes())
     path = CACHE_DIR / f"{h.hexdigest()[:32]}.safetensors"
     if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            seconds = float((f.metadata() or {}).get("seconds", "nan"))
         t = load_file(str(path))
-        return Features("masked" if "lengths" in t else "tensor", t["data"], t.get("lengths"))
+        log(f"{desc}: loaded from {path} (computed in {seconds:.1f}s)")
+        return Features("masked" if "lengths" in t else "tensor", t["data"], t.get("lengths"),
+                        seconds=seconds)
     feats = trunk_features(base, ds, progress=progress, desc=desc)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tensors = {"data": feats.data.contiguous()}
     if feats.lengths is not None:
         tensors["lengths"] = feats.lengths
-    save_file(tensors, str(path.with_suffix(".tmp")))
+    save_file(tensors, str(path.with_suffix(".tmp")), metadata={"seconds": str(feats.seconds)})
     os.replace(path.with_suffix(".tmp"), path)
     return feats
 
@@ -332,7 +341,9 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", choices=sorted(EXPERIMENTS), required=True)
+    ap.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--all", action="store_true",
+                    help="run " + " and ".join(DEFAULT_RUN) + " (what `make bench` runs)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (minutes → seconds)")
     ap.add_argument("--select", action="store_true", help="sweep κ/lr on the validation split")
     ap.add_argument("--epochs", type=int, help="override the experiment's epochs")
@@ -342,7 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     ap.add_argument("--out", type=Path, help="result file (default bench/results/...)")
     args = ap.parse_args(argv)
-    exp = EXPERIMENTS[args.experiment]
+    if args.all == bool(args.experiment):
+        ap.error("give exactly one of --experiment NAME or --all")
+    if args.all and args.out:
+        ap.error("--out names one result file: use it with --experiment")
+    names = DEFAULT_RUN if args.all else (args.experiment,)
+    for name in names:
+        run_one(EXPERIMENTS[name], args)
+    return 0
+
+
+def run_one(exp: Experiment, args: argparse.Namespace) -> None:
     if args.quick:
         exp = replace(exp, per_task=min(exp.per_task or 10**9, 120), epochs=2, test_limit=400,
                       val_limit=200)
@@ -362,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {out} ({result['wall_seconds']:.0f}s)")
-    return 0
 
 
 if __name__ == "__main__":
