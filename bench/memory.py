@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         base_dir = Path(tmp) / "base"
         init_base(base_dir, make_spec("effnet-lite0", options=BASE_OPTIONS))
         chosen = {"default": VARIANTS["default"]} if args.quick else VARIANTS
-    for i, (name, extra_env) in enumerate(chosen.items()):
+        for i, (name, extra_env) in enumerate(chosen.items()):
             common.log(f"variant {name}")
             work, marker = Path(tmp) / f"server{i}", Path(tmp) / f"trim{i}.log"
             env = {"TMC_CACHE_BYTES": str(4 << 30), TRIM_MARKER_ENV: str(marker), **extra_env}
