@@ -97,11 +97,15 @@ class Service:
         if self.draining:
             raise OverloadedError("server is shutting down; retry on another replica")
         self._check_count(raw_inputs)
-        items = await run_in_threadpool(self._encode, raw_inputs)
-        plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self.worker.submit(Job(items, plan, future, loop))
+        self.worker.expect()
+        try:
+            items = await run_in_threadpool(self._encode, raw_inputs)
+            plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            self.worker.submit(Job(items, plan, future, loop))
+        finally:
+            self.worker.unexpect()
         try:
             logits, contrib = await asyncio.wait_for(future, self.settings.request_timeout_s)
         except TimeoutError:

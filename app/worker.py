@@ -52,6 +52,7 @@ class DeviceWorker:
         self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending = 0  # jobs admitted and not yet taken by the worker
+        self._incoming = 0  # requests being decoded/resolved: jobs that will arrive soon
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="tmc-device", daemon=True)
 
@@ -65,6 +66,15 @@ class DeviceWorker:
     @property
     def pending(self) -> int:
         return self._pending
+
+    def expect(self) -> None:
+        """A request started decoding: the batcher may wait for it."""
+        with self._lock:
+            self._incoming += 1
+
+    def unexpect(self) -> None:
+        with self._lock:
+            self._incoming -= 1
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -98,7 +108,7 @@ class DeviceWorker:
         items, deadline = 0, None
         while items < self.max_batch:
             timeout = None if deadline is None else deadline - time.perf_counter()
-            if timeout is not None and timeout <= 0:
+            if timeout is not None and (timeout <= 0 or self._nothing_coming()):
                 break
             try:
                 got = self._queue.get(timeout=timeout)
@@ -114,6 +124,10 @@ class DeviceWorker:
             items += len(got.items)
             deadline = deadline or time.perf_counter() + self.max_delay_s
         return batch
+
+    def _nothing_coming(self) -> bool:
+        """No job queued and no request on its way: waiting would only add latency."""
+        return self._incoming == 0 and self._queue.empty()
 
     def _take(self, job: Job) -> None:
         with self._lock:
