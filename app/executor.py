@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable, Iterable
 
 import torch
@@ -66,10 +68,18 @@ class Executor:
         self.composed.purge(gone)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        release_freed_memory()
 
     @property
     def cached_bytes(self) -> int:
         return self.components.nbytes + self.composed.nbytes
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so a forget
+    shows in the process's RSS too. Best effort: a no-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _to_device(x: object, device: torch.device, dtype: torch.dtype) -> object:
