@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,8 @@ def make_input(base: Base, cfg: PresetConfig, batch: int, gen: torch.Generator) 
     if base.spec.input_kind == "image":
         size = int(cfg.options["image_size"])
         return torch.randn(batch, 3, size, size, generator=gen)  # [B, 3, S, S]
-    emb = base.net.net[0].word_embeddings.num_embeddings
+    embed: Any = base.net.net[0]
+    emb = int(embed.word_embeddings.num_embeddings)
     ids = torch.randint(1000, emb, (batch, cfg.seq_len), generator=gen)  # [B, T]
     ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
     return ids, torch.ones_like(ids)
@@ -192,24 +194,32 @@ def method_cases(fx: Fixture, cfg: PresetConfig, batch: int, x: Any) -> list[com
     cases: list[common.Case] = []
     for n in cfg.ns:
         plan = fx.plans[n]
-        cases.append(common.Case(f"a|{n}|{batch}", lambda p=plan: ex.run(p, x)))
-        cases.append(common.Case(f"b|{n}|{batch}", lambda p=plan: cold.run(p, x),
+        cases.append(common.Case(f"a|{n}|{batch}", partial(ex.run, plan, x)))
+        cases.append(common.Case(f"b|{n}|{batch}", partial(cold.run, plan, x),
                                  setup=cold.composed.clear))
         if n <= cfg.cap_full:
-            models = fx.full_models[:n]
             cases.append(common.Case(f"c|{n}|{batch}", inference(
-                lambda ms=models: ensemble([m(x) for m in ms]))))
-            ds = fx.deltas[:n]
+                partial(full_ensemble, fx.full_models[:n], x))))
             cases.append(common.Case(f"d|{n}|{batch}", inference(
-                lambda ds=ds: ensemble([net.forward(x, d) for d in ds]))))
+                partial(linearized_ensemble, net, fx.deltas[:n], x))))
         if n <= cfg.cap_tails:
-            tails = fx.tails[:n]
-
-            def shared(ts: list[nn.Module] = tails) -> torch.Tensor:
-                h = net.trunk_forward(x)
-                return ensemble([t(h) for t in ts])
-            cases.append(common.Case(f"c'|{n}|{batch}", inference(shared)))
+            cases.append(common.Case(f"c'|{n}|{batch}", inference(
+                partial(shared_trunk_ensemble, net, fx.tails[:n], x))))
     return cases
+
+
+def full_ensemble(models: list[nn.Module], x: Any) -> torch.Tensor:
+    return ensemble([m(x) for m in models])
+
+
+def linearized_ensemble(net: Any, deltas: list[dict[str, torch.Tensor]], x: Any
+                        ) -> torch.Tensor:
+    return ensemble([net.forward(x, d) for d in deltas])
+
+
+def shared_trunk_ensemble(net: Any, tails: list[nn.Module], x: Any) -> torch.Tensor:
+    h = net.trunk_forward(x)  # one trunk pass for every tail
+    return ensemble([t(h) for t in tails])
 
 
 def breakdown_cases(fx: Fixture, batch: int, x: Any) -> list[common.Case]:
@@ -228,6 +238,11 @@ def breakdown_cases(fx: Fixture, batch: int, x: Any) -> list[common.Case]:
     ]
 
 
+def compose_and_cast(terms: list[Term]) -> dict[str, torch.Tensor]:
+    """What Executor._compose does on a cache miss."""
+    return cast_delta(compose(terms, "none"), "cpu", torch.float32)
+
+
 def cases_for_batch(fx: Fixture, cfg: PresetConfig, batch: int, x: Any) -> list[common.Case]:
     """Every model call at one batch size, one call per sample: each sample then follows a
     different case (same cache state for all), and ratios compare like with like."""
@@ -244,10 +259,9 @@ def compose_cases(fx: Fixture, cfg: PresetConfig) -> list[common.Case]:
     for n in cfg.ns:
         terms = [Term(f"{k:064x}", 1.0 / n, fx.deltas[k]) for k in range(n)]
         group = f"compose|{n}"  # compose, copy_ and add_ at one N: the same calls per sample
-        cases.append(common.Case(f"compose|{n}", lambda ts=terms: cast_delta(
-            compose(ts, "none"), "cpu", torch.float32), group=group))
+        cases.append(common.Case(f"compose|{n}", partial(compose_and_cast, terms), group=group))
         src, dst = torch.randn(n * numel), torch.empty(n * numel)
-        cases.append(common.Case(f"copy|{n}", lambda s=src, d=dst: d.copy_(s), group=group))
+        cases.append(common.Case(f"copy|{n}", partial(dst.copy_, src), group=group))
         acc = {name: torch.empty_like(t) for name, t in fx.deltas[0].items()}
 
         def inplace(ts: list[Term] = terms, out: dict[str, torch.Tensor] = acc) -> None:
@@ -437,6 +451,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def prefixed_log(prefix: str, message: str) -> None:
+    common.log(f"{prefix}: {message}")
+
+
 # -- main --------------------------------------------------------------------------------------
 def run_preset(cfg: PresetConfig, workdir: Path, repeats: int | None) -> dict[str, Any]:
     common.log(f"{cfg.key}: building base and {max(cfg.ns)} components")
@@ -451,7 +469,7 @@ def run_preset(cfg: PresetConfig, workdir: Path, repeats: int | None) -> dict[st
     for label, cases, rounds in phases:
         common.log(f"{cfg.key}, {label}: {len(cases)} cases, warming up")
         t = common.run_rounds(cases, rounds, budget_s=cfg.budget_s, min_sample_s=MIN_SAMPLE_S,
-                              progress=lambda m, lb=label: common.log(f"{cfg.key}, {lb}: {m}"))
+                              progress=partial(prefixed_log, f"{cfg.key}, {label}"))
         timings.update(t.wall)
         timings.cpu.update(t.cpu)
         inner.update({c.key: c.inner for c in cases})

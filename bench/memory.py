@@ -107,7 +107,8 @@ class Probe:
         for _ in range(2):
             time.sleep(0.1)
             rss.append(common.rss_bytes(self.server.proc.pid))
-        row = {"stage": stage, "components": components, "rss_bytes": sorted(rss)[1],
+        row: dict[str, Any] = {
+               "stage": stage, "components": components, "rss_bytes": sorted(rss)[1],
                "rss_bytes_samples": rss,
                "cache_bytes_components": m.get('tmc_cache_bytes{cache="components"}', 0.0),
                "cache_bytes_compositions": m.get('tmc_cache_bytes{cache="compositions"}', 0.0),

@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,7 @@ def offline_cases(base_dir: Path, by_digest: dict[str, dict[str, torch.Tensor]],
     cases = []
     for b in OFFLINE_BATCHES:
         x = base.preprocessor.collate([items[i % len(items)] for i in range(b)])
-        cases.append(common.Case(f"offline|{b}", lambda x=x: executor.run(plan, x)))
+        cases.append(common.Case(f"offline|{b}", partial(executor.run, plan, x)))
     return cases
 
 
