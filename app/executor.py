@@ -27,19 +27,22 @@ class Executor:
         self.components = DeltaLRU(cache_bytes // 2)  # digest -> float32 Δ_k on device
         self.composed = DeltaLRU(cache_bytes // 2)  # composition digest -> Σ w_k Δ_k
 
-    def run(self, plan: Plan, x: object) -> torch.Tensor:
-        """Logits [B, C] (float32, CPU) for a batch x under the plan's composition."""
+    def trunk(self, x: object) -> object:
+        """The frozen part before the tangent region, once for a whole device batch."""
         x = _to_device(x, self.device, self.dtype)
+        with torch.inference_mode():
+            return self.net.trunk_forward(x)
+
+    def tail(self, plan: Plan, h: object) -> torch.Tensor:
+        """Logits [B, C] (float32, CPU) of the tail under the plan's composition."""
         with torch.inference_mode():
             delta = self.composed_delta(plan) if plan.terms else None
-            y = self.net.forward(x, delta)
+            y = self.net.tail_forward(h, delta)
         return y.float().cpu()
 
-    def explain(self, plan: Plan, x: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def explain_tail(self, plan: Plan, h: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and each term's exact contribution w_k·J(x)Δ_k: [K, B, C]."""
-        x = _to_device(x, self.device, self.dtype)
         with torch.inference_mode():
-            h = self.net.trunk_forward(x)
             y0, parts = self.net.tail_forward(h), []
             for term in sorted(plan.terms, key=lambda t: t.digest):
                 scaled = {n: (t * term.weight).to(self.dtype)
@@ -48,6 +51,12 @@ class Executor:
             contrib = torch.stack(parts) if parts else y0.new_zeros((0, *y0.shape))
             y = self.net.tail_forward(h, self.composed_delta(plan)) if plan.terms else y0
         return y.float().cpu(), contrib.float().cpu()
+
+    def run(self, plan: Plan, x: object) -> torch.Tensor:
+        return self.tail(plan, self.trunk(x))
+
+    def explain(self, plan: Plan, x: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.explain_tail(plan, self.trunk(x))
 
     def composed_delta(self, plan: Plan) -> Delta:
         return self.composed.get_or_build(plan.key, plan.digests, lambda: self._compose(plan))
@@ -80,6 +89,14 @@ def release_freed_memory() -> None:
     shows in the process's RSS too. Best effort: a no-op off glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def select_rows(h: object, rows: slice) -> object:
+    """Rows of a trunk output: a tensor [B, ...] or a tuple of them (text: hidden, mask)."""
+    if isinstance(h, tuple):
+        return tuple(select_rows(t, rows) for t in h)
+    assert isinstance(h, torch.Tensor)
+    return h[rows]
 
 
 def _to_device(x: object, device: torch.device, dtype: torch.dtype) -> object:

@@ -1,7 +1,8 @@
 """The device worker: one thread owns the device; the event loop never runs torch.
 
 Loop: collect jobs (up to max batch items or max queue delay) -> group by composition
--> one forward per group -> resolve each job's future. A failing group fails alone.
+-> one trunk pass for the batch, one tangent tail per group -> resolve each job's future.
+A failing group fails alone.
 Control commands (purge on forget) run on the same thread, between groups, so no
 cache insert can race a purge.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from app.errors import OverloadedError
-from app.executor import Executor
+from app.executor import Executor, select_rows
 from app.metrics import Metrics
 from app.plan import Plan
 
@@ -96,12 +97,13 @@ class DeviceWorker:
             batch = self._collect()
             if batch is None:
                 return
+            live = [j for j in batch if not j.future.done()]  # timed-out requests are skipped
             groups: dict[str, list[Job]] = {}
-            for job in batch:
+            for job in live:
                 groups.setdefault(job.plan.group_key, []).append(job)
-            self.metrics.observe_batch(sum(len(j.items) for j in batch), len(groups))
-            for jobs in groups.values():
-                self._run_group(jobs)
+            if groups:
+                self.metrics.observe_batch(sum(len(j.items) for j in live), len(groups))
+                self._run_batch(list(groups.values()))
 
     def _collect(self) -> list[Job] | None:
         batch: list[Job] = []
@@ -143,27 +145,41 @@ class DeviceWorker:
         finally:
             control.done.set()
 
-    def _run_group(self, jobs: list[Job]) -> None:
-        plan = jobs[0].plan
-        live = [j for j in jobs if not j.future.done()]  # timed-out requests are skipped
-        if not live:
+    def _run_batch(self, groups: list[list[Job]]) -> None:
+        """One trunk pass for the whole batch, then one tail per composition group."""
+        try:
+            h = self.executor.trunk(self.collate([i for g in groups for j in g for i in j.items]))
+        except Exception:  # isolate the culprit: each group runs on its own
+            log.warning("batch trunk failed; retrying group by group", exc_info=True)
+            for jobs in groups:
+                self._run_group(jobs, None)
             return
+        start = 0
+        for jobs in groups:
+            rows = sum(len(j.items) for j in jobs)
+            self._run_group(jobs, select_rows(h, slice(start, start + rows)))
+            start += rows
+
+    def _run_group(self, jobs: list[Job], h: object | None) -> None:
+        """Tail (or, with h None, the whole network) for one composition; fails alone."""
+        plan = jobs[0].plan
         started = time.perf_counter()
         try:
-            x = self.collate([item for j in live for item in j.items])
+            if h is None:
+                h = self.executor.trunk(self.collate([i for j in jobs for i in j.items]))
             if plan.explain:
-                logits, contrib = self.executor.explain(plan, x)
+                logits, contrib = self.executor.explain_tail(plan, h)
             else:
-                logits, contrib = self.executor.run(plan, x), None
+                logits, contrib = self.executor.tail(plan, h), None
         except Exception as exc:  # this group fails alone
             log.warning("group %s failed: %s", plan.group_key[:12], exc)
-            for j in live:
+            for j in jobs:
                 _resolve(j, error=exc)
             return
         kind = "plain" if not plan.terms else ("explain" if plan.explain else "linearized")
         self.metrics.forward_seconds.labels(kind=kind).observe(time.perf_counter() - started)
         start = 0
-        for j in live:
+        for j in jobs:
             end = start + len(j.items)
             part = None if contrib is None else contrib[:, start:end]
             _resolve(j, result=(logits[start:end], part))

@@ -58,8 +58,11 @@ def compose(terms: Sequence[Term], normalize: Normalize = "none") -> Delta:
     out: Delta = {}
     for term, w in zip(ordered, weights, strict=True):
         for name, tensor in term.delta.items():
-            scaled = tensor.to(torch.float32) * w
-            out[name] = out[name] + scaled if name in out else scaled
+            if name in out:
+                # in place; the product is rounded first (no FMA), so w and -w cancel exactly
+                out[name].add_(tensor.to(torch.float32) * w)
+            else:
+                out[name] = tensor.to(torch.float32) * w  # a fresh tensor: inputs untouched
     return out
 
 

@@ -45,6 +45,9 @@ async def run_jobs(worker, jobs, hold: threading.Event):
 def test_one_batch_many_groups_and_a_bad_group_fails_alone(tiny_base):
     tensors = {f"d{i}": random_delta(tiny_base, fresh_seed()) for i in range(3)}
     worker = make_worker(tiny_base, tensors)
+    trunk_calls = []
+    real_trunk = worker.executor.trunk
+    worker.executor.trunk = lambda x: trunk_calls.append(x) or real_trunk(x)
     worker.start()
     hold = threading.Event()
     worker._queue.put(_stall(hold))  # the worker waits while we queue everything
@@ -65,6 +68,7 @@ def test_one_batch_many_groups_and_a_bad_group_fails_alone(tiny_base):
     count = next(s.value for s in groups if s.name.endswith("_count"))
     total = next(s.value for s in groups if s.name.endswith("_sum"))
     assert (count, total) == (1.0, 3.0)  # six jobs, one batch, three groups
+    assert len(trunk_calls) == 1 and trunk_calls[0].shape == (6, 64)  # one shared trunk pass
 
 
 def _stall(hold: threading.Event):
