@@ -52,7 +52,7 @@ from training.data import (
 )
 from training.evaluate import Evaluator
 from training.features import Features, trunk_features
-from training.nonlinear import NonlinearConfig, train_nonlinear
+from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
 from training.probe import train_linear_probe
 from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
 
@@ -72,7 +72,7 @@ class Experiment:
     tasks: int = 5
     per_task: int | None = None  # cap on training rows per task (None: the whole shard)
     epochs: int = 10
-    nl_lr: float = 1e-3
+    nl_lr: float | None = None  # None: training.nonlinear.default_nonlinear_lr
     probe_l2s: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # chosen on the validation split
     split_seed: int = 0
     val_fraction: float = 0.1
@@ -88,15 +88,15 @@ class Experiment:
 EXPERIMENTS = {
     "fmnist-class-il": Experiment(
         "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
-        nl_lr=3e-4, tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)],
-        nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
+        tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)]
+        + [(300.0, 1e-4), (1000.0, 1e-4)], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
     "fmnist-data-il": Experiment(
         "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", per_task=2000, epochs=10,
-        nl_lr=1e-3, tmc_grid=[(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
-                              (15.0, 1e-4)], nl_grid=[1e-4, 1e-3]),
+        tmc_grid=[(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
+                  (15.0, 1e-4)], nl_grid=[1e-4, 1e-3]),
     "bbc-data-il": Experiment(
-        "bbc-data-il", "minilm", "bbc", "shard", epochs=5, nl_lr=1e-4,
-        tmc_grid=[(5.0, 1e-4), (1.0, 1e-4), (15.0, 1e-4), (5.0, 1e-3)], nl_grid=[1e-4, 1e-3]),
+        "bbc-data-il", "minilm", "bbc", "shard", epochs=5,
+        tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (15.0, 1e-3), (5.0, 3e-4)], nl_grid=[1e-4, 1e-3]),
 }
 
 
@@ -224,7 +224,8 @@ def run(exp: Experiment, progress: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tmc-bench-") as tmp:
         p = prepare(exp, Path(tmp) / "base", progress)
         cfg = tangent_config(p)
-        nl_cfg = NonlinearConfig(epochs=exp.epochs, lr=exp.nl_lr, seed=exp.seed)
+        nl_lr = exp.nl_lr or default_nonlinear_lr(p.base, exp.rule)
+        nl_cfg = NonlinearConfig(epochs=exp.epochs, lr=nl_lr, seed=exp.seed)
         log(f"tangent components: kappa={cfg.kappa} lr={cfg.lr} epochs={cfg.epochs}")
         comps = train_components(p, cfg, progress)
         log(f"non-linear fine-tunes: lr={nl_cfg.lr}")

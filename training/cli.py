@@ -104,7 +104,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="AdamW learning rate (default: with --classes 1e-4; otherwise 1e-3 "
-                   "for a tangent region of <= 1M parameters, else 1e-4; --nonlinear: 3e-4 "
+                   "for a tangent region of <= 2M parameters, else 1e-4; --nonlinear: 3e-4 "
                    "with --classes, else as the tangent default)")
     p.add_argument("--kappa", type=_positive_float, default=None,
                    help="target scale κ of the rescaled square loss (default: 300 with "
