@@ -284,7 +284,7 @@ def test_checker_catches(case: str) -> None:
 
 
 def test_tools_are_not_from_shared() -> None:
-    """The project never refers to ../shared at run or test time."""
+    """The deploy scripts never refer to the design folder beside the repository."""
     for path in (ROOT / "scripts" / "deploy-check.sh", ROOT / "scripts" / "deploy_check.py"):
         assert "shared/" not in path.read_text()
     assert shutil.which("bash")
