@@ -15,8 +15,10 @@ Large feature sets go to a memory-mapped file in a temporary directory instead o
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,12 +170,13 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, memory_limit: int) -> tor
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     if nbytes <= memory_limit:
         return torch.zeros(shape, dtype=dtype)
-    tmp = tempfile.TemporaryDirectory(prefix="tmc-features-")
-    path = Path(tmp.name) / "features.bin"
+    tmp = tempfile.mkdtemp(prefix="tmc-features-")
+    path = Path(tmp) / "features.npy"
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
     t = torch.from_numpy(arr)
-    t._tmc_tmpdir = tmp  # type: ignore[attr-defined]  # keep the directory while t lives
+    t._tmc_tmpdir = tmp  # type: ignore[attr-defined]
+    weakref.finalize(t, shutil.rmtree, tmp, True)  # the file goes when the tensor does
     return t
 
 

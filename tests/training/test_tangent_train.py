@@ -137,3 +137,16 @@ def test_adamw_matches_torch(gen: torch.Generator) -> None:
         opt.step()
         ref_opt.step()
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_features_beyond_the_memory_limit_go_to_disk(tiny: Base, digit_splits: Splits,
+                                                     seed: int) -> None:
+    shard = take(digit_splits.train, 100, seed=seed % 1000)
+    in_ram = trunk_features(tiny, shard)
+    on_disk = trunk_features(tiny, shard, memory_limit=0)
+    assert hasattr(on_disk.data, "_tmc_tmpdir") and not hasattr(in_ram.data, "_tmc_tmpdir")
+    assert torch.equal(in_ram.data, on_disk.data)
+    cfg = TangentConfig(epochs=1, lr=1e-2, seed=seed % 1000)
+    a = train_tangent(tiny, shard, cfg, features=in_ram)
+    b = train_tangent(tiny, shard, cfg, features=on_disk)
+    assert all(torch.equal(a.delta[n], b.delta[n]) for n in a.delta)
