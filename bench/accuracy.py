@@ -246,13 +246,16 @@ def run(exp: Experiment, progress: bool) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for split, ev in (("test", p.test), ("val", p.val)):
             t = time.perf_counter()
+            nl_logits = [ev.params_logits(m) for m in models]  # each NL model runs once
             results[split] = {
                 "components_alone": {lab: ev.tangent(r.delta) for lab, r in comps},
                 "tmc_mean": ev.tmc(deltas, normalize="mean"),
                 "tmc_sum": ev.tmc(deltas, normalize="none"),
-                "nl_alone": {lab: ev.nonlinear(r.params) for lab, r in nls},
-                "nl_ensemble_softmax": ev.ensemble(models, "softmax"),
-                "nl_ensemble_logits": ev.ensemble(models, "logits"),
+                "nl_alone": {lab: ev.accuracy_of(lg) for (lab, _), lg in
+                             zip(nls, nl_logits, strict=True)},
+                "nl_ensemble_softmax": ev.accuracy_of(
+                    torch.stack([torch.softmax(lg, -1) for lg in nl_logits]).mean(0)),
+                "nl_ensemble_logits": ev.accuracy_of(torch.stack(nl_logits).mean(0)),
                 "nl_weight_average": ev.weight_average(models),
                 "joint_tangent": ev.tangent(joint.delta),
                 "linear_probe": ev.probe(probe),
@@ -379,6 +382,9 @@ def run_one(exp: Experiment, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     result = select(exp, args.progress) if args.select else run(exp, args.progress)
     result["wall_seconds"] = time.perf_counter() - started
+    if args.quick:
+        result["note"] = ("smoke run (120 rows per task, 2 epochs): far too few steps for the "
+                          "default settings; not comparable with the full run")
     suffix = "_select" if args.select else "_quick" if args.quick else ""
     out = args.out or RESULTS / f"accuracy_{exp.name}{suffix}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
