@@ -1,19 +1,25 @@
 """Reproduction benchmark: TMC against the paper's baselines, end to end, on this machine.
 
-    python -m bench.accuracy --experiment fmnist-class-il|bbc-data-il [--quick] [--select]
+    python -m bench.accuracy --all | --experiment NAME [--quick] [--seeds 0,1,2] [--select]
 
 fmnist-class-il: effnet-lite0 (tangent region R2: conv head + BN + classifier), Fashion-MNIST
     at 64×64, 5 class-incremental tasks of 2 classes, 2,000 training images per task.
+fmnist-data-il / fmnist-data-il-10: the same base, one pool of 10,000 training images cut at
+    random into 5 / 10 data-incremental shards.
 bbc-data-il: minilm (last encoder layer + classifier), BBC News, 5 data-incremental shards of
     the training split.
 
-For each: accuracy on the full held-out test split of each component alone, the TMC mean
-composition, the non-linear (NL) ensemble (mean of softmax), the NL weight average, joint
-tangent training on all the tasks' data, the linear probe, and θ0; training time per
-component; the settings. Trunk features are computed once per split and shared by every
-method. ``--select`` instead sweeps κ / learning rates on the validation split (carved from
-the training data; the test split is never looked at) and writes ``*_select.json``.
-Results: bench/results/accuracy_<experiment>[_select|_quick].json.
+For each seed (default 3): accuracy on the full held-out test split of each component alone,
+the TMC mean composition, the non-linear (NL) ensemble (mean of softmax), the NL weight
+average, joint tangent training on all the tasks' data, the linear probe, and θ0; the
+continual curve (compositions of the first k components as tasks arrive one by one); on the
+first seed, the forgetting check through a real registry (forget one component, compare with
+a registry that never had it). Mean ± spread over seeds, targets, training times, settings.
+Trunk features are computed once per split and shared by every method and seed.
+``--select`` instead sweeps κ / learning rates on the validation split (carved from the
+training data; the test split is never looked at) and writes ``*_select.json``.
+Results: bench/results/accuracy_<experiment>[_select|_quick].json, accuracy[_quick].png
+(continual curves) and accuracy_forgetting[_quick].png.
 """
 # ruff: noqa: E402
 
@@ -28,10 +34,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,18 @@ import numpy as np
 import torch
 
 from bases import init_base, load_base, make_spec
+from bench.accuracy_protocols import (
+    continual_curve,
+    forgetting_check,
+    method_scores,
+    summarize_scores,
+)
+from bench.accuracy_report import (
+    accuracy_targets,
+    aggregate_accuracy,
+    aggregate_continual,
+)
+from bench.common import machine
 from training.data import (
     Dataset,
     align_labels,
@@ -70,9 +88,12 @@ class Experiment:
     data: str
     rule: str  # "classes" | "shard"
     tasks: int = 5
-    per_task: int | None = None  # cap on training rows per task (None: the whole shard)
+    per_task: int | None = None  # "classes": training rows drawn per task (fixed across seeds)
+    pool: int | None = None  # "shard": rows drawn from the training split, then sharded
     epochs: int = 10
     nl_lr: float | None = None  # None: training.nonlinear.default_nonlinear_lr
+    kappa: float | None = None  # None: training.tangent_train.default_kappa(rule)
+    lr: float | None = None  # None: training.tangent_train.default_lr(base, rule)
     probe_l2s: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # chosen on the validation split
     split_seed: int = 0
     val_fraction: float = 0.1
@@ -80,43 +101,77 @@ class Experiment:
     options: dict[str, Any] = field(default_factory=dict)
     test_limit: int | None = None
     val_limit: int | None = None
+    selected_on: str = ""  # which --select sweep chose κ / lr (result file)
     # --select grids: (kappa, lr) pairs for TMC, lrs for the NL fine-tunes
     tmc_grid: list[tuple[float, float]] = field(default_factory=list)
     nl_grid: list[float] = field(default_factory=list)
 
 
+FMNIST_DATA_IL_TMC_GRID = [(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
+                           (15.0, 1e-4)]
 EXPERIMENTS = {
     "fmnist-class-il": Experiment(
         "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
+        selected_on="accuracy_fmnist-class-il_select*.json",
         tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)]
         + [(300.0, 1e-4), (1000.0, 1e-4)], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
+    # data-incremental: one fixed pool of 10,000 training images cut into 5 or 10 shards
+    # (2,000 or 1,000 images each); the shard assignment changes with the seed
     "fmnist-data-il": Experiment(
-        "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", per_task=2000, epochs=10,
-        tmc_grid=[(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
-                  (15.0, 1e-4)], nl_grid=[1e-4, 1e-3]),
+        "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", pool=10_000, epochs=10,
+        selected_on="accuracy_fmnist-data-il_select.json",
+        tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
+    "fmnist-data-il-10": Experiment(
+        "fmnist-data-il-10", "effnet-lite0", "fashion-mnist", "shard", tasks=10, pool=10_000,
+        epochs=10, selected_on="accuracy_fmnist-data-il_select.json (5 shards)",
+        tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
     "bbc-data-il": Experiment(
         "bbc-data-il", "minilm", "bbc", "shard", epochs=5,
+        selected_on="accuracy_bbc-data-il_select.json",
         tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (15.0, 1e-3), (5.0, 3e-4)], nl_grid=[1e-4, 1e-3]),
 }
 
-
-DEFAULT_RUN = ("fmnist-class-il", "bbc-data-il")  # the two runs of the closing note
+DEFAULT_RUN = ("fmnist-class-il", "fmnist-data-il", "fmnist-data-il-10", "bbc-data-il")
+DEFAULT_SEEDS = (0, 1, 2)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+Task = tuple[str, Dataset, Features]  # (label, training rows, their trunk features)
+
+
 @dataclass
 class Prepared:
     exp: Experiment
     base: Any
-    union: Dataset
+    union: Dataset  # every training row any task can use
     union_features: Features
-    tasks: list[tuple[str, Dataset, Features]]
+    class_tasks: list[tuple[str, Dataset]]  # "classes" rule: the fixed tasks
     val: Evaluator
     test: Evaluator
     seconds: dict[str, float]
+
+    def tasks_for(self, seed: int) -> list[Task]:
+        """The tasks of one seed: fixed class tasks, or a seeded random sharding of the pool."""
+        if self.exp.rule == "classes":
+            shards = self.class_tasks
+        else:
+            n = self.exp.tasks
+            shards = [(f"shard {k}/{n}", shard_random(self.union, k, n, seed=seed))
+                      for k in range(n)]
+        out = []
+        for label, shard in shards:
+            pos = positions(self.union, shard)
+            out.append((label, shard, self.union_features.subset(pos)))
+        return out
+
+    def task_classes(self, tasks: list[Task]) -> list[list[int]] | None:
+        """Class ids of each task ("classes" rule), None for data-incremental shards."""
+        if self.exp.rule != "classes":
+            return None
+        return [sorted({int(c) for c in ds.labels}) for _, ds, _ in tasks]
 
 
 def cached_features(base: Any, ds: Dataset, desc: str, progress: bool) -> Features:
@@ -146,6 +201,19 @@ def cached_features(base: Any, ds: Dataset, desc: str, progress: bool) -> Featur
     return feats
 
 
+def draw_class_tasks(exp: Experiment, train: Dataset, labels: list[str]
+                     ) -> list[tuple[str, Dataset]]:
+    per = len(labels) // exp.tasks
+    out = []
+    for k in range(exp.tasks):
+        classes = list(range(k * per, (k + 1) * per))
+        shard = shard_by_classes(train, classes)
+        if exp.per_task is not None:
+            shard = take(shard, exp.per_task, seed=exp.split_seed + k)
+        out.append(("classes " + ",".join(labels[c] for c in classes), shard))
+    return out
+
+
 def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
     t0 = time.perf_counter()
     init_base(base_dir, make_spec(exp.preset, options=exp.options), force=True)
@@ -155,31 +223,19 @@ def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
     fixed_test = align_labels(fixed_test, base.labels) if fixed_test is not None else None
     splits = split_train_val_test(pool, test=fixed_test, val_fraction=exp.val_fraction,
                                   seed=exp.split_seed)
-    shards: list[tuple[str, Dataset]] = []
-    for k in range(exp.tasks):
-        if exp.rule == "classes":
-            per = len(base.labels) // exp.tasks
-            classes = list(range(k * per, (k + 1) * per))
-            shard = shard_by_classes(splits.train, classes)
-            label = "classes " + ",".join(base.labels[c] for c in classes)
-        else:
-            shard = shard_random(splits.train, k, exp.tasks, seed=exp.split_seed)
-            label = f"shard {k}/{exp.tasks}"
-        if exp.per_task is not None:
-            shard = take(shard, exp.per_task, seed=exp.split_seed + k)
-        shards.append((label, shard))
-    union_rows = np.unique(np.concatenate([positions(splits.train, s) for _, s in shards]))
-    union = splits.train.subset(union_rows)
+    class_tasks: list[tuple[str, Dataset]] = []
+    if exp.rule == "classes":
+        class_tasks = draw_class_tasks(exp, splits.train, list(base.labels))
+        rows = np.unique(np.concatenate([positions(splits.train, s) for _, s in class_tasks]))
+        union = splits.train.subset(rows)
+    else:
+        union = take(splits.train, exp.pool, seed=exp.split_seed) if exp.pool else splits.train
     val = take(splits.val, exp.val_limit, exp.split_seed) if exp.val_limit else splits.val
     test = take(splits.test, exp.test_limit, exp.split_seed) if exp.test_limit else splits.test
     t1 = time.perf_counter()
     log(f"{exp.name}: {len(union)} training rows in {exp.tasks} tasks, {len(val)} val, "
         f"{len(test)} test; computing trunk features once")
     union_features = cached_features(base, union, "train features", progress)
-    tasks = []
-    for label, shard in shards:
-        pos = positions(union, shard)
-        tasks.append((label, union.subset(pos), union_features.subset(pos)))
     val_ev = Evaluator(base, val, features=cached_features(base, val, "val features", progress))
     test_ev = Evaluator(base, test,
                         features=cached_features(base, test, "test features", progress))
@@ -187,20 +243,20 @@ def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
                "trunk_val": val_ev.features.seconds, "trunk_test": test_ev.features.seconds}
     log(f"trunk features: train {seconds['trunk_train']:.1f}s, val {seconds['trunk_val']:.1f}s,"
         f" test {seconds['trunk_test']:.1f}s")
-    return Prepared(exp, base, union, union_features, tasks, val_ev, test_ev, seconds)
+    return Prepared(exp, base, union, union_features, class_tasks, val_ev, test_ev, seconds)
 
 
 def tangent_config(p: Prepared, **overrides: Any) -> TangentConfig:
-    cfg = TangentConfig(epochs=p.exp.epochs, kappa=default_kappa(p.exp.rule),
-                        lr=default_lr(p.base, p.exp.rule), seed=p.exp.seed)
+    cfg = TangentConfig(epochs=p.exp.epochs, kappa=p.exp.kappa or default_kappa(p.exp.rule),
+                        lr=p.exp.lr or default_lr(p.base, p.exp.rule), seed=p.exp.seed)
     return replace(cfg, **overrides)
 
 
-def train_components(p: Prepared, cfg: TangentConfig, progress: bool
+def train_components(p: Prepared, tasks: list[Task], cfg: TangentConfig, progress: bool
                      ) -> list[tuple[str, Any]]:
     out = []
-    for k, (label, ds, feats) in enumerate(p.tasks):
-        r = train_tangent(p.base, ds, replace(cfg, seed=cfg.seed + k), features=feats,
+    for k, (label, ds, feats) in enumerate(tasks):
+        r = train_tangent(p.base, ds, replace(cfg, seed=cfg.seed * 1000 + k), features=feats,
                           progress=progress, desc=f"tangent {k}")
         log(f"  tangent {label}: {len(ds)} rows, {r.train_seconds:.1f}s, "
             f"loss {r.epoch_losses[0]:.4g} -> {r.epoch_losses[-1]:.4g}")
@@ -208,11 +264,11 @@ def train_components(p: Prepared, cfg: TangentConfig, progress: bool
     return out
 
 
-def train_nl_components(p: Prepared, cfg: NonlinearConfig, progress: bool
+def train_nl_components(p: Prepared, tasks: list[Task], cfg: NonlinearConfig, progress: bool
                         ) -> list[tuple[str, Any]]:
     out = []
-    for k, (label, ds, feats) in enumerate(p.tasks):
-        r = train_nonlinear(p.base, ds, replace(cfg, seed=cfg.seed + k), features=feats,
+    for k, (label, ds, feats) in enumerate(tasks):
+        r = train_nonlinear(p.base, ds, replace(cfg, seed=cfg.seed * 1000 + k), features=feats,
                             progress=progress, desc=f"non-linear {k}")
         log(f"  NL {label}: {r.train_seconds:.1f}s, loss {r.epoch_losses[0]:.4g} -> "
             f"{r.epoch_losses[-1]:.4g}")
@@ -220,90 +276,116 @@ def train_nl_components(p: Prepared, cfg: NonlinearConfig, progress: bool
     return out
 
 
-def run(exp: Experiment, progress: bool) -> dict[str, Any]:
+def best_probe(p: Prepared) -> tuple[Any, dict[str, float], float]:
+    """The linear probe (deterministic: L-BFGS from zero) at the validation-best L2."""
+    t = time.perf_counter()
+    probes = [train_linear_probe(p.base, p.union, features=p.union_features, l2=l2)
+              for l2 in p.exp.probe_l2s]
+    val = [p.val.probe(pr) for pr in probes]
+    seconds = (time.perf_counter() - t) / len(probes)
+    return probes[int(np.argmax(val))], dict(zip(map(str, p.exp.probe_l2s), val,
+                                                 strict=True)), seconds
+
+
+def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool = True
+        ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tmc-bench-") as tmp:
         p = prepare(exp, Path(tmp) / "base", progress)
         cfg = tangent_config(p)
-        nl_lr = exp.nl_lr or default_nonlinear_lr(p.base, exp.rule)
-        nl_cfg = NonlinearConfig(epochs=exp.epochs, lr=nl_lr, seed=exp.seed)
-        log(f"tangent components: kappa={cfg.kappa} lr={cfg.lr} epochs={cfg.epochs}")
-        comps = train_components(p, cfg, progress)
-        log(f"non-linear fine-tunes: lr={nl_cfg.lr}")
-        nls = train_nl_components(p, nl_cfg, progress)
+        nl_cfg = NonlinearConfig(epochs=exp.epochs,
+                                 lr=exp.nl_lr or default_nonlinear_lr(p.base, exp.rule))
         joint_cfg = replace(cfg, kappa=default_kappa("all"), lr=default_lr(p.base, "all"))
-        log(f"joint tangent on {len(p.union)} rows: kappa={joint_cfg.kappa}")
-        joint = train_tangent(p.base, p.union, joint_cfg, features=p.union_features,
-                              progress=progress, desc="joint tangent")
-        t = time.perf_counter()
-        probes = [train_linear_probe(p.base, p.union, features=p.union_features, l2=l2)
-                  for l2 in exp.probe_l2s]
-        probe_val = [p.val.probe(pr) for pr in probes]
-        probe = probes[int(np.argmax(probe_val))]
-        probe_s = (time.perf_counter() - t) / len(probes)
-        log("evaluating")
-        deltas = [r.delta for _, r in comps]
-        models = [r.params for _, r in nls]
-        results: dict[str, Any] = {}
-        for split, ev in (("test", p.test), ("val", p.val)):
-            t = time.perf_counter()
-            nl_logits = [ev.params_logits(m) for m in models]  # each NL model runs once
-            results[split] = {
-                "components_alone": {lab: ev.tangent(r.delta) for lab, r in comps},
-                "tmc_mean": ev.tmc(deltas, normalize="mean"),
-                "tmc_sum": ev.tmc(deltas, normalize="none"),
-                "nl_alone": {lab: ev.accuracy_of(lg) for (lab, _), lg in
-                             zip(nls, nl_logits, strict=True)},
-                "nl_ensemble_softmax": ev.accuracy_of(
-                    torch.stack([torch.softmax(lg, -1) for lg in nl_logits]).mean(0)),
-                "nl_ensemble_logits": ev.accuracy_of(torch.stack(nl_logits).mean(0)),
-                "nl_weight_average": ev.weight_average(models),
-                "joint_tangent": ev.tangent(joint.delta),
-                "linear_probe": ev.probe(probe),
-                "base_theta0": ev.base_model(),
-                "rows": len(ev),
-                "eval_seconds": 0.0,
-            }
-            results[split]["eval_seconds"] = time.perf_counter() - t
-        log(json.dumps(results["test"], indent=1))
+        probe, probe_val, probe_s = best_probe(p)
+        per_seed = []
+        for i, seed in enumerate(seeds):
+            log(f"== {exp.name} seed {seed} ({i + 1}/{len(seeds)}): tangent kappa={cfg.kappa} "
+                f"lr={cfg.lr}, NL lr={nl_cfg.lr}, epochs={cfg.epochs}")
+            per_seed.append(run_seed(p, seed, replace(cfg, seed=seed),
+                                     replace(nl_cfg, seed=seed), replace(joint_cfg, seed=seed),
+                                     probe, progress,
+                                     Path(tmp) / f"forget-{seed}" if forgetting and i == 0
+                                     else None))
+        forget_result = per_seed[0].pop("forgetting", None)
         return {
             "experiment": exp.name,
+            "seeds": list(seeds),
             "settings": {
                 "experiment": {k: v for k, v in exp.__dict__.items()},
                 "tangent": cfg.as_dict(), "nonlinear": nl_cfg.as_dict(),
                 "joint_tangent": joint_cfg.as_dict(), "linear_probe_l2": probe.l2,
-                "linear_probe_val_by_l2": dict(zip(map(str, exp.probe_l2s), probe_val,
-                                                   strict=True)),
+                "linear_probe_val_by_l2": probe_val,
+                "seeds_vary": ("training randomness (minibatch order; seed·1000+task per "
+                               "component)" + ("" if exp.rule == "classes" else
+                                               " and the assignment of pool rows to shards")
+                               + "; training pool, validation and test rows are fixed"),
                 "base_spec": json.loads(p.base.spec.to_json()),
                 "base_fingerprint": p.base.fingerprint,
                 "tangent_region_params": sum(int(np.prod(t.shape))
                                              for t in p.base.region.values()),
-                "rows_per_task": {lab: len(ds) for lab, ds, _ in p.tasks},
+                "pool_rows": len(p.union),
             },
-            "accuracy": results,
-            "train_seconds": {
-                "tangent_per_component": {lab: r.train_seconds for lab, r in comps},
-                "nonlinear_per_component": {lab: r.train_seconds for lab, r in nls},
-                "joint_tangent": joint.train_seconds, "linear_probe": probe_s,
-                **{f"{k}_features": v for k, v in p.seconds.items()},
-            },
-            "losses": {
-                "tangent": {lab: r.epoch_losses for lab, r in comps},
-                "nonlinear": {lab: r.epoch_losses for lab, r in nls},
-                "joint_tangent": joint.epoch_losses,
-            },
+            "per_seed": per_seed,
+            "accuracy": aggregate_accuracy(per_seed),
+            "continual": aggregate_continual(per_seed),
+            "forgetting": forget_result,
+            "targets": accuracy_targets(exp, per_seed, forget_result),
+            "train_seconds": {"linear_probe_each_l2": probe_s,
+                              **{f"{k}_features": v for k, v in p.seconds.items()}},
             "machine": machine(),
         }
+
+
+def run_seed(p: Prepared, seed: int, cfg: TangentConfig, nl_cfg: NonlinearConfig,
+             joint_cfg: TangentConfig, probe: Any, progress: bool,
+             forget_dir: Path | None) -> dict[str, Any]:
+    tasks = p.tasks_for(seed)
+    comps = train_components(p, tasks, cfg, progress)
+    nls = train_nl_components(p, tasks, nl_cfg, progress)
+    log(f"  joint tangent on {len(p.union)} rows: kappa={joint_cfg.kappa}")
+    joint = train_tangent(p.base, p.union, joint_cfg, features=p.union_features,
+                          progress=progress, desc="joint tangent")
+    log("  evaluating")
+    deltas = [r.delta for _, r in comps]
+    models = [r.params for _, r in nls]
+    labels = [lab for lab, _ in comps]
+    t = time.perf_counter()
+    scores = {split: method_scores(ev, deltas, models, joint.delta, probe)
+              for split, ev in (("test", p.test), ("val", p.val))}
+    accuracy = {split: summarize_scores(ev, s, labels)
+                for (split, s), ev in zip(scores.items(), (p.test, p.val), strict=True)}
+    classes = p.task_classes(tasks)
+    out: dict[str, Any] = {
+        "seed": seed,
+        "rows_per_task": {lab: len(ds) for lab, ds, _ in tasks},
+        "accuracy": accuracy,
+        "continual": continual_curve(p.test, deltas, models, scores["test"], classes),
+        "train_seconds": {
+            "tangent_per_component": {lab: r.train_seconds for lab, r in comps},
+            "nonlinear_per_component": {lab: r.train_seconds for lab, r in nls},
+            "joint_tangent": joint.train_seconds},
+        "losses": {"tangent": {lab: r.epoch_losses for lab, r in comps},
+                   "nonlinear": {lab: r.epoch_losses for lab, r in nls},
+                   "joint_tangent": joint.epoch_losses},
+    }
+    if forget_dir is not None:
+        out["forgetting"] = forgetting_check(p.base, tasks, deltas, p.test, classes, forget_dir)
+    out["eval_seconds"] = time.perf_counter() - t
+    log(f"  seed {seed}: test TMC {accuracy['test']['tmc_mean']:.4f}, NL ensemble "
+        f"{accuracy['test']['nl_ensemble_softmax']:.4f}, joint "
+        f"{accuracy['test']['joint_tangent']:.4f}")
+    return out
 
 
 def select(exp: Experiment, progress: bool) -> dict[str, Any]:
     """Sweep κ and learning rates; score on the validation split only."""
     with tempfile.TemporaryDirectory(prefix="tmc-bench-") as tmp:
         p = prepare(exp, Path(tmp) / "base", progress)
+        tasks = p.tasks_for(exp.seed)
         grid: list[dict[str, Any]] = []
         for kappa, lr in exp.tmc_grid:
             log(f"select: tangent kappa={kappa} lr={lr}")
             cfg = tangent_config(p, kappa=kappa, lr=lr)
-            comps = train_components(p, cfg, progress)
+            comps = train_components(p, tasks, cfg, progress)
             deltas = [r.delta for _, r in comps]
             grid.append({"method": "tmc", "kappa": kappa, "lr": lr,
                          "val_tmc_mean": p.val.tmc(deltas),
@@ -313,7 +395,8 @@ def select(exp: Experiment, progress: bool) -> dict[str, Any]:
             _checkpoint(exp, grid)
         for lr in exp.nl_grid:
             log(f"select: non-linear lr={lr}")
-            nls = train_nl_components(p, NonlinearConfig(epochs=exp.epochs, lr=lr), progress)
+            nls = train_nl_components(p, tasks, NonlinearConfig(epochs=exp.epochs, lr=lr),
+                                      progress)
             models = [r.params for _, r in nls]
             grid.append({"method": "nonlinear", "lr": lr,
                          "val_ensemble_softmax": p.val.ensemble(models, "softmax"),
@@ -336,19 +419,18 @@ def _checkpoint(exp: Experiment, grid: list[dict[str, Any]]) -> None:
         json.dumps(grid, indent=1))
 
 
-def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", choices=sorted(EXPERIMENTS))
     ap.add_argument("--all", action="store_true",
-                    help="run " + " and ".join(DEFAULT_RUN) + " (what `make bench` runs)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (minutes → seconds)")
+                    help="run " + ", ".join(DEFAULT_RUN) + " (what `make bench` runs)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run (120 rows per task, 2 epochs, one seed)")
+    ap.add_argument("--seeds", help="comma-separated training seeds (default "
+                    + ",".join(map(str, DEFAULT_SEEDS)) + "; --quick: 0)")
+    ap.add_argument("--no-forgetting", action="store_true",
+                    help="skip the registry forget check (it runs on the first seed)")
     ap.add_argument("--select", action="store_true", help="sweep κ/lr on the validation split")
     ap.add_argument("--epochs", type=int, help="override the experiment's epochs")
     ap.add_argument("--tmc-grid", help="--select: (κ, lr) grid, e.g. 300:1e-4,1000:1e-4")
@@ -364,13 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     names = DEFAULT_RUN if args.all else (args.experiment,)
     for name in names:
         run_one(EXPERIMENTS[name], args)
+    if not args.select:
+        from bench.accuracy_report import write_plots
+
+        for path in write_plots(RESULTS, quick=args.quick):
+            log(f"wrote {path}")
     return 0
 
 
 def run_one(exp: Experiment, args: argparse.Namespace) -> None:
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else (
+        [0] if args.quick else list(DEFAULT_SEEDS))
     if args.quick:
-        exp = replace(exp, per_task=min(exp.per_task or 10**9, 120), epochs=2, test_limit=400,
-                      val_limit=200)
+        exp = replace(exp, per_task=120 if exp.rule == "classes" else None,
+                      pool=120 * exp.tasks if exp.rule == "shard" else None, epochs=2,
+                      test_limit=400, val_limit=200)
     if args.epochs:
         exp = replace(exp, epochs=args.epochs)
     if args.tmc_grid is not None:
@@ -380,8 +470,12 @@ def run_one(exp: Experiment, args: argparse.Namespace) -> None:
         exp = replace(exp, nl_grid=[float(x) for x in args.nl_grid.split(",") if x])
     torch.manual_seed(0)
     started = time.perf_counter()
-    result = select(exp, args.progress) if args.select else run(exp, args.progress)
+    result = select(exp, args.progress) if args.select else run(
+        exp, seeds, args.progress, forgetting=not args.no_forgetting)
     result["wall_seconds"] = time.perf_counter() - started
+    result["written"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["quick"] = bool(args.quick)
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
     if args.quick:
         result["note"] = ("smoke run (120 rows per task, 2 epochs): far too few steps for the "
                           "default settings; not comparable with the full run")

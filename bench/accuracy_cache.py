@@ -25,7 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from bases import init_base, load_base, make_spec
-from bench.accuracy import RESULTS, machine
+from bench.accuracy import RESULTS
+from bench.common import machine
 from training.data import align_labels, load_source, take
 from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
 

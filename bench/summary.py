@@ -246,19 +246,87 @@ def registry_section(doc: Doc, path: Path) -> str:
             + table(["backend", *steps], rows))
 
 
-def accuracy_section(docs: list[tuple[Doc, Path]]) -> str:
-    keys = ("tmc_mean", "tmc_sum", "nl_ensemble_softmax", "nl_ensemble_logits",
-            "nl_weight_average", "joint_tangent", "linear_probe", "base_theta0")
-    rows = []
-    for doc, path in docs:
-        test = doc.get("accuracy", {}).get("test", {})
-        if not test:
+ACCURACY_METHODS = (
+    ("tmc_mean", "TMC (mean of the components)"), ("tmc_sum", "TMC (sum)"),
+    ("nl_ensemble_softmax", "non-linear ensemble (softmax mean)"),
+    ("nl_ensemble_logits", "non-linear ensemble (logit mean)"),
+    ("nl_weight_average", "non-linear weight average"),
+    ("component_alone_mean", "one tangent component alone (mean)"),
+    ("nl_alone_mean", "one non-linear fine-tune alone (mean)"),
+    ("joint_tangent", "joint tangent fine-tune (all data)"),
+    ("linear_probe", "linear probe (all data)"), ("base_theta0", "θ0 (untrained head)"))
+
+
+def mean_spread(stats: Any) -> str:
+    """'mean ± std (min–max)' of a spread dict, or a plain number (single-seed files)."""
+    if isinstance(stats, dict) and "mean" in stats:
+        return (f"{stats['mean']:.3f} ± {stats.get('std', 0.0):.3f} "
+                f"({stats['min']:.3f}–{stats['max']:.3f})")
+    return num(stats)
+
+
+def accuracy_experiment(doc: Doc, path: Path) -> str:
+    test = doc.get("accuracy", {}).get("test", {})
+    s = doc.get("settings", {})
+    seeds = doc.get("seeds", [s.get("experiment", {}).get("seed", 0)])
+    tangent, nl = s.get("tangent", {}), s.get("nonlinear", {})
+    exp = s.get("experiment", {})
+    parts = [f"### {doc.get('experiment', path.stem)}", "",
+             source_line(doc, path), "",
+             f"{len(seeds)} seed(s) {seeds}; {num(s.get('pool_rows'))} training rows in "
+             f"{exp.get('tasks', '?')} tasks; test rows {num(test.get('rows'))}; tangent κ="
+             f"{num(tangent.get('kappa'))}, lr {num(tangent.get('lr'))}, {tangent.get('epochs')}"
+             f" epochs; non-linear lr {num(nl.get('lr'))}; chosen on the validation split "
+             f"({exp.get('selected_on') or 'see the *_select.json files'}); seeds vary "
+             f"{s.get('seeds_vary', 'the training seed')}.", "",
+             table(["method", "test accuracy, mean ± std (min–max over seeds)"],
+                   [[label, mean_spread(test.get(key))] for key, label in ACCURACY_METHODS
+                    if key in test])]
+    c = doc.get("continual")
+    if isinstance(c, dict):
+        keys = ("tmc_mean", "nl_ensemble_softmax", "nl_weight_average",
+                "newest_component_alone")
+        rows = [[k, c["rows"][i], *(f"{c[key][i]['mean']:.3f}" for key in keys)]
+                for i, k in enumerate(c["k"])]
+        parts += ["", f"Continual (tasks arrive one by one; mean over seeds; scored on "
+                  f"{c.get('scope')}):", "",
+                  table(["k", "rows", "TMC", "NL ensemble", "NL weight avg", "newest alone"],
+                        rows)]
+    f = doc.get("forgetting")
+    if isinstance(f, dict):
+        rows = [[r["forgotten"], num(r["own_rows_with"]), num(r["own_rows_after_forget"]),
+                 num(r["own_rows_never"]), num(r["other_rows_with"]),
+                 num(r["other_rows_after_forget"]),
+                 "yes" if r["delta_bit_identical_to_never"] and
+                 r["logits_bit_identical_to_never"] else "**no**"] for r in f["per_component"]]
+        parts += ["", f"Forgetting (first seed; registry forget vs a registry that never had "
+                  f"it; own rows = {f.get('own_rows_are')}, other rows = "
+                  f"{f.get('other_rows_are')}):", "",
+                  table(["forgotten", "own: with", "own: after forget", "own: never",
+                         "other: with", "other: after forget", "bit-identical to never"],
+                        rows)]
+    tt = targets_table(doc)
+    if tt:
+        parts += ["", tt]
+    if doc.get("note"):
+        parts += ["", f"_Note: {doc['note']}_"]
+    return "\n".join(parts)
+
+
+def accuracy_docs(results: Path) -> list[tuple[Doc, Path]]:
+    """The main result per experiment (full run, else quick); sweeps and caches left out."""
+    chosen: dict[str, tuple[Doc, Path]] = {}
+    for path in sorted(results.glob("accuracy_*.json")):
+        stem = path.stem.removeprefix("accuracy_")
+        if any(t in stem for t in ("_select", ".partial", "cache_")):
             continue
-        rows.append([f"`{path.name}`", doc.get("experiment", "?"),
-                     *(num(test.get(k)) for k in keys), num(test.get("rows"))])
-    if not rows:
-        return "No accuracy results with a test section."
-    return "Test accuracy:\n\n" + table(["file", "experiment", *keys, "test rows"], rows)
+        name = stem.removesuffix("_quick")
+        doc = load(path)
+        if doc is None or not doc.get("accuracy", {}).get("test"):
+            continue
+        if name not in chosen or not stem.endswith("_quick"):
+            chosen[name] = (doc, path)
+    return list(chosen.values())
 
 
 def generic_section(doc: Doc, path: Path) -> str:
@@ -326,27 +394,35 @@ def section(title: str, intro: str, results: Path, name: str, render: Renderer) 
 
 
 def accuracy_block(results: Path) -> str:
-    files = sorted(p for p in results.glob("accuracy*.json") if ".partial" not in p.name)
-    docs = [(d, p) for p in files if (d := load(p)) is not None]
+    docs = accuracy_docs(results)
     if not docs:
-        return "## Accuracy\n\n_No results yet (`accuracy*.json` missing)._\n"
-    parts = ["## Accuracy (TMC vs the paper's baselines)", ""]
-    try:
-        parts.append(accuracy_section(docs))
-    except Exception as exc:
-        parts.append(f"_Could not render: {type(exc).__name__}: {exc}_")
+        return "## 5. Accuracy\n\n_No results yet (`accuracy_*.json` missing)._\n"
+    parts = ["## 5. Accuracy (TMC vs the paper's baselines)", ""]
+    for png in ("accuracy.png", "accuracy_forgetting.png", "accuracy_quick.png",
+                "accuracy_forgetting_quick.png"):
+        if (results / png).is_file() and (not png.endswith("_quick.png") or not any(
+                (results / p).is_file() for p in ("accuracy.png",))):
+            parts += [f"![{png.removesuffix('.png')}]({png})", ""]
     for doc, path in docs:
-        tt = targets_table(doc)
-        if tt:
-            parts += ["", f"`{path.name}` — {tt}"]
-        parts.append(png_link(path))
+        try:
+            parts += [accuracy_experiment(doc, path), ""]
+        except Exception as exc:  # a changed format must not break the whole summary
+            parts += [f"_Could not render `{path.name}`: {type(exc).__name__}: {exc}_", ""]
+    others = sorted(p.name for p in results.glob("accuracy_*.json")
+                    if p not in {path for _, path in docs})
+    if others:
+        parts.append("Other accuracy files (validation sweeps, trunk-cache check, quick runs): "
+                     + ", ".join(f"`{o}`" for o in others))
     return "\n".join(parts)
 
 
 def overview(results: Path) -> str:
     rows = []
-    for name in ("overhead", "cost", "serving", "memory", "registry_latency"):
-        doc, path = pick(name, results)
+    picked = [(name, *pick(name, results)) for name in
+              ("overhead", "cost", "serving", "memory", "registry_latency")]
+    picked += [(f"accuracy {doc.get('experiment')}", doc, path)
+               for doc, path in accuracy_docs(results)]
+    for name, doc, path in picked:
         if doc is None or path is None or not isinstance(doc.get("targets"), dict):
             continue
         for tname, t in doc["targets"].items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from training.data import Dataset
@@ -58,6 +59,12 @@ class Evaluator:
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def subset(self, rows: Sequence[int] | Any) -> Evaluator:
+        """The same split restricted to these row positions (features reused, not recomputed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Evaluator(self.base, self.ds.subset(rows), features=self.features.subset(rows),
+                         batch_size=self.batch_size)
 
     # -- scores ------------------------------------------------------------------------------
     def _map(self, fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:

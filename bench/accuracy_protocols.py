@@ -1,0 +1,193 @@
+"""What bench.accuracy measures on one seed: every method's scores, the continual curve,
+and the forgetting check through a real registry.
+
+Scores are [N, C] logits on one split, computed once per method and reused by every figure
+(accuracy, continual prefixes, the linearity check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.evaluate import Evaluator, compose_deltas
+from training.nonlinear import weight_average
+
+Delta = Mapping[str, torch.Tensor]
+Params = Mapping[str, torch.Tensor]
+
+
+def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The non-linear ensemble's score: mean of the members' softmax, [N, C]."""
+    return torch.stack([torch.softmax(lg, -1) for lg in logits]).mean(0)
+
+
+def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
+                  joint: Delta, probe: Any) -> dict[str, Any]:
+    """Logits [N, C] of every method on ``ev``'s split (each tail runs once)."""
+    nl = [ev.params_logits(m) for m in models]
+    return {
+        "alone": [ev.tangent_logits(d) for d in deltas],
+        "tmc_mean": ev.tangent_logits(compose_deltas(deltas, normalize="mean")),
+        "tmc_sum": ev.tangent_logits(compose_deltas(deltas, normalize="none")),
+        "nl": nl,
+        "nl_weight_average": ev.params_logits(weight_average(models)),
+        "joint_tangent": ev.tangent_logits(joint),
+        "linear_probe": ev.params_logits(probe.params()),
+        "base_theta0": ev.tangent_logits(None),
+    }
+
+
+def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str]
+                     ) -> dict[str, Any]:
+    """Accuracies from method_scores, plus the linearity check of the composition."""
+    acc = ev.accuracy_of
+    alone = [acc(lg) for lg in scores["alone"]]
+    # linearity: f0 + J·mean(Δ) == mean over k of (f0 + J·Δ_k), up to float rounding
+    mean_of_alone = torch.stack(scores["alone"]).mean(0)
+    return {
+        "components_alone": dict(zip(labels, alone, strict=True)),
+        "component_alone_mean": float(np.mean(alone)),
+        "tmc_mean": acc(scores["tmc_mean"]),
+        "tmc_sum": acc(scores["tmc_sum"]),
+        "nl_alone": {lab: acc(lg) for lab, lg in zip(labels, scores["nl"], strict=True)},
+        "nl_alone_mean": float(np.mean([acc(lg) for lg in scores["nl"]])),
+        "nl_ensemble_softmax": acc(softmax_mean(scores["nl"])),
+        "nl_ensemble_logits": acc(torch.stack(scores["nl"]).mean(0)),
+        "nl_weight_average": acc(scores["nl_weight_average"]),
+        "joint_tangent": acc(scores["joint_tangent"]),
+        "linear_probe": acc(scores["linear_probe"]),
+        "base_theta0": acc(scores["base_theta0"]),
+        "tmc_vs_mean_of_alone_max_abs_logit": float(
+            (scores["tmc_mean"] - mean_of_alone).abs().max()),
+        "rows": len(ev),
+    }
+
+
+def seen_rows(labels: torch.Tensor, classes: list[list[int]] | None, k: int) -> torch.Tensor:
+    """Bool [N]: the rows a model that has seen tasks 0..k-1 is scored on."""
+    if classes is None:  # data-incremental: every task covers every class
+        return torch.ones_like(labels, dtype=torch.bool)
+    seen = torch.tensor(sorted({c for cs in classes[:k] for c in cs}))
+    return torch.isin(labels, seen)
+
+
+def continual_curve(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
+                    scores: dict[str, Any], classes: list[list[int]] | None
+                    ) -> dict[str, Any]:
+    """Tasks arrive one by one: after k of them, each method combines the first k models.
+
+    Class-incremental: scored on the test rows of the classes seen so far (all 10 outputs
+    compete); data-incremental: on the whole test split.
+    """
+    curve: dict[str, Any] = {"k": [], "rows": [], "tmc_mean": [], "nl_ensemble_softmax": [],
+                             "nl_weight_average": [], "newest_component_alone": []}
+    for k in range(1, len(deltas) + 1):
+        rows = seen_rows(ev.labels, classes, k)
+        tmc = scores["tmc_mean"] if k == len(deltas) else ev.tangent_logits(
+            compose_deltas(deltas[:k], normalize="mean"))
+        wavg = scores["nl_weight_average"] if k == len(models) else ev.params_logits(
+            weight_average(models[:k]))
+        for key, lg in (("tmc_mean", tmc), ("nl_ensemble_softmax", softmax_mean(
+                scores["nl"][:k])), ("nl_weight_average", wavg),
+                ("newest_component_alone", scores["alone"][k - 1])):
+            curve[key].append(accuracy_on(lg, ev.labels, rows))
+        curve["k"].append(k)
+        curve["rows"].append(int(rows.sum()))
+    curve["scope"] = ("test rows of the classes seen so far" if classes is not None
+                      else "whole test split")
+    return curve
+
+
+def accuracy_on(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> float:
+    hits = logits.argmax(-1)[rows] == labels[rows]
+    return float(hits.to(torch.float64).mean()) if hits.numel() else float("nan")
+
+
+# -- forgetting through the registry -------------------------------------------------------
+def served_delta(reg: Any) -> dict[str, torch.Tensor]:
+    """The composition "*" (every active component, mean) exactly as the service builds it."""
+    from app.composition import make_plan
+    from tangent import Term, compose
+
+    res = reg.resolve_all_active("mean")
+    plan = make_plan(res.items, res.generation, res.normalize, False)
+    return compose([Term(t.digest, t.weight, reg.load_tensors(t.digest)) for t in plan.terms],
+                   "none")
+
+
+def registry_with(base: Any, path: Path, blobs: Mapping[str, bytes]) -> Any:
+    import registry
+
+    reg = registry.open_registry(registry_dir=path, redis_url=None,
+                                 base_fingerprint=base.fingerprint, region=base.region)
+    for cid, data in blobs.items():
+        reg.add(cid, data)
+    return reg
+
+
+def same_delta(a: Delta, b: Delta) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def forgetting_check(base: Any, tasks: Sequence[tuple[str, Any, Any]], deltas: Sequence[Delta],
+                     test: Evaluator, classes: list[list[int]] | None, workdir: Path
+                     ) -> dict[str, Any]:
+    """For each component j: registry A holds all K, then forgets j; registry B never had j.
+
+    Records whether A's served Δ (and logits) after the forget equal B's bit for bit, and the
+    accuracy on j's own rows (class-incremental: test rows of its classes; data-incremental:
+    its training shard) and on the other rows, with j, after forgetting j, and never with j.
+    """
+    from tangent import encode_component
+
+    blobs = {f"task-{k}": encode_component(d, base.fingerprint, {"task": label})
+             for k, ((label, _, _), d) in enumerate(zip(tasks, deltas, strict=True))}
+    rows: list[dict[str, Any]] = []
+    for j, (label, ds, feats) in enumerate(tasks):
+        cid = f"task-{j}"
+        reg_a = registry_with(base, workdir / f"a{j}", blobs)
+        try:
+            with_j = served_delta(reg_a)
+            receipt = reg_a.forget(cid)
+            after = served_delta(reg_a)
+        finally:
+            reg_a.close()
+        reg_b = registry_with(base, workdir / f"b{j}", {c: b for c, b in blobs.items()
+                                                         if c != cid})
+        try:
+            never = served_delta(reg_b)
+        finally:
+            reg_b.close()
+        own, other = forgotten_rows(base, test, ds, feats, classes, j)
+        logits = {name: (own.tangent_logits(d), other.tangent_logits(d))
+                  for name, d in (("with", with_j), ("after_forget", after), ("never", never))}
+        rows.append({
+            "forgotten": label, "forget_generation": receipt.generation,
+            "delta_bit_identical_to_never": same_delta(after, never),
+            "logits_bit_identical_to_never": all(
+                torch.equal(x, y) for x, y in zip(logits["after_forget"], logits["never"],
+                                                  strict=True)),
+            **{f"own_rows_{name}": own.accuracy_of(lg[0]) for name, lg in logits.items()},
+            **{f"other_rows_{name}": other.accuracy_of(lg[1]) for name, lg in logits.items()},
+            "own_rows": len(own), "other_rows": len(other)})
+    return {"per_component": rows,
+            "own_rows_are": ("test rows of the forgotten task's classes" if classes is not None
+                             else "the forgotten shard's own training rows"),
+            "other_rows_are": ("test rows of the other classes" if classes is not None
+                               else "the whole test split"),
+            "all_bit_identical": all(r["delta_bit_identical_to_never"]
+                                     and r["logits_bit_identical_to_never"] for r in rows)}
+
+
+def forgotten_rows(base: Any, test: Evaluator, ds: Any, feats: Any,
+                   classes: list[list[int]] | None, j: int) -> tuple[Evaluator, Evaluator]:
+    """(rows that tell whether component j is still there, the other rows) as evaluators."""
+    if classes is None:
+        return Evaluator(base, ds, features=feats), test
+    mask = torch.isin(test.labels, torch.tensor(classes[j])).numpy()
+    return test.subset(np.flatnonzero(mask)), test.subset(np.flatnonzero(~mask))
