@@ -54,18 +54,26 @@ def aggregate_continual(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def chosen_on_val(per_seed: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """The key whose validation accuracy, averaged over seeds, is highest."""
+    return max(keys, key=lambda k: np.mean([s["accuracy"]["val"][k] for s in per_seed]))
+
+
 def accuracy_targets(exp: Any, per_seed: Sequence[dict[str, Any]],
                      forgetting: dict[str, Any] | None) -> dict[str, Any]:
-    """The issue's targets: class-IL TMC ≥ best NL combination + 4 points; data-IL ≥ −1."""
-    gaps = [s["accuracy"]["test"]["tmc_mean"]
-            - max(s["accuracy"]["test"][k] for k in NL_COMBINATIONS) for s in per_seed]
+    """The issue's targets: class-IL TMC ≥ best NL combination + 4 points; data-IL ≥ −1.
+
+    Both sides are chosen on the validation split: TMC's normalization (mean or sum) and
+    the non-linear combination (softmax ensemble, logit ensemble or weight average).
+    """
+    tmc = chosen_on_val(per_seed, ("tmc_mean", "tmc_sum"))
+    nl = chosen_on_val(per_seed, NL_COMBINATIONS)
+    gaps = [s["accuracy"]["test"][tmc] - s["accuracy"]["test"][nl] for s in per_seed]
     g = spread(gaps)
-    note = (f"per seed {', '.join(f'{x:+.3f}' for x in gaps)}; best of NL softmax ensemble, "
-            "logit ensemble and weight average, per seed")
-    if exp.rule == "classes":
-        name, threshold = "TMC − best non-linear combination (test, mean over seeds)", 0.04
-    else:
-        name, threshold = "TMC − best non-linear combination (test, mean over seeds)", -0.01
+    note = (f"{tmc} vs {nl} (each chosen on validation); per seed "
+            + ", ".join(f"{x:+.3f}" for x in gaps))
+    threshold = 0.04 if exp.rule == "classes" else -0.01
+    name = "TMC − best non-linear combination (test, mean over seeds)"
     targets = {name: target(g["mean"], threshold, ">=", note)}
     if forgetting is not None:
         targets["forget = never had it, bit for bit (Δ and logits, every component)"] = target(

@@ -2,6 +2,8 @@
 
     python -m bench.run_all [--quick] [--only cost,serving] [--skip accuracy]
 
+'accuracy' in --only/--skip names every accuracy-<experiment> step.
+
 Each benchmark runs as its own subprocess (its own process group) with a time limit; one
 that is missing (module or flag not there yet), fails or runs out of time is reported and
 the run goes on. The statuses go to bench/results/run_all[_quick].json and into the summary.
@@ -46,8 +48,10 @@ STEPS = (
     Step("memory", "bench.memory", limit_s=600, quick_limit_s=300),
     Step("registry_latency", "bench.registry_latency", quick_args=("--repeats", "3"),
          limit_s=600, quick_limit_s=300),
-    Step("accuracy", "bench.accuracy", args=("--all",), limit_s=2700, quick_limit_s=900,
-         needs_flags=("--all",)),
+    *(Step(f"accuracy-{name}", "bench.accuracy", args=("--experiment", name),
+           limit_s=limit, quick_limit_s=300, needs_flags=("--seeds",))
+      for name, limit in (("fmnist-class-il", 1200), ("fmnist-data-il", 1200),
+                          ("fmnist-data-il-10", 1200), ("bbc-data-il", 2400))),
 )
 
 
@@ -139,6 +143,11 @@ def _merge(path: Path, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged + list(new.values())
 
 
+def picked(name: str, tokens: set[str]) -> bool:
+    """'accuracy' names every accuracy-* step; a full name names one."""
+    return any(name == t or name.startswith(t + "-") for t in tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     skip = set(args.skip.split(",")) if args.skip else set()
     outcomes = [run_step(s, args.quick) for s in STEPS
-                if (only is None or s.name in only) and s.name not in skip]
+                if (only is None or picked(s.name, only)) and not picked(s.name, skip)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("run_all_quick.json" if args.quick else "run_all.json")
     steps = [o.__dict__ for o in outcomes]
