@@ -44,6 +44,7 @@ class Step:
 STEPS = (
     Step("overhead", "bench.overhead", limit_s=900, quick_limit_s=300),
     Step("cost", "bench.cost", limit_s=1500, quick_limit_s=420),
+    Step("compose_bandwidth", "bench.compose_bandwidth", limit_s=600, quick_limit_s=180),
     Step("serving", "bench.serving", limit_s=600, quick_limit_s=300),
     Step("memory", "bench.memory", limit_s=600, quick_limit_s=300),
     Step("registry_latency", "bench.registry_latency", quick_args=("--repeats", "3"),

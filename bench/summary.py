@@ -246,6 +246,25 @@ def registry_section(doc: Doc, path: Path) -> str:
             + table(["backend", *steps], rows))
 
 
+def compose_bandwidth_section(doc: Doc, path: Path) -> str:
+    out = []
+    for preset, by_policy in doc["results"].items():
+        policies = list(by_policy)
+        header = ["N", "N·|Δ| MB"] + [f"{h} ({p})" for p in policies
+                                      for h in ("compose GB/s", "copy GB/s", "ratio")]
+        rows = []
+        for i, point in enumerate(by_policy[policies[0]]["points"]):
+            row = [point["n"], num(point["gb"] * 1e3)]
+            for p in policies:
+                q = by_policy[p]["points"][i]
+                row += [num(q["compose_gb_per_s"]), num(q["copy_gb_per_s"]),
+                        num(q["compose_over_copy"]["median"])]
+            rows.append(row)
+        out += [f"**{preset}** (|Δ| = {num(by_policy[policies[0]]['delta_bytes'] / 1e6)} MB):",
+                "", table(header, rows), ""]
+    return "\n".join(out)
+
+
 ACCURACY_METHODS = (
     ("tmc_mean", "TMC (mean of the components)"), ("tmc_sum", "TMC (sum)"),
     ("nl_ensemble_softmax", "non-linear ensemble (softmax mean)"),
@@ -365,6 +384,10 @@ SECTIONS: tuple[tuple[str, str, Renderer, str], ...] = (
      "request); (c) N full non-linear models; (c') N non-linear tails sharing one trunk pass; "
      "(d) N separate linearized models. The (c)/(c') models are perturbed copies: only their "
      "cost is measured."),
+    ("compose_bandwidth", "1b. Summing a new composition: bandwidth", compose_bandwidth_section,
+     "Σ w_k Δ_k (`tangent.compose`) next to `Tensor.copy_` of the same N·|Δ| bytes, in "
+     "child processes under the OpenMP wait policy `tmc serve` runs with (unset) and under "
+     "PASSIVE (what the other benchmarks set); ratio = copy time / compose time per round."),
     ("serving", "3. Serving under load", serving_section,
      "`tmc serve` over loopback HTTP, closed-loop clients, one 28×28 PNG per request; "
      "homogeneous = one composition for all clients, mixed = 8 distinct compositions."),
@@ -419,7 +442,8 @@ def accuracy_block(results: Path) -> str:
 def overview(results: Path) -> str:
     rows = []
     picked = [(name, *pick(name, results)) for name in
-              ("overhead", "cost", "serving", "memory", "registry_latency")]
+              ("overhead", "cost", "compose_bandwidth", "serving", "memory",
+               "registry_latency")]
     picked += [(f"accuracy {doc.get('experiment')}", doc, path)
                for doc, path in accuracy_docs(results)]
     for name, doc, path in picked:
