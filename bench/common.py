@@ -247,6 +247,20 @@ def write_result(name: str, quick: bool, machine_info: dict[str, Any], settings:
     return path
 
 
+def finish(name: str, quick: bool, machine_info: dict[str, Any], settings: dict[str, Any],
+           results: dict[str, Any], targets: dict[str, Any], started: float,
+           draw: Callable[[Path], None] | None = None) -> Path:
+    """Write the result file, draw its plot (``draw(png path)``), log every target."""
+    path = write_result(name, quick, machine_info, settings, results, targets, started)
+    if draw is not None:
+        draw(png_path(name, quick))
+    for tname, t in targets.items():
+        value = f"{t['value']:.3g}" if isinstance(t["value"], float) else t["value"]
+        log(f"{'MET ' if t['met'] else 'MISS'} {tname}: {value} ({t['note']})")
+    log(f"wrote {path}")
+    return path
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)

@@ -129,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{last['copy_gb_per_s']:.2f} GB/s")
     settings = {"ns": ns, "rounds": rounds, "policies": POLICIES,
                 "definition": "GB/s = N·|Δ| bytes / median seconds; ratio per round"}
-    path = common.write_result(NAME, args.quick, common.machine("cpu"), settings, results,
-                               targets, started)
-    for name, t in targets.items():
-        common.log(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']:.3f} ({t['note']})")
-    common.log(f"wrote {path}")
+    common.finish(NAME, args.quick, common.machine("cpu"), settings, results, targets, started)
     return 0
 
 

@@ -517,11 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "(N − cap)·t(one plain tail) beyond cap_tails_c_prime",
                 "perturbed_models": "(c)/(c') models are deep copies with weights + 1e-3·noise;"
                                     " only their cost is measured"}
-    path = common.write_result(NAME, args.quick, info, settings, results, targets, started)
-    plot(results, common.png_path(NAME, args.quick))
-    for name, t in targets.items():
-        common.log(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']} ({t['note']})")
-    common.log(f"wrote {path}")
+    common.finish(NAME, args.quick, info, settings, results, targets, started,
+                  partial(plot, results))
     return 0
 
 

@@ -37,6 +37,7 @@ import signal
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -271,11 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rss": "VmRSS of the server process, median of 3 reads after a settle pause",
                 "settle_s": settle, "variants": {k: VARIANTS[k] for k in variants}}
     results = {"variants": variants}
-    path = common.write_result(NAME, args.quick, info, settings, results, targets, started)
-    plot(variants, common.png_path(NAME, args.quick))
-    for name, t in targets.items():
-        common.log(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']} ({t['note']})")
-    common.log(f"wrote {path}")
+    common.finish(NAME, args.quick, info, settings, results, targets, started,
+                  partial(plot, variants))
     return 0
 
 

@@ -442,11 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 "client": "asyncio, one keep-alive HTTP/1.1 connection per client, closed loop"}
     results = {"load": load, "offline": offline, "comparison": cmp,
                "offline_raw_seconds": {"wall": timings.wall, "cpu": timings.cpu}}
-    path = common.write_result(NAME, args.quick, info, settings, results, targets, started)
-    plot(load, offline, cmp, common.png_path(NAME, args.quick))
-    for name, t in targets.items():
-        common.log(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']} ({t['note']})")
-    common.log(f"wrote {path}")
+    common.finish(NAME, args.quick, info, settings, results, targets, started,
+                  partial(plot, load, offline, cmp))
     return 0
 
 
