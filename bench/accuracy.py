@@ -102,6 +102,7 @@ class Experiment:
     test_limit: int | None = None
     val_limit: int | None = None
     selected_on: str = ""  # which --select sweep chose κ / lr (result file)
+    joint_seeds: int | None = None  # train the joint tangent on the first n seeds (None: all)
     # --select grids: (kappa, lr) pairs for TMC, lrs for the NL fine-tunes
     tmc_grid: list[tuple[float, float]] = field(default_factory=list)
     nl_grid: list[float] = field(default_factory=list)
@@ -126,7 +127,7 @@ EXPERIMENTS = {
         epochs=10, selected_on="accuracy_fmnist-data-il_select.json (5 shards)",
         tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
     "bbc-data-il": Experiment(
-        "bbc-data-il", "minilm", "bbc", "shard", epochs=5,
+        "bbc-data-il", "minilm", "bbc", "shard", epochs=5, joint_seeds=1,
         selected_on="accuracy_bbc-data-il_select.json",
         tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (15.0, 1e-3), (5.0, 3e-4)], nl_grid=[1e-4, 1e-3]),
 }
@@ -276,6 +277,41 @@ def train_nl_components(p: Prepared, tasks: list[Task], cfg: NonlinearConfig, pr
     return out
 
 
+@dataclass
+class Joint:
+    delta: dict[str, torch.Tensor]
+    train_seconds: float
+    epoch_losses: list[float]
+    reused: bool
+
+
+def joint_tangent(p: Prepared, cfg: TangentConfig, progress: bool) -> Joint:
+    """Tangent fine-tuning on all the tasks' rows, kept on disk by (base, rows, settings):
+    fmnist-data-il and fmnist-data-il-10 share one pool, so they share this model."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    h = hashlib.sha256(f"joint\0{p.base.fingerprint}\0{json.dumps(cfg.as_dict())}\0".encode())
+    h.update(np.ascontiguousarray(p.union.index).tobytes())
+    path = CACHE_DIR / f"joint-{h.hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        log(f"  joint tangent: reusing {path} (same base, rows, settings and seed)")
+        return Joint(load_file(str(path)), float(meta["seconds"]),
+                     json.loads(meta["losses"]), True)
+    log(f"  joint tangent on {len(p.union)} rows: kappa={cfg.kappa}")
+    r = train_tangent(p.base, p.union, cfg, features=p.union_features, progress=progress,
+                      desc="joint tangent")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in r.delta.items()}, str(path.with_suffix(".tmp")),
+              metadata={"seconds": str(r.train_seconds), "losses": json.dumps(r.epoch_losses)})
+    os.replace(path.with_suffix(".tmp"), path)
+    return Joint(r.delta, r.train_seconds, r.epoch_losses, False)
+
+
 def best_probe(p: Prepared) -> tuple[Any, dict[str, float], float]:
     """The linear probe (deterministic: L-BFGS from zero) at the validation-best L2."""
     t = time.perf_counter()
@@ -300,8 +336,10 @@ def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool 
         for i, seed in enumerate(seeds):
             log(f"== {exp.name} seed {seed} ({i + 1}/{len(seeds)}): tangent kappa={cfg.kappa} "
                 f"lr={cfg.lr}, NL lr={nl_cfg.lr}, epochs={cfg.epochs}")
+            joint = exp.joint_seeds is None or i < exp.joint_seeds
             per_seed.append(run_seed(p, seed, replace(cfg, seed=seed),
-                                     replace(nl_cfg, seed=seed), replace(joint_cfg, seed=seed),
+                                     replace(nl_cfg, seed=seed),
+                                     replace(joint_cfg, seed=seed) if joint else None,
                                      probe, progress,
                                      Path(tmp) / f"forget-{seed}" if forgetting and i == 0
                                      else None))
@@ -314,6 +352,9 @@ def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool 
                 "tangent": cfg.as_dict(), "nonlinear": nl_cfg.as_dict(),
                 "joint_tangent": joint_cfg.as_dict(), "linear_probe_l2": probe.l2,
                 "linear_probe_val_by_l2": probe_val,
+                "joint_tangent_seeds": (f"first {exp.joint_seeds}" if exp.joint_seeds
+                                        else "all") + " (a cached joint Δ is reused when "
+                                        "base, rows, settings and seed are the same)",
                 "seeds_vary": ("training randomness (minibatch order; seed·1000+task per "
                                "component)" + ("" if exp.rule == "classes" else
                                                " and the assignment of pool rows to shards")
@@ -336,20 +377,18 @@ def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool 
 
 
 def run_seed(p: Prepared, seed: int, cfg: TangentConfig, nl_cfg: NonlinearConfig,
-             joint_cfg: TangentConfig, probe: Any, progress: bool,
+             joint_cfg: TangentConfig | None, probe: Any, progress: bool,
              forget_dir: Path | None) -> dict[str, Any]:
     tasks = p.tasks_for(seed)
     comps = train_components(p, tasks, cfg, progress)
     nls = train_nl_components(p, tasks, nl_cfg, progress)
-    log(f"  joint tangent on {len(p.union)} rows: kappa={joint_cfg.kappa}")
-    joint = train_tangent(p.base, p.union, joint_cfg, features=p.union_features,
-                          progress=progress, desc="joint tangent")
+    joint = joint_tangent(p, joint_cfg, progress) if joint_cfg is not None else None
     log("  evaluating")
     deltas = [r.delta for _, r in comps]
     models = [r.params for _, r in nls]
     labels = [lab for lab, _ in comps]
     t = time.perf_counter()
-    scores = {split: method_scores(ev, deltas, models, joint.delta, probe)
+    scores = {split: method_scores(ev, deltas, models, joint.delta if joint else None, probe)
               for split, ev in (("test", p.test), ("val", p.val))}
     accuracy = {split: summarize_scores(ev, s, labels)
                 for (split, s), ev in zip(scores.items(), (p.test, p.val), strict=True)}
@@ -362,17 +401,18 @@ def run_seed(p: Prepared, seed: int, cfg: TangentConfig, nl_cfg: NonlinearConfig
         "train_seconds": {
             "tangent_per_component": {lab: r.train_seconds for lab, r in comps},
             "nonlinear_per_component": {lab: r.train_seconds for lab, r in nls},
-            "joint_tangent": joint.train_seconds},
+            "joint_tangent": joint.train_seconds if joint else None,
+            "joint_tangent_reused": joint.reused if joint else None},
         "losses": {"tangent": {lab: r.epoch_losses for lab, r in comps},
                    "nonlinear": {lab: r.epoch_losses for lab, r in nls},
-                   "joint_tangent": joint.epoch_losses},
+                   "joint_tangent": joint.epoch_losses if joint else None},
     }
     if forget_dir is not None:
         out["forgetting"] = forgetting_check(p.base, tasks, deltas, p.test, classes, forget_dir)
     out["eval_seconds"] = time.perf_counter() - t
     log(f"  seed {seed}: test TMC {accuracy['test']['tmc_mean']:.4f}, NL ensemble "
         f"{accuracy['test']['nl_ensemble_softmax']:.4f}, joint "
-        f"{accuracy['test']['joint_tangent']:.4f}")
+        f"{accuracy['test'].get('joint_tangent', float('nan')):.4f}")
     return out
 
 

@@ -27,19 +27,22 @@ def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
-                  joint: Delta, probe: Any) -> dict[str, Any]:
-    """Logits [N, C] of every method on ``ev``'s split (each tail runs once)."""
+                  joint: Delta | None, probe: Any) -> dict[str, Any]:
+    """Logits [N, C] of every method on ``ev``'s split (each tail runs once); no joint
+    tangent entry when ``joint`` is None."""
     nl = [ev.params_logits(m) for m in models]
-    return {
+    scores = {
         "alone": [ev.tangent_logits(d) for d in deltas],
         "tmc_mean": ev.tangent_logits(compose_deltas(deltas, normalize="mean")),
         "tmc_sum": ev.tangent_logits(compose_deltas(deltas, normalize="none")),
         "nl": nl,
         "nl_weight_average": ev.params_logits(weight_average(models)),
-        "joint_tangent": ev.tangent_logits(joint),
         "linear_probe": ev.params_logits(probe.params()),
         "base_theta0": ev.tangent_logits(None),
     }
+    if joint is not None:
+        scores["joint_tangent"] = ev.tangent_logits(joint)
+    return scores
 
 
 def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str]
@@ -49,7 +52,7 @@ def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str
     alone = [acc(lg) for lg in scores["alone"]]
     # linearity: f0 + J·mean(Δ) == mean over k of (f0 + J·Δ_k), up to float rounding
     mean_of_alone = torch.stack(scores["alone"]).mean(0)
-    return {
+    out = {
         "components_alone": dict(zip(labels, alone, strict=True)),
         "component_alone_mean": float(np.mean(alone)),
         "tmc_mean": acc(scores["tmc_mean"]),
@@ -59,13 +62,15 @@ def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str
         "nl_ensemble_softmax": acc(softmax_mean(scores["nl"])),
         "nl_ensemble_logits": acc(torch.stack(scores["nl"]).mean(0)),
         "nl_weight_average": acc(scores["nl_weight_average"]),
-        "joint_tangent": acc(scores["joint_tangent"]),
         "linear_probe": acc(scores["linear_probe"]),
         "base_theta0": acc(scores["base_theta0"]),
         "tmc_vs_mean_of_alone_max_abs_logit": float(
             (scores["tmc_mean"] - mean_of_alone).abs().max()),
         "rows": len(ev),
     }
+    if "joint_tangent" in scores:
+        out["joint_tangent"] = acc(scores["joint_tangent"])
+    return out
 
 
 def seen_rows(labels: torch.Tensor, classes: list[list[int]] | None, k: int) -> torch.Tensor:

@@ -34,13 +34,13 @@ def aggregate_accuracy(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for split in per_seed[0]["accuracy"]:
         docs = [s["accuracy"][split] for s in per_seed]
         agg: dict[str, Any] = {}
-        for key, first in docs[0].items():
+        for key, first in docs[0].items():  # a figure some seeds lack: over those that have it
             if isinstance(first, dict):
                 agg[key] = {lab: spread([d[key][lab] for d in docs]) for lab in first}
             elif key == "rows":
                 agg[key] = first
             else:
-                agg[key] = spread([d[key] for d in docs])
+                agg[key] = spread([d[key] for d in docs if key in d])
         out[split] = agg
     return out
 

@@ -284,6 +284,12 @@ def mean_spread(stats: Any) -> str:
     return num(stats)
 
 
+def seed_count(stats: Any, seeds: int) -> str:
+    """' (first k of n seeds)' when a figure exists for fewer seeds than the run had."""
+    k = len(stats.get("values", [])) if isinstance(stats, dict) else seeds
+    return f" (first {k} of {seeds} seeds)" if k < seeds else ""
+
+
 def accuracy_experiment(doc: Doc, path: Path) -> str:
     test = doc.get("accuracy", {}).get("test", {})
     s = doc.get("settings", {})
@@ -299,7 +305,8 @@ def accuracy_experiment(doc: Doc, path: Path) -> str:
              f"({exp.get('selected_on') or 'see the *_select.json files'}); seeds vary "
              f"{s.get('seeds_vary', 'the training seed')}.", "",
              table(["method", "test accuracy, mean ± std (min–max over seeds)"],
-                   [[label, mean_spread(test.get(key))] for key, label in ACCURACY_METHODS
+                   [[label + seed_count(test.get(key), len(seeds)),
+                     mean_spread(test.get(key))] for key, label in ACCURACY_METHODS
                     if key in test])]
     c = doc.get("continual")
     if isinstance(c, dict):
