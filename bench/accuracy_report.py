@@ -134,15 +134,17 @@ def plot_forgetting(docs: list[dict[str, Any]], path: Path) -> Path:
         rows = f["per_component"]
         x = np.arange(len(rows))
         for i, (key, label, color) in enumerate(bars):
-            ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], 0.27, label=label, color=color)
+            drawn = ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], 0.27, label=label,
+                           color=color)
+            ax.bar_label(drawn, fmt="%.2f", fontsize=5, rotation=90, padding=2)
         ax.set_xticks(x, [f"{i}" for i in range(len(rows))])
         ax.set_xlabel("forgotten component")
         ax.set_ylabel(f"accuracy on {f['own_rows_are']}", fontsize=7)
         exact = "bit-identical" if f["all_bit_identical"] else "NOT identical"
         ax.set_title(f"{doc['experiment']}: after forget vs never = {exact}", fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.15)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].legend(fontsize=7, loc="upper center", ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
