@@ -36,8 +36,13 @@ class Metrics:
                                      buckets=SIZE_BUCKETS, registry=r)
         self.batch_groups = Histogram("tmc_batch_groups", "Distinct compositions per batch",
                                       buckets=SIZE_BUCKETS, registry=r)
+        self.trunk_seconds = Histogram("tmc_trunk_duration_seconds",
+                                       "Device time of the trunk pass shared by a batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
         self.forward_seconds = Histogram("tmc_forward_duration_seconds",
-                                         "Device time per group forward", ["kind"],
+                                         "Device time per composition group: its tangent tail "
+                                         "(after the shared trunk), or the whole network when "
+                                         "the group runs alone", ["kind"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.cache_hits = Counter("tmc_composition_cache_hits",
                                   "Composed-Δ cache hits", registry=r)

@@ -147,6 +147,7 @@ class DeviceWorker:
 
     def _run_batch(self, groups: list[list[Job]]) -> None:
         """One trunk pass for the whole batch, then one tail per composition group."""
+        started = time.perf_counter()
         try:
             h = self.executor.trunk(self.collate([i for g in groups for j in g for i in j.items]))
         except Exception:  # isolate the culprit: each group runs on its own
@@ -154,6 +155,7 @@ class DeviceWorker:
             for jobs in groups:
                 self._run_group(jobs, None)
             return
+        self.metrics.trunk_seconds.observe(time.perf_counter() - started)
         start = 0
         for jobs in groups:
             rows = sum(len(j.items) for j in jobs)

@@ -200,12 +200,14 @@ def serving_section(doc: Doc, path: Path) -> str:
                   "groups/batch", "offline inputs/s at that batch", "service/offline",
                   "server CPU cores", "server CPU ms/input", "÷ offline CPU/input", "errors"],
                  rows)]
-    out.append("\nWhere the time goes, server side (means over the window, ms): the device "
-               "forward per group, the wait from admission to a batch, the whole request inside "
+    out.append("\nWhere the time goes, server side (means over the window, ms): the trunk pass "
+               "per device batch (– in runs before that metric existed), the tangent tail per "
+               "composition group, the wait from admission to a batch, the whole request inside "
                "the app's middleware; the client's p50 for comparison:\n")
-    out.append(table(["workload", "clients", "forward", "queue wait", "request (server)",
-                      "p50 (client)"], [
-        [mode, conc, num(r.get("server_forward_ms_mean")), num(r.get("server_queue_wait_ms_mean")),
+    out.append(table(["workload", "clients", "trunk", "tail per group", "queue wait",
+                      "request (server)", "p50 (client)"], [
+        [mode, conc, num(r.get("server_trunk_ms_mean")), num(r.get("server_forward_ms_mean")),
+         num(r.get("server_queue_wait_ms_mean")),
          num(r.get("server_request_ms_mean")), num(r["latency_ms"]["p50"])]
         for mode, levels in res["load"].items() for conc, r in levels.items()]))
     out.append("\nOffline `Executor.run` (same base and composition, in-process; ms per call, "

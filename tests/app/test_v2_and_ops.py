@@ -80,7 +80,8 @@ def test_metrics_parse_as_prometheus_text(admin_client, client, tiny_base):
     text = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("tmc_requests", "tmc_request_duration_seconds", "tmc_batch_size",
-                 "tmc_forward_duration_seconds", "tmc_forgets", "tmc_queue_wait_seconds",
+                 "tmc_forward_duration_seconds", "tmc_trunk_duration_seconds", "tmc_forgets",
+                 "tmc_queue_wait_seconds",
                  "tmc_registry_generation"):
         assert name in families, name
     assert "tmc_build_info" in text and tiny_base.fingerprint in text
