@@ -467,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run " + ", ".join(DEFAULT_RUN) + " (what `make bench` runs)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run (120 rows per task, 2 epochs, one seed)")
-    ap.add_argument("--seeds", help="comma-separated training seeds (default "
-                    + ",".join(map(str, DEFAULT_SEEDS)) + "; --quick: 0)")
+    ap.add_argument("--seeds", help="comma-separated training seeds (default $TMC_BENCH_SEEDS "
+                    "or " + ",".join(map(str, DEFAULT_SEEDS)) + "; --quick: 0)")
     ap.add_argument("--no-forgetting", action="store_true",
                     help="skip the registry forget check (it runs on the first seed)")
     ap.add_argument("--select", action="store_true", help="sweep κ/lr on the validation split")
@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_one(exp: Experiment, args: argparse.Namespace) -> None:
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else (
+    seeds_text = args.seeds or os.environ.get("TMC_BENCH_SEEDS")
+    seeds = [int(x) for x in seeds_text.split(",")] if seeds_text else (
         [0] if args.quick else list(DEFAULT_SEEDS))
     if args.quick:
         exp = replace(exp, per_task=120 if exp.rule == "classes" else None,
