@@ -286,15 +286,20 @@ class Joint:
 
 
 def joint_tangent(p: Prepared, cfg: TangentConfig, progress: bool) -> Joint:
-    """Tangent fine-tuning on all the tasks' rows, kept on disk by (base, rows, settings):
-    fmnist-data-il and fmnist-data-il-10 share one pool, so they share this model."""
+    """Tangent fine-tuning on all the tasks' rows, kept on disk by (base, rows, settings,
+    trainer source): fmnist-data-il and fmnist-data-il-10 share one pool, so one model."""
     import hashlib
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    import training.loop
+    import training.tangent_train
+
     h = hashlib.sha256(f"joint\0{p.base.fingerprint}\0{json.dumps(cfg.as_dict())}\0".encode())
     h.update(np.ascontiguousarray(p.union.index).tobytes())
+    for module in (training.tangent_train, training.loop):  # a changed trainer: a new key
+        h.update(Path(str(module.__file__)).read_bytes())
     path = CACHE_DIR / f"joint-{h.hexdigest()[:32]}.safetensors"
     if path.is_file():
         with safe_open(str(path), "pt") as f:
