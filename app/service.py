@@ -12,6 +12,7 @@ import binascii
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,11 +75,20 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.worker.start()
+        if self.settings.torch_threads is not None:  # OpenMP's thread count is per calling
+            # thread: set it on the device thread, which runs the model
+            self.worker.call(partial(torch.set_num_threads, self.settings.torch_threads))
         self.worker.call(self._warm_up)
         self.metrics.build.info({"base": self.base.spec.name,
                                  "base_fingerprint": self.base.fingerprint,
                                  "device": str(self.device), "version": "0.1.0"})
         self.ready = True
+
+    def intra_op_threads(self) -> int:
+        """torch's intra-op thread count as the device thread sees it."""
+        seen: list[int] = []
+        self.worker.call(lambda: seen.append(torch.get_num_threads()))
+        return seen[0]
 
     def _warm_up(self) -> None:
         self.executor.run(make_plan([], 0, "none", False), self.base.preprocessor.example())

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     inference_token: str | None = Field(None, description="optional token for inference")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = Field(None, ge=1, le=1024,
+                                      description="torch intra-op threads (None: torch's choice)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(32, ge=1, le=4096)

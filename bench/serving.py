@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, help="seconds discarded per level (default 2)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--offline-rounds", type=int, help="rounds before and after the load")
+    ap.add_argument("--torch-threads", type=int,
+                    help="TMC_TORCH_THREADS for the server (result: serving_threads<N>.json)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     duration = args.duration or (2.5 if args.quick else 10.0)
@@ -421,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         base_dir = Path(tmp) / "base"
         init_base(base_dir, make_spec("effnet-lite0", options=BASE_OPTIONS))
         common.log("base ready; starting tmc serve")
-        with common.tmc_server(base_dir, Path(tmp) / "server") as server:
+        server_env = ({"TMC_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads
+                      else {})
+        with common.tmc_server(base_dir, Path(tmp) / "server", env=server_env) as server:
             base = load_base(base_dir, check_forward_ad=False)
             by_digest, ids = push_components(server, base.region, base.fingerprint)
             cases = offline_cases(base_dir, by_digest, ids, images)
@@ -440,12 +444,13 @@ def main(argv: list[str] | None = None) -> int:
                 "input_format": "base64 PNG, 28×28 grey", "images": source,
                 "concurrency": levels, "warmup_s": warmup, "duration_s": duration,
                 "offline_batches": list(OFFLINE_BATCHES), "offline_rounds": 2 * rounds,
-                "server": {"TMC_MAX_BATCH_SIZE": "32 (default)",
+                "server": {**server_env, "TMC_MAX_BATCH_SIZE": "32 (default)",
                            "TMC_MAX_QUEUE_DELAY_MS": "2 (default)", "TMC_DEVICE": "cpu"},
                 "client": "asyncio, one keep-alive HTTP/1.1 connection per client, closed loop"}
     results = {"load": load, "offline": offline, "comparison": cmp,
                "offline_raw_seconds": {"wall": timings.wall, "cpu": timings.cpu}}
-    common.finish(NAME, args.quick, info, settings, results, targets, started,
+    name = f"{NAME}_threads{args.torch_threads}" if args.torch_threads else NAME
+    common.finish(name, args.quick, info, settings, results, targets, started,
                   partial(plot, load, offline, cmp))
     return 0
 

@@ -95,3 +95,20 @@ def test_named_composition_with_compare_and_set(admin_client, client, tiny_base)
     assert admin_client.delete("/v1/compositions/prod").status_code == 200
     assert client.post("/v1/predict", json={"inputs": x.tolist(),
                                             "composition": "prod"}).status_code == 404
+
+
+def test_torch_threads_setting_applies_on_the_device_thread(tiny_base_dir, tmp_path):
+    import pydantic
+    import pytest
+
+    from app.service import Service
+
+    svc = Service.build(settings_for(tiny_base_dir, tmp_path / "r", torch_threads=1))
+    svc.start()
+    try:
+        assert svc.intra_op_threads() == 1
+    finally:
+        svc.worker.stop(5.0)
+        svc.registry.close()
+    with pytest.raises(pydantic.ValidationError, match="torch_threads"):
+        settings_for(tiny_base_dir, tmp_path / "r", torch_threads=0)
