@@ -87,8 +87,16 @@ class DeviceWorker:
         self._queue.put(job)
 
     def call(self, action: Callable[[], None], timeout: float = 30.0) -> None:
-        """Run action on the device thread, between groups; wait for it."""
+        """Run action on the device thread, between groups; wait for it.
+
+        Called on the device thread itself — a registry forget hook fires while a group
+        loads a component that was just forgotten — it runs at once: queueing it there
+        would wait for this very thread (the whole device stalled for ``timeout``).
+        """
         control = Control(action)
+        if threading.current_thread() is self._thread:
+            self._run_control(control)
+            return
         self._queue.put(control)
         control.done.wait(timeout)
 

@@ -101,3 +101,32 @@ def test_purge_drops_component_and_composed_entries(tiny_base):
     ex.purge(["d0"])
     assert p01.key not in ex.composed and p1.key in ex.composed
     assert "d0" not in ex.components and "d1" in ex.components
+
+
+def test_a_forget_hook_firing_on_the_device_thread_does_not_stall_it(tiny_base):
+    """The registry fires its purge hook on whichever thread finds a version forgotten —
+    the device thread itself when it loads a component forgotten since the plan was made.
+    The hook's worker.call must then run at once, not wait for its own thread."""
+    import time
+
+    tensors = {"kept": random_delta(tiny_base, fresh_seed())}
+    purged: list[list[str]] = []
+
+    def load(digest):
+        if digest == "gone":  # as the registry does: purge hook, then NotFound
+            worker.call(lambda: purged.append(["gone"]), timeout=20.0)
+            raise LookupError("no component version gone")
+        return tensors[digest]
+
+    ex = Executor(tiny_base.net, load, torch.device("cpu"), torch.float32, 1 << 24)
+    worker = DeviceWorker(ex, tiny_base.preprocessor.collate, Metrics(), 64, 0.005, 64)
+    worker.start()
+    x = [torch.randn(64)]
+    started = time.monotonic()
+    results = asyncio.run(run_jobs(worker, [(x, plan_for([("gone", 1.0)])),
+                                            (x, plan_for([("kept", 1.0)]))], threading.Event()))
+    elapsed = time.monotonic() - started
+    worker.stop(5)
+    assert isinstance(results[0], LookupError) and purged == [["gone"]]
+    assert not isinstance(results[1], BaseException)
+    assert elapsed < 10.0, f"device thread stalled {elapsed:.1f} s on its own call"
