@@ -96,7 +96,9 @@ class LinearizedNet:
             return res
 
         with torch.no_grad():
-            y0, dy = jvp(tail_fn, primals, tangents)
+            out = jvp(tail_fn, primals, tangents)  # (value, tangent) without has_aux
+        y0: torch.Tensor = out[0]
+        dy: torch.Tensor = out[1]
         return y0, dy
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LinearizedNet:
@@ -119,9 +121,10 @@ class LinearizedNet:
             return res
 
         with torch.no_grad():
-            y0, dy = jvp(net_fn, tuple(self.params[n] for n in names),
-                         tuple(delta[n] for n in names))
-        return y0 + dy
+            out = jvp(net_fn, tuple(self.params[n] for n in names),
+                      tuple(delta[n] for n in names))
+        y: torch.Tensor = out[0] + out[1]
+        return y
 
     def random_delta(self, generator: torch.Generator, scale: float = 1e-2) -> Delta:
         """A random tangent over the whole region (for probes and tests)."""
