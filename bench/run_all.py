@@ -39,6 +39,7 @@ class Step:
     limit_s: float = 900.0
     quick_limit_s: float = 300.0
     needs_flags: tuple[str, ...] = ()  # flags its --help must list, else "missing"
+    parallel_ok: bool = False  # may run beside other such steps (--jobs): no timings inside
 
 
 STEPS = (
@@ -50,9 +51,12 @@ STEPS = (
     Step("registry_latency", "bench.registry_latency", quick_args=("--repeats", "3"),
          limit_s=600, quick_limit_s=300),
     *(Step(f"accuracy-{name}", "bench.accuracy", args=("--experiment", name),
-           limit_s=limit, quick_limit_s=300, needs_flags=("--seeds",))
-      for name, limit in (("fmnist-class-il", 1200), ("fmnist-data-il", 1200),
-                          ("fmnist-data-il-10", 1200), ("bbc-data-il", 2400))),
+           limit_s=limit, quick_limit_s=quick_limit, needs_flags=("--seeds",),
+           parallel_ok=True)
+      for name, limit, quick_limit in (("fmnist-class-il", 1200, 300),
+                                       ("fmnist-data-il", 1200, 300),
+                                       ("fmnist-data-il-10", 1200, 300),
+                                       ("bbc-data-il", 3000, 480))),
 )
 
 
@@ -83,7 +87,7 @@ def missing_reason(step: Step) -> str | None:
     return None
 
 
-def run_step(step: Step, quick: bool) -> Outcome:
+def run_step(step: Step, quick: bool, threads: int | None = None) -> Outcome:
     command = [sys.executable, "-m", step.module, *step.args,
                *(step.quick_args if quick else ())]
     reason = missing_reason(step)
@@ -93,7 +97,10 @@ def run_step(step: Step, quick: bool) -> Outcome:
     limit = step.quick_limit_s if quick else step.limit_s
     print(f"== {step.name}: {' '.join(command[1:])} (limit {limit:.0f} s)", flush=True)
     started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+    env = dict(os.environ)
+    if threads is not None:  # one process per core beats one process on every core here
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     tail: deque[str] = deque(maxlen=40)
     reader = threading.Thread(target=_pump, args=(proc, step.name, tail), daemon=True)
@@ -144,6 +151,23 @@ def _merge(path: Path, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged + list(new.values())
 
 
+def run_steps(steps: list[Step], quick: bool, jobs: int) -> list[Outcome]:
+    """Timing steps one by one; then the parallel_ok steps ``jobs`` at a time, each with
+    cores // jobs torch threads (jobs 1: all of them in turn, torch's own thread count)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    serial = [s for s in steps if not (jobs > 1 and s.parallel_ok)]
+    outcomes = {s.name: run_step(s, quick) for s in serial}
+    rest = [s for s in steps if s.name not in outcomes]
+    if rest:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for s, o in zip(rest, pool.map(lambda st: run_step(st, quick, threads), rest),
+                            strict=True):
+                outcomes[s.name] = o
+    return [outcomes[s.name] for s in steps]
+
+
 def picked(name: str, tokens: set[str]) -> bool:
     """'accuracy' names every accuracy-* step; a full name names one."""
     return any(name == t or name.startswith(t + "-") for t in tokens)
@@ -155,11 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
     ap.add_argument("--only", help="comma-separated benchmark names")
     ap.add_argument("--skip", help="comma-separated benchmark names")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the accuracy experiments this many at a time, each with "
+                         "cores/jobs torch threads (timing benchmarks always run alone, first)")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     skip = set(args.skip.split(",")) if args.skip else set()
-    outcomes = [run_step(s, args.quick) for s in STEPS
-                if (only is None or picked(s.name, only)) and not picked(s.name, skip)]
+    chosen = [s for s in STEPS
+              if (only is None or picked(s.name, only)) and not picked(s.name, skip)]
+    started = time.perf_counter()
+    outcomes = run_steps(chosen, args.quick, args.jobs)
+    elapsed = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("run_all_quick.json" if args.quick else "run_all.json")
     steps = [o.__dict__ for o in outcomes]
@@ -168,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "name": "run_all", "quick": args.quick,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_seconds": sum(float(s.get("seconds") or 0.0) for s in steps),
+        "wall_seconds": sum(float(s.get("seconds") or 0.0) for s in steps),  # steps summed
+        "last_invocation": {"elapsed_seconds": elapsed, "jobs": args.jobs,
+                            "steps": [o.name for o in outcomes]},
         "steps": steps}
     path.write_text(json.dumps(record, indent=1) + "\n")
     from bench import summary
