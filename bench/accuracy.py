@@ -393,7 +393,9 @@ def run_seed(p: Prepared, seed: int, cfg: TangentConfig, nl_cfg: NonlinearConfig
     models = [r.params for _, r in nls]
     labels = [lab for lab, _ in comps]
     t = time.perf_counter()
-    scores = {split: method_scores(ev, deltas, models, joint.delta if joint else None, probe)
+    # validation: only what is chosen there (TMC normalization, NL combination)
+    scores = {split: method_scores(ev, deltas, models, joint.delta if joint else None, probe,
+                                   selection_only=split == "val")
               for split, ev in (("test", p.test), ("val", p.val))}
     accuracy = {split: summarize_scores(ev, s, labels)
                 for (split, s), ev in zip(scores.items(), (p.test, p.val), strict=True)}

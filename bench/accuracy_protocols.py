@@ -27,19 +27,22 @@ def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
-                  joint: Delta | None, probe: Any) -> dict[str, Any]:
+                  joint: Delta | None, probe: Any, selection_only: bool = False
+                  ) -> dict[str, Any]:
     """Logits [N, C] of every method on ``ev``'s split (each tail runs once); no joint
-    tangent entry when ``joint`` is None."""
-    nl = [ev.params_logits(m) for m in models]
-    scores = {
-        "alone": [ev.tangent_logits(d) for d in deltas],
+    tangent entry when ``joint`` is None. ``selection_only`` (the validation split): only
+    what is chosen on validation — TMC's normalization and the non-linear combination."""
+    scores: dict[str, Any] = {
         "tmc_mean": ev.tangent_logits(compose_deltas(deltas, normalize="mean")),
         "tmc_sum": ev.tangent_logits(compose_deltas(deltas, normalize="none")),
-        "nl": nl,
+        "nl": [ev.params_logits(m) for m in models],
         "nl_weight_average": ev.params_logits(weight_average(models)),
-        "linear_probe": ev.params_logits(probe.params()),
-        "base_theta0": ev.tangent_logits(None),
     }
+    if selection_only:
+        return scores
+    scores["alone"] = [ev.tangent_logits(d) for d in deltas]
+    scores["linear_probe"] = ev.params_logits(probe.params())
+    scores["base_theta0"] = ev.tangent_logits(None)
     if joint is not None:
         scores["joint_tangent"] = ev.tangent_logits(joint)
     return scores
@@ -47,14 +50,10 @@ def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Param
 
 def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str]
                      ) -> dict[str, Any]:
-    """Accuracies from method_scores, plus the linearity check of the composition."""
+    """Accuracies from method_scores, plus the linearity check of the composition (when
+    the components' own logits are there)."""
     acc = ev.accuracy_of
-    alone = [acc(lg) for lg in scores["alone"]]
-    # linearity: f0 + J·mean(Δ) == mean over k of (f0 + J·Δ_k), up to float rounding
-    mean_of_alone = torch.stack(scores["alone"]).mean(0)
-    out = {
-        "components_alone": dict(zip(labels, alone, strict=True)),
-        "component_alone_mean": float(np.mean(alone)),
+    out: dict[str, Any] = {
         "tmc_mean": acc(scores["tmc_mean"]),
         "tmc_sum": acc(scores["tmc_sum"]),
         "nl_alone": {lab: acc(lg) for lab, lg in zip(labels, scores["nl"], strict=True)},
@@ -62,14 +61,18 @@ def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str
         "nl_ensemble_softmax": acc(softmax_mean(scores["nl"])),
         "nl_ensemble_logits": acc(torch.stack(scores["nl"]).mean(0)),
         "nl_weight_average": acc(scores["nl_weight_average"]),
-        "linear_probe": acc(scores["linear_probe"]),
-        "base_theta0": acc(scores["base_theta0"]),
-        "tmc_vs_mean_of_alone_max_abs_logit": float(
-            (scores["tmc_mean"] - mean_of_alone).abs().max()),
         "rows": len(ev),
     }
-    if "joint_tangent" in scores:
-        out["joint_tangent"] = acc(scores["joint_tangent"])
+    if "alone" in scores:
+        alone = [acc(lg) for lg in scores["alone"]]
+        out["components_alone"] = dict(zip(labels, alone, strict=True))
+        out["component_alone_mean"] = float(np.mean(alone))
+        # linearity: f0 + J·mean(Δ) == mean over k of (f0 + J·Δ_k), up to float rounding
+        out["tmc_vs_mean_of_alone_max_abs_logit"] = float(
+            (scores["tmc_mean"] - torch.stack(scores["alone"]).mean(0)).abs().max())
+    for key in ("linear_probe", "base_theta0", "joint_tangent"):
+        if key in scores:
+            out[key] = acc(scores[key])
     return out
 
 
@@ -87,14 +90,18 @@ def continual_curve(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Par
     """Tasks arrive one by one: after k of them, each method combines the first k models.
 
     Class-incremental: scored on the test rows of the classes seen so far (all 10 outputs
-    compete); data-incremental: on the whole test split.
+    compete); data-incremental: on the whole test split. TMC of the first k < K is the mean
+    of those components' own logits — f0 + J·mean(Δ) by linearity, exact up to float
+    rounding (summarize_scores measures that difference at k = K, where the composed
+    forward is run) — so the curve costs no extra JVP pass; the weight average is not
+    linear and runs each prefix.
     """
     curve: dict[str, Any] = {"k": [], "rows": [], "tmc_mean": [], "nl_ensemble_softmax": [],
                              "nl_weight_average": [], "newest_component_alone": []}
     for k in range(1, len(deltas) + 1):
         rows = seen_rows(ev.labels, classes, k)
-        tmc = scores["tmc_mean"] if k == len(deltas) else ev.tangent_logits(
-            compose_deltas(deltas[:k], normalize="mean"))
+        tmc = scores["tmc_mean"] if k == len(deltas) else torch.stack(
+            scores["alone"][:k]).mean(0)
         wavg = scores["nl_weight_average"] if k == len(models) else ev.params_logits(
             weight_average(models[:k]))
         for key, lg in (("tmc_mean", tmc), ("nl_ensemble_softmax", softmax_mean(
@@ -105,6 +112,8 @@ def continual_curve(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Par
         curve["rows"].append(int(rows.sum()))
     curve["scope"] = ("test rows of the classes seen so far" if classes is not None
                       else "whole test split")
+    curve["tmc_prefixes"] = ("k < K: mean of the first k components' logits (linearity); "
+                             "k = K: the composed forward")
     return curve
 
 
@@ -147,12 +156,14 @@ def forgetting_check(base: Any, tasks: Sequence[tuple[str, Any, Any]], deltas: S
     Records whether A's served Δ (and logits) after the forget equal B's bit for bit, and the
     accuracy on j's own rows (class-incremental: test rows of its classes; data-incremental:
     its training shard) and on the other rows, with j, after forgetting j, and never with j.
+    "With" is the same composition for every j: on the whole test split it runs once.
     """
     from tangent import encode_component
 
     blobs = {f"task-{k}": encode_component(d, base.fingerprint, {"task": label})
              for k, ((label, _, _), d) in enumerate(zip(tasks, deltas, strict=True))}
     rows: list[dict[str, Any]] = []
+    with_on_test: torch.Tensor | None = None  # the all-K composition on the test split
     for j, (label, ds, feats) in enumerate(tasks):
         cid = f"task-{j}"
         reg_a = registry_with(base, workdir / f"a{j}", blobs)
@@ -169,8 +180,14 @@ def forgetting_check(base: Any, tasks: Sequence[tuple[str, Any, Any]], deltas: S
         finally:
             reg_b.close()
         own, other = forgotten_rows(base, test, ds, feats, classes, j)
-        logits = {name: (own.tangent_logits(d), other.tangent_logits(d))
-                  for name, d in (("with", with_j), ("after_forget", after), ("never", never))}
+        if other is not test:
+            with_other = other.tangent_logits(with_j)
+        else:
+            with_on_test = test.tangent_logits(with_j) if with_on_test is None else with_on_test
+            with_other = with_on_test
+        logits = {"with": (own.tangent_logits(with_j), with_other),
+                  **{name: (own.tangent_logits(d), other.tangent_logits(d))
+                     for name, d in (("after_forget", after), ("never", never))}}
         rows.append({
             "forgotten": label, "forget_generation": receipt.generation,
             "delta_bit_identical_to_never": same_delta(after, never),

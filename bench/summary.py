@@ -474,8 +474,13 @@ def run_status(results: Path) -> str:
         if doc and isinstance(doc.get("steps"), list):
             rows = [[s.get("name"), s.get("status"), num(s.get("seconds")), s.get("detail", "")]
                     for s in doc["steps"]]
+            last = doc.get("last_invocation") or {}
+            elapsed = (f"{num(last.get('elapsed_seconds'))} s elapsed with --jobs "
+                       f"{last.get('jobs')} for {len(last.get('steps', []))} of "
+                       f"{len(rows)} steps; " if last else "")
             return (f"Last `python -m bench.run_all{' --quick' if doc.get('quick') else ''}`"
-                    f" ({doc.get('written', '?')}, {num(doc.get('wall_seconds'))} s):\n\n"
+                    f" ({doc.get('written', '?')}, {elapsed}steps summed "
+                    f"{num(doc.get('wall_seconds'))} s):\n\n"
                     + table(["benchmark", "status", "seconds", "detail"], rows))
     return ""
 

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from bases import Base
-from bench.accuracy_protocols import continual_curve, forgetting_check, method_scores
+from bench.accuracy_protocols import (
+    continual_curve,
+    forgetting_check,
+    method_scores,
+    summarize_scores,
+)
 from tests.training.conftest import JIT_WARNING
 from training.data import Splits, shard_random
-from training.evaluate import Evaluator
+from training.evaluate import Evaluator, compose_deltas
 from training.features import trunk_features
 from training.probe import train_linear_probe
 
@@ -43,8 +48,15 @@ def test_continual_prefixes_are_the_compositions_of_the_first_k(
     scores = method_scores(ev, deltas, models, deltas[0], probe)
     curve = continual_curve(ev, deltas, models, scores, None)
     assert curve["k"] == [1, 2, 3] and curve["rows"] == [len(ev)] * 3
+    one_row = 1.0 / len(ev) + 1e-12
     for k in (1, 2, 3):
-        assert curve["tmc_mean"][k - 1] == ev.tmc(deltas[:k])
+        # prefixes k < K come from the components' own logits (linearity): the composed
+        # forward gives the same logits up to float rounding, the same accuracy up to a tie
+        composed = ev.tangent_logits(compose_deltas(deltas[:k], normalize="mean"))
+        torch.testing.assert_close(torch.stack(scores["alone"][:k]).mean(0), composed,
+                                   rtol=0, atol=1e-5)
+        assert curve["tmc_mean"][k - 1] == pytest.approx(ev.tmc(deltas[:k]), abs=one_row)
+    assert curve["tmc_mean"][2] == ev.accuracy_of(scores["tmc_mean"])  # k = K: composed
     assert curve["newest_component_alone"][2] == ev.tangent(deltas[2])
     # class-incremental scoring looks only at the rows of the classes seen so far
     classes = [[0, 1], [2, 3], [4, 5]]
@@ -52,6 +64,25 @@ def test_continual_prefixes_are_the_compositions_of_the_first_k(
     seen = np.isin(digit_splits.test.labels, [0, 1])
     assert curve["rows"][0] == int(seen.sum())
     assert curve["tmc_mean"][0] == ev.subset(np.flatnonzero(seen)).tmc(deltas[:1])
+
+
+def test_validation_scores_hold_only_what_is_chosen_there(
+        tiny: Base, digit_splits: Splits, gen: torch.Generator) -> None:
+    ev = Evaluator(tiny, digit_splits.val)
+    deltas = random_deltas(tiny, 2, gen)
+    models = [{n: tiny.net.params[n] + d.get(n, 0) for n in tiny.net.names} for d in deltas]
+    probe = train_linear_probe(tiny, digit_splits.train, l2=1e-3, max_iter=20)
+    full = method_scores(ev, deltas, models, deltas[0], probe)
+    val = method_scores(ev, deltas, models, deltas[0], probe, selection_only=True)
+    assert set(val) == {"tmc_mean", "tmc_sum", "nl", "nl_weight_average"}
+    for key in val:  # the same tails, the same logits
+        assert all(torch.equal(a, b) for a, b in zip(
+            val[key] if key == "nl" else [val[key]],
+            full[key] if key == "nl" else [full[key]], strict=True))
+    acc = summarize_scores(ev, val, ["a", "b"])
+    assert acc["tmc_mean"] == ev.tmc(deltas) and "components_alone" not in acc
+    assert acc["nl_weight_average"] == summarize_scores(ev, full, ["a", "b"])[
+        "nl_weight_average"]
 
 
 def test_forgetting_through_the_registry_equals_never_having_it(
