@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import fcntl
 import json
 import sys
 import tempfile
@@ -301,19 +302,24 @@ def joint_tangent(p: Prepared, cfg: TangentConfig, progress: bool) -> Joint:
     for module in (training.tangent_train, training.loop):  # a changed trainer: a new key
         h.update(Path(str(module.__file__)).read_bytes())
     path = CACHE_DIR / f"joint-{h.hexdigest()[:32]}.safetensors"
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        log(f"  joint tangent: reusing {path} (same base, rows, settings and seed)")
-        return Joint(load_file(str(path)), float(meta["seconds"]),
-                     json.loads(meta["losses"]), True)
-    log(f"  joint tangent on {len(p.union)} rows: kappa={cfg.kappa}")
-    r = train_tangent(p.base, p.union, cfg, features=p.union_features, progress=progress,
-                      desc="joint tangent")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in r.delta.items()}, str(path.with_suffix(".tmp")),
-              metadata={"seconds": str(r.train_seconds), "losses": json.dumps(r.epoch_losses)})
-    os.replace(path.with_suffix(".tmp"), path)
+    # experiments running side by side (run_all --jobs) that need the same joint model: the
+    # first trains it, the others wait for it here and reuse it
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            log(f"  joint tangent: reusing {path} (same base, rows, settings and seed)")
+            return Joint(load_file(str(path)), float(meta["seconds"]),
+                         json.loads(meta["losses"]), True)
+        log(f"  joint tangent on {len(p.union)} rows: kappa={cfg.kappa}")
+        r = train_tangent(p.base, p.union, cfg, features=p.union_features, progress=progress,
+                          desc="joint tangent")
+        save_file({n: t.contiguous() for n, t in r.delta.items()}, str(path.with_suffix(".tmp")),
+                  metadata={"seconds": str(r.train_seconds),
+                            "losses": json.dumps(r.epoch_losses)})
+        os.replace(path.with_suffix(".tmp"), path)
     return Joint(r.delta, r.train_seconds, r.epoch_losses, False)
 
 

@@ -55,7 +55,7 @@ STEPS = (
     # BBC's minilm tail is compute-bound (one tangent epoch: 10.3 s on 1 thread, 5.7 s on 2):
     # it runs alone on every core; the Fashion-MNIST tails (a conv head on 2×2 maps) are
     # op-overhead bound (a component trains in 9.4–11.7 s on 1 thread vs 12.9–15.5 s on 2),
-    # so they run two at a time on one thread each. Longest first.
+    # so they run side by side on one thread each (--jobs). Longest first.
     *(Step(f"accuracy-{name}", "bench.accuracy", args=("--experiment", name),
            limit_s=limit, quick_limit_s=quick_limit, needs_flags=("--seeds",),
            parallel_ok=packed)
@@ -185,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
     ap.add_argument("--only", help="comma-separated benchmark names")
     ap.add_argument("--skip", help="comma-separated benchmark names")
-    ap.add_argument("--jobs", type=int, default=2,
+    ap.add_argument("--jobs", type=int, default=3,
                     help="run the Fashion-MNIST accuracy experiments this many at a time, each "
-                         "with cores/jobs torch threads (default 2; 1: every step alone, in "
-                         "turn). Timing benchmarks and BBC always run alone, first")
+                         "with max(1, cores/jobs) torch threads (default 3: all three at once, "
+                         "one thread each on 2 cores; 1: every step alone, in turn). Timing "
+                         "benchmarks and BBC always run alone, first")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     skip = set(args.skip.split(",")) if args.skip else set()
