@@ -4,6 +4,10 @@
 
 'accuracy' in --only/--skip names every accuracy-<experiment> step.
 
+Order: the timing benchmarks one at a time, then BBC alone on every core, then the three
+Fashion-MNIST accuracy experiments side by side on one thread each (--jobs; ~54 min in all on
+2 cores from an empty cache, 2026-11-27).
+
 Each benchmark runs as its own subprocess (its own process group) with a time limit; one
 that is missing (module or flag not there yet), fails or runs out of time is reported and
 the run goes on. The statuses go to bench/results/run_all[_quick].json and into the summary.
