@@ -30,6 +30,9 @@ from bases import Base, InputError, load_base
 from tangent import Normalize
 
 log = logging.getLogger("tmc.service")
+# A request whose pinned component version is forgotten before it runs is resolved again;
+# each forget can cost it one round, so a bound keeps a storm of forgets from looping it.
+MAX_REPLANS = 3
 
 
 @dataclass
@@ -110,19 +113,38 @@ class Service:
         self.worker.expect()
         try:
             items = await run_in_threadpool(self._encode, raw_inputs)
-            plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[Any] = loop.create_future()
-            self.worker.submit(Job(items, plan, future, loop))
+            plan, future = await self._submit(items, spec, normalize, explain)
         finally:
             self.worker.unexpect()
+        for replans in range(MAX_REPLANS + 1):
+            try:
+                logits, contrib = await self._result(future)
+                break
+            except reg.NotFoundError:
+                # A version this plan pinned was forgotten while the request waited (another
+                # replica's DELETE): no response may use it any more. Resolve the composition
+                # again — now without it, or a 404 if the request named it — and rerun.
+                if replans == MAX_REPLANS:
+                    raise
+                plan, future = await self._submit(items, spec, normalize, explain)
+        self.metrics.inference_items.inc(len(raw_inputs))
+        return Prediction(logits, contrib, plan)
+
+    async def _submit(self, items: list[Any], spec: CompositionSpec,
+                      normalize: Normalize | None, explain: bool
+                      ) -> tuple[Plan, asyncio.Future[Any]]:
+        plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.worker.submit(Job(items, plan, future, loop))
+        return plan, future
+
+    async def _result(self, future: asyncio.Future[Any]) -> Any:
         try:
-            logits, contrib = await asyncio.wait_for(future, self.settings.request_timeout_s)
+            return await asyncio.wait_for(future, self.settings.request_timeout_s)
         except TimeoutError:
             raise RequestTimeoutError(
                 f"no result within {self.settings.request_timeout_s:g} s") from None
-        self.metrics.inference_items.inc(len(raw_inputs))
-        return Prediction(logits, contrib, plan)
 
     def _check_count(self, raw_inputs: list[Any]) -> None:
         limit = self.settings.max_inputs_per_request

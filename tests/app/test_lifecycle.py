@@ -112,3 +112,47 @@ def test_torch_threads_setting_applies_on_the_device_thread(tiny_base_dir, tmp_p
         svc.registry.close()
     with pytest.raises(pydantic.ValidationError, match="torch_threads"):
         settings_for(tiny_base_dir, tmp_path / "r", torch_threads=0)
+
+
+def test_a_request_whose_pinned_version_is_forgotten_before_it_runs_is_resolved_again(
+        tiny_base_dir, tmp_path, tiny_base):
+    """Replica B pinned a plan with `victim`; replica A's DELETE removed its bytes before B's
+    device loaded them. B must not answer 404 'no component version' to a request for "*":
+    it resolves again (now without victim) and answers like a registry that never had it —
+    and a request that names victim gets the 404 that names it."""
+    import asyncio
+
+    import pytest
+
+    import registry as reg
+    from app.composition import AllActive, Explicit
+    from app.service import Service
+
+    svc = Service.build(settings_for(tiny_base_dir, tmp_path / "r"))
+    svc.start()
+    try:
+        for cid in ("keep", "victim"):
+            svc.registry.add(cid, component_bytes(tiny_base, fresh_seed()))
+        x = torch.randn(3, 64).tolist()
+        resolve = svc.resolve
+        stale = {str(spec): resolve(spec, None) for spec in (AllActive(),
+                                                              Explicit({"victim": 1.0}))}
+        svc.forget("victim")
+        served_stale: list[str] = []
+
+        def stale_first(spec, normalize, explain=False):  # the plan pinned before the forget
+            if str(spec) in stale and str(spec) not in served_stale:
+                served_stale.append(str(spec))
+                return stale[str(spec)]
+            return resolve(spec, normalize, explain)
+
+        svc.resolve = stale_first  # type: ignore[method-assign]
+        got = asyncio.run(svc.predict(x, AllActive(), None, False))
+        assert [t.id for t in got.plan.terms] == ["keep"] and served_stale == ["AllActive()"]
+        never = asyncio.run(svc.predict(x, Explicit({"keep": 1.0}), "none", False))
+        torch.testing.assert_close(got.logits, never.logits, rtol=0, atol=1e-6)
+        with pytest.raises(reg.NotFoundError, match="victim"):
+            asyncio.run(svc.predict(x, Explicit({"victim": 1.0}), None, False))
+    finally:
+        svc.worker.stop(5.0)
+        svc.registry.close()
