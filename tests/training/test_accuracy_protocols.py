@@ -3,6 +3,8 @@ forgetting check through a real registry (exact, by construction)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,15 @@ def random_deltas(tiny: Base, k: int, gen: torch.Generator) -> list[dict[str, to
             for _ in range(k)]
 
 
+def methods_on(tiny: Base, ds: Any, k: int, gen: torch.Generator
+               ) -> tuple[Evaluator, list[dict[str, torch.Tensor]], list[Any], Any]:
+    """An evaluator on ds, k random tangents, their non-linear counterparts and a probe."""
+    ev = Evaluator(tiny, ds)
+    deltas = random_deltas(tiny, k, gen)
+    models = [{n: tiny.net.params[n] + d.get(n, 0) for n in tiny.net.names} for d in deltas]
+    return ev, deltas, models, train_linear_probe(tiny, ds, l2=1e-3, max_iter=20)
+
+
 def test_evaluator_subset_matches_a_fresh_evaluator(tiny: Base, digit_splits: Splits,
                                                     gen: torch.Generator) -> None:
     ev = Evaluator(tiny, digit_splits.val)
@@ -41,10 +52,7 @@ def test_evaluator_subset_matches_a_fresh_evaluator(tiny: Base, digit_splits: Sp
 
 def test_continual_prefixes_are_the_compositions_of_the_first_k(
         tiny: Base, digit_splits: Splits, gen: torch.Generator) -> None:
-    ev = Evaluator(tiny, digit_splits.test)
-    deltas = random_deltas(tiny, 3, gen)
-    models = [{n: tiny.net.params[n] + d.get(n, 0) for n in tiny.net.names} for d in deltas]
-    probe = train_linear_probe(tiny, digit_splits.train, l2=1e-3, max_iter=20)
+    ev, deltas, models, probe = methods_on(tiny, digit_splits.test, 3, gen)
     scores = method_scores(ev, deltas, models, deltas[0], probe)
     curve = continual_curve(ev, deltas, models, scores, None)
     assert curve["k"] == [1, 2, 3] and curve["rows"] == [len(ev)] * 3
@@ -68,10 +76,7 @@ def test_continual_prefixes_are_the_compositions_of_the_first_k(
 
 def test_validation_scores_hold_only_what_is_chosen_there(
         tiny: Base, digit_splits: Splits, gen: torch.Generator) -> None:
-    ev = Evaluator(tiny, digit_splits.val)
-    deltas = random_deltas(tiny, 2, gen)
-    models = [{n: tiny.net.params[n] + d.get(n, 0) for n in tiny.net.names} for d in deltas]
-    probe = train_linear_probe(tiny, digit_splits.train, l2=1e-3, max_iter=20)
+    ev, deltas, models, probe = methods_on(tiny, digit_splits.val, 2, gen)
     full = method_scores(ev, deltas, models, deltas[0], probe)
     val = method_scores(ev, deltas, models, deltas[0], probe, selection_only=True)
     assert set(val) == {"tmc_mean", "tmc_sum", "nl", "nl_weight_average"}
