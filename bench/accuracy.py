@@ -85,6 +85,14 @@ CACHE_DIR = Path(os.environ.get("TMC_BENCH_CACHE", Path(tempfile.gettempdir()) /
                                 "tmc-bench-features"))
 
 
+# The joint tangent model (a reference: one model trained on every task's rows, not a
+# composition) is trained on the first seed only, to keep `make bench` near an hour on 2
+# cores: over 3 seeds its test accuracy varied by ≤ 0.06 points (0.8647–0.8653 class-IL,
+# 0.8634–0.8635 data-IL; `make bench` of 2026-11-27 04:01), and it costs as much as 5
+# components.
+JOINT_SEEDS = 1
+
+
 @dataclass
 class Experiment:
     name: str
@@ -106,39 +114,32 @@ class Experiment:
     test_limit: int | None = None
     val_limit: int | None = None
     selected_on: str = ""  # which --select sweep chose κ / lr (result file)
-    joint_seeds: int | None = None  # train the joint tangent on the first n seeds (None: all)
+    joint_seeds: int | None = JOINT_SEEDS  # joint tangent on the first n seeds (None: all)
     # --select grids: (kappa, lr) pairs for TMC, lrs for the NL fine-tunes
     tmc_grid: list[tuple[float, float]] = field(default_factory=list)
     nl_grid: list[float] = field(default_factory=list)
 
 
-# The joint tangent model (a reference: one model trained on every task's rows, not a
-# composition) is trained on the first seed only, to keep `make bench` near an hour on 2
-# cores: over 3 seeds its test accuracy varied by ≤ 0.06 points (0.8647–0.8653 class-IL,
-# 0.8634–0.8635 data-IL; `make bench` of 2026-11-27 04:01), and it costs as much as 5
-# components.
-JOINT_SEEDS = 1
 FMNIST_DATA_IL_TMC_GRID = [(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
                            (15.0, 1e-4)]
 EXPERIMENTS = {
     "fmnist-class-il": Experiment(
         "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
-        selected_on="accuracy_fmnist-class-il_select*.json", joint_seeds=JOINT_SEEDS,
+        selected_on="accuracy_fmnist-class-il_select*.json",
         tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)]
         + [(300.0, 1e-4), (1000.0, 1e-4)], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
     # data-incremental: one fixed pool of 10,000 training images cut into 5 or 10 shards
     # (2,000 or 1,000 images each); the shard assignment changes with the seed
     "fmnist-data-il": Experiment(
         "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", pool=10_000, epochs=10,
-        selected_on="accuracy_fmnist-data-il_select.json", joint_seeds=JOINT_SEEDS,
+        selected_on="accuracy_fmnist-data-il_select.json",
         tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
     "fmnist-data-il-10": Experiment(
         "fmnist-data-il-10", "effnet-lite0", "fashion-mnist", "shard", tasks=10, pool=10_000,
         epochs=10, selected_on="accuracy_fmnist-data-il_select.json (5 shards)",
-        joint_seeds=JOINT_SEEDS,
         tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
     "bbc-data-il": Experiment(
-        "bbc-data-il", "minilm", "bbc", "shard", epochs=5, joint_seeds=JOINT_SEEDS,
+        "bbc-data-il", "minilm", "bbc", "shard", epochs=5,
         selected_on="accuracy_bbc-data-il_select.json",
         tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (15.0, 1e-3), (5.0, 3e-4)], nl_grid=[1e-4, 1e-3]),
 }
