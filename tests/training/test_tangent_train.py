@@ -65,7 +65,9 @@ def test_training_lowers_loss_and_leaves_theta0(tiny: Base, digit_splits: Splits
     theta0 = {n: p.clone() for n, p in tiny.net.net.state_dict().items()}
     shard = shard_random(digit_splits.train, seed % 3, 3, seed=seed % 997)
     kappa = float(np.random.default_rng(seed).choice([1.0, 5.0, 15.0]))
-    res = train_tangent(tiny, shard, TangentConfig(epochs=4, lr=1e-2, kappa=kappa,
+    # 8 epochs: with κ = 15, 4 epochs left the loss at 0.80 of θ0's (on the threshold: flaky);
+    # 8 reach ≤ 0.73 for every κ over 40 seeds
+    res = train_tangent(tiny, shard, TangentConfig(epochs=8, lr=1e-2, kappa=kappa,
                                                    seed=seed % 1000))
     ev = Evaluator(tiny, shard)
     assert ev.square_loss(res.delta, kappa) < 0.8 * ev.square_loss(None, kappa)
