@@ -10,7 +10,7 @@ APT_PACKAGES := dataset-fashion-mnist redis-server
 TMC_HOST ?= 127.0.0.1
 TMC_PORT ?= 8000
 
-.PHONY: run test bench bench-quick setup apt lint typecheck deploy-check clean
+.PHONY: run test bench bench-quick gpu-check setup apt lint typecheck deploy-check clean
 
 setup: $(STAMP) apt
 
@@ -50,6 +50,12 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run_all --quick
+
+# The GPU check (bench/gpu_check.py): on a CUDA machine, torch==2.13.0 from PyPI is a CUDA
+# build; writes bench/results/gpu.json and the GPU section of SUMMARY.md. `make test` runs
+# its --smoke mode on the CPU.
+gpu-check: setup
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .tools .tmc

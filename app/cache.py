@@ -66,6 +66,11 @@ class DeltaLRU:
                 self._drop(k)
         return len(keys)
 
+    def count_built_from(self, digest: str) -> int:
+        """How many entries were built from this component digest (0 after its purge)."""
+        with self._lock:
+            return sum(digest in e.tags for e in self._entries.values())
+
     def clear(self) -> None:
         with self._lock:
             for k in list(self._entries):

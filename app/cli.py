@@ -1,6 +1,7 @@
 """The `tmc` command line: serve, base init, train, and a client for the HTTP API.
 
-Exit codes: 0 ok; 1 server unreachable or server error; 2 bad usage or input refused (4xx);
+Exit codes: 0 ok; 1 server unreachable, server error, or `tmc serve` could not start (the
+reason is logged above the final error line); 2 bad usage or input refused (4xx);
 3 missing dataset; 4 base not found or tampered.
 """
 
@@ -79,9 +80,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 4
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
-                log_level=settings.log_level, timeout_graceful_shutdown=int(
-                    settings.drain_timeout_s) + 1)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
+                    log_level=settings.log_level, timeout_graceful_shutdown=int(
+                        settings.drain_timeout_s) + 1)
+    except SystemExit as exc:  # uvicorn exits (code 3) when the app's startup failed
+        if exc.code in (0, None):
+            return 0
+        print("error: the server did not start; the reason is logged above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -52,6 +52,10 @@ class NotReadyError(ServiceError):
     pass
 
 
+class DeviceTimeoutError(ServiceError):
+    """The device thread did not run a control action (a purge) within its timeout."""
+
+
 # Most specific first: the first matching class wins.
 STATUS_TABLE: list[tuple[type[BaseException], int]] = [
     (UnauthorizedError, 401),
@@ -69,6 +73,7 @@ STATUS_TABLE: list[tuple[type[BaseException], int]] = [
     (base_errors.InputError, 422),
     (OverloadedError, 503),
     (NotReadyError, 503),
+    (DeviceTimeoutError, 503),
     (registry.StorageError, 503),
     (RequestTimeoutError, 504),
 ]

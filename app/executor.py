@@ -1,17 +1,27 @@
-"""Runs one group on the device: compose Δ (cached by digest), then one linearized forward."""
+"""Runs one group on the device: compose Δ (cached by digest), then one linearized forward.
+
+Everything runs under ``torch.no_grad()``, never ``torch.inference_mode()``: torch.func.jvp
+silently returns zero tangents under inference mode before torch 2.12 (pytorch#177318;
+measured here on torch 2.11 + CUDA: every composition answered exactly θ0's logits).
+
+On CUDA every kernel runs on the executor's own stream: inputs are copied from pinned host
+memory without blocking, each group's logits are copied back into pinned host memory
+without blocking (``tail_async``), and ``synchronize`` waits once for the whole batch.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from app.cache import DeltaLRU
 from app.plan import Plan
-from tangent import Delta, LinearizedNet, Term, compose
+from tangent import CompileMode, Delta, LinearizedNet, Term, compose
 from tangent.delta import cast_delta
+from tangent.errors import UnsupportedOpError
 
 LoadTensors = Callable[[str], dict[str, torch.Tensor]]
 
@@ -20,8 +30,13 @@ class Executor:
     """Owns the device copies of θ0, component tangents and composed tangents."""
 
     def __init__(self, net: LinearizedNet, load_tensors: LoadTensors, device: torch.device,
-                 dtype: torch.dtype, cache_bytes: int) -> None:
+                 dtype: torch.dtype, cache_bytes: int, compile_mode: CompileMode = "none"
+                 ) -> None:
+        if device.type == "cuda" and dtype == torch.float32:
+            exact_float32_on_cuda()
+        net.compile(compile_mode)
         self.net = net.to(device, dtype)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.load_tensors = load_tensors
         self.device, self.dtype = device, dtype
         self.components = DeltaLRU(cache_bytes // 2)  # digest -> float32 Δ_k on device
@@ -29,20 +44,29 @@ class Executor:
 
     def trunk(self, x: object) -> object:
         """The frozen part before the tangent region, once for a whole device batch."""
-        x = _to_device(x, self.device, self.dtype)
-        with torch.inference_mode():
-            return self.net.trunk_forward(x)
+        with self.on_stream(), torch.no_grad():
+            return self.net.trunk_forward(_to_device(x, self.device, self.dtype))
 
     def tail(self, plan: Plan, h: object) -> torch.Tensor:
         """Logits [B, C] (float32, CPU) of the tail under the plan's composition."""
-        with torch.inference_mode():
+        y = self.tail_async(plan, h)
+        self.synchronize()
+        return y
+
+    def tail_async(self, plan: Plan, h: object) -> torch.Tensor:
+        """Logits [B, C] (float32, host memory); on CUDA valid only after ``synchronize``."""
+        with self.on_stream(), torch.no_grad():
             delta = self.composed_delta(plan) if plan.terms else None
-            y = self.net.tail_forward(h, delta)
-        return y.float().cpu()
+            return self._to_host(self.net.tail_forward(h, delta))
 
     def explain_tail(self, plan: Plan, h: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and each term's exact contribution w_k·J(x)Δ_k: [K, B, C]."""
-        with torch.inference_mode():
+        y, contrib = self.explain_tail_async(plan, h)
+        self.synchronize()
+        return y, contrib
+
+    def explain_tail_async(self, plan: Plan, h: object) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.on_stream(), torch.no_grad():
             y0, parts = self.net.tail_forward(h), []
             for term in sorted(plan.terms, key=lambda t: t.digest):
                 scaled = {n: (t * term.weight).to(self.dtype)
@@ -50,7 +74,46 @@ class Executor:
                 parts.append(self.net.tail_jvp(h, scaled)[1])
             contrib = torch.stack(parts) if parts else y0.new_zeros((0, *y0.shape))
             y = self.net.tail_forward(h, self.composed_delta(plan)) if plan.terms else y0
-        return y.float().cpu(), contrib.float().cpu()
+            return self._to_host(y), self._to_host(contrib)
+
+    def check_linearization(self, x: object) -> None:
+        """Startup self-check on this device, dtype and compile mode: J·Δ of a non-zero Δ is
+        non-zero and finite. Some torch builds silently drop forward-AD tangents (under
+        inference mode before 2.12, pytorch#177318; through Inductor, pytorch#187284): a
+        replica on one of them would answer θ0 for every composition."""
+        delta = cast_delta(self.net.random_delta(torch.Generator().manual_seed(0)),
+                           self.device, self.dtype)
+        with self.on_stream(), torch.no_grad():
+            _, dy = self.net.tail_jvp(self.trunk(x), delta)  # [B, C]
+            finite, nonzero = bool(torch.isfinite(dy).all()), bool((dy != 0).any())
+        if not (finite and nonzero):
+            raise UnsupportedOpError(
+                f"the linearized forward gave J·Δ {'= 0' if finite else 'non-finite'} for a "
+                f"non-zero Δ on {self.device} ({self.dtype}, compile "
+                f"{self.net.compile_mode!r}) with torch {torch.__version__}: forward-mode AD "
+                "is broken in this setup, and every composition would answer θ0. Fix: "
+                "another torch version, TMC_COMPILE=none, or TMC_DTYPE=float32")
+
+    def synchronize(self) -> None:
+        """Wait for every copy and kernel queued so far (once per batch on CUDA)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def _to_host(self, y: torch.Tensor) -> torch.Tensor:
+        """A float32 host copy of a device result; not blocking on CUDA (pinned memory)."""
+        if self.stream is None:
+            return y.float()
+        out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(y, non_blocking=True)
+        return out
 
     def run(self, plan: Plan, x: object) -> torch.Tensor:
         return self.tail(plan, self.trunk(x))
@@ -75,13 +138,22 @@ class Executor:
         gone = list(digests)
         self.components.purge(gone)
         self.composed.purge(gone)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.stream is not None:
+            self.synchronize()  # no queued kernel still reads a dropped tensor
+            torch.cuda.empty_cache()  # the caching allocator hands the blocks back
         release_freed_memory()
 
     @property
     def cached_bytes(self) -> int:
         return self.components.nbytes + self.composed.nbytes
+
+
+def exact_float32_on_cuda() -> None:
+    """float32 serving means IEEE float32: no TF32 in matmuls or convolutions (cuDNN's
+    default allows it, ~1e-3 relative error). Process-wide; reduced precision is opt-in
+    through TMC_DTYPE=bfloat16|float16 instead."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def release_freed_memory() -> None:
@@ -103,5 +175,7 @@ def _to_device(x: object, device: torch.device, dtype: torch.dtype) -> object:
     if isinstance(x, tuple):
         return tuple(_to_device(t, device, dtype) for t in x)
     assert isinstance(x, torch.Tensor)
+    if device.type == "cuda":
+        x = x.pin_memory()  # page-locked, so the copy below does not block the host
     x = x.to(device, non_blocking=True)
     return x.to(dtype) if x.is_floating_point() else x

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 import registry as reg
 from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Named, make_plan
 from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
-from app.executor import Executor
+from app.executor import Executor, select_rows
 from app.metrics import Metrics
 from app.plan import Plan
 from app.settings import Settings
@@ -33,6 +34,8 @@ log = logging.getLogger("tmc.service")
 # A request whose pinned component version is forgotten before it runs is resolved again;
 # each forget can cost it one round, so a bound keeps a storm of forgets from looping it.
 MAX_REPLANS = 3
+# The first forward may initialise the device and pick kernels: give it longer than a purge.
+WARM_UP_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -57,12 +60,15 @@ class Service:
         self.device = pick_device(settings.device)
         dtype = getattr(torch, settings.dtype)
         self.executor = Executor(base.net, registry.load_tensors, self.device, dtype,
-                                 settings.cache_bytes)
+                                 settings.cache_bytes, settings.compile)
         self.worker = DeviceWorker(self.executor, base.preprocessor.collate, metrics,
                                    settings.max_batch_size, settings.max_queue_delay_ms / 1000,
                                    settings.max_queue_size)
         self.draining = False
         self.ready = False
+        self._purge_lock = threading.Lock()
+        self._forgets_in_flight = 0  # local forget() calls inside their registry call
+        self._deferred: set[str] = set()  # digests heard meanwhile: those calls purge them
         registry.on_forget(self._purge_from_other_thread)
 
     @classmethod
@@ -81,7 +87,7 @@ class Service:
         if self.settings.torch_threads is not None:  # OpenMP's thread count is per calling
             # thread: set it on the device thread, which runs the model
             self.worker.call(partial(torch.set_num_threads, self.settings.torch_threads))
-        self.worker.call(self._warm_up)
+        self._warm_up_or_fail()
         self.metrics.build.info({"base": self.base.spec.name,
                                  "base_fingerprint": self.base.fingerprint,
                                  "device": str(self.device), "version": "0.1.0"})
@@ -89,12 +95,25 @@ class Service:
 
     def intra_op_threads(self) -> int:
         """torch's intra-op thread count as the device thread sees it."""
-        seen: list[int] = []
-        self.worker.call(lambda: seen.append(torch.get_num_threads()))
-        return seen[0]
+        return self.worker.call(torch.get_num_threads)
+
+    def _warm_up_or_fail(self) -> None:
+        """One forward on the device before serving; if it fails, the startup fails with why
+        (the service never reports ready, and ``tmc serve`` exits non-zero)."""
+        try:
+            self.worker.call(self._warm_up, timeout=WARM_UP_TIMEOUT_S)
+        except Exception as exc:
+            log.error("warm-up forward failed: %s", exc)
+            self.worker.stop(timeout=5.0)
+            raise RuntimeError(f"warm-up forward failed: {exc}") from exc
 
     def _warm_up(self) -> None:
-        self.executor.run(make_plan([], 0, "none", False), self.base.preprocessor.example())
+        """A plain forward and a linearized one (checked: J·Δ ≠ 0) at two batch sizes, so a
+        compiled tail has compiled, batch dimension dynamic, before the first request."""
+        example = self.base.preprocessor.example()  # two rows
+        self.executor.run(make_plan([], 0, "none", False), example)
+        for x in (example, select_rows(example, slice(0, 1))):
+            self.executor.check_linearization(x)
 
     async def drain_and_stop(self) -> None:
         self.draining, self.ready = True, False
@@ -179,16 +198,42 @@ class Service:
     # -- admin -----------------------------------------------------------------------------
     def forget(self, cid: str) -> reg.ForgetReceipt:
         started = time.perf_counter()
-        receipt = self.registry.forget(cid)
-        self.worker.call(lambda: self.executor.purge(receipt.digests_removed))
+        with self._purge_lock:
+            self._forgets_in_flight += 1
+        try:
+            receipt = self.registry.forget(cid)
+        except BaseException:
+            self._end_forget([])  # still purge what the hook deferred meanwhile
+            raise
+        self._end_forget(receipt.digests_removed)
         self.metrics.forgets.inc()
         self.metrics.forget_seconds.observe(time.perf_counter() - started)
         self.metrics.generation.set(receipt.generation)
         return receipt
 
+    def _end_forget(self, digests: list[str]) -> None:
+        """A local forget's registry call ended: one purge of its digests and of those the
+        hook deferred, before the receipt returns; a purge that fails fails the forget."""
+        with self._purge_lock:
+            self._forgets_in_flight -= 1
+            gone = sorted(self._deferred.union(digests))
+            self._deferred.clear()
+        if gone:
+            self.worker.call(partial(self.executor.purge, gone))
+
     def _purge_from_other_thread(self, digests: list[str]) -> None:
-        """A forget heard from the registry (this or another replica): purge device caches."""
-        self.worker.call(lambda: self.executor.purge(digests))
+        """A forget heard from the registry (this or another replica): purge device caches.
+
+        While a local forget is inside its registry call, the digests join that call's one
+        purge instead: the registry fires this hook for the forget itself (and in Redis mode
+        maybe again, for its own change event), and it only logs a failing hook, whereas
+        a failed purge must fail the DELETE.
+        """
+        with self._purge_lock:
+            if self._forgets_in_flight:
+                self._deferred.update(digests)
+                return
+        self.worker.call(partial(self.executor.purge, digests))
 
     def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {"base_loaded": True, "warm_forward": self.ready,

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     inference_token: str | None = Field(None, description="optional token for inference")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: Literal["none", "tail", "all"] = Field(
+        "none", description="torch.compile the tail's JVP (tail) and the trunk too (all)")
     torch_threads: int | None = Field(None, ge=1, le=1024,
                                       description="torch intra-op threads (None: torch's choice)")
     host: str = "127.0.0.1"

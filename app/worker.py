@@ -1,31 +1,37 @@
 """The device worker: one thread owns the device; the event loop never runs torch.
 
 Loop: collect jobs (up to max batch items or max queue delay) -> group by composition
--> one trunk pass for the batch, one tangent tail per group -> resolve each job's future.
-A failing group fails alone.
-Control commands (purge on forget) run on the same thread, between groups, so no
-cache insert can race a purge.
+-> one trunk pass for the batch, one tangent tail per group -> one wait for the device
+(each group's results copied back to pinned host memory without blocking, before it) ->
+resolve each job's future. A group that fails to launch fails alone; an asynchronous
+device error, seen only at the wait, fails the batch.
+Control commands (purge on forget) run on the same thread, between batches, so no
+cache insert can race a purge; the caller gets the command's result or its exception (the
+thread logs it and keeps serving). A stop ends the loop after the batch being collected
+has run; whatever is still queued then is refused, and so is any later job or command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
-from app.errors import OverloadedError
+from app.errors import DeviceTimeoutError, NotReadyError, OverloadedError
 from app.executor import Executor, select_rows
 from app.metrics import Metrics
 from app.plan import Plan
 
 log = logging.getLogger("tmc.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,9 +44,17 @@ class Job:
 
 
 @dataclass
-class Control:
-    action: Callable[[], None]
+class Control(Generic[T]):
+    action: Callable[[], T]
     done: threading.Event = field(default_factory=threading.Event)
+    result: T | None = None
+    error: BaseException | None = None
+
+    def outcome(self) -> T:
+        """The action's result, or its exception raised here (call only once done)."""
+        if self.error is not None:
+            raise self.error
+        return cast(T, self.result)
 
 
 _STOP = object()
@@ -55,6 +69,7 @@ class DeviceWorker:
         self._pending = 0  # jobs admitted and not yet taken by the worker
         self._incoming = 0  # requests being decoded/resolved: jobs that will arrive soon
         self._lock = threading.Lock()
+        self._stopped = False  # the loop has ended: nothing queued from now on would run
         self._thread = threading.Thread(target=self._loop, name="tmc-device", daemon=True)
 
     def start(self) -> None:
@@ -79,16 +94,21 @@ class DeviceWorker:
 
     def submit(self, job: Job) -> None:
         with self._lock:
+            if self._stopped:
+                raise OverloadedError("server is shutting down; retry on another replica")
             if self._pending >= self.max_queue:
                 raise OverloadedError(f"queue is full ({self.max_queue} requests waiting); "
                                       "retry after a short delay")
             self._pending += 1
+            self._queue.put(job)  # under the lock: the loop's end cannot strand it
         self.metrics.queue_depth.set(self._pending)
-        self._queue.put(job)
 
-    def call(self, action: Callable[[], None], timeout: float = 30.0) -> None:
-        """Run action on the device thread, between groups; wait for it.
+    def call(self, action: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run action on the device thread, between groups; wait for it; return its result.
 
+        The action's exception is raised here. ``DeviceTimeoutError`` when it has not
+        finished within ``timeout`` (it may still run later); ``NotReadyError`` at once
+        when the device thread is not running (never started, or stopped).
         Called on the device thread itself — a registry forget hook fires while a group
         loads a component that was just forgotten — it runs at once: queueing it there
         would wait for this very thread (the whole device stalled for ``timeout``).
@@ -96,24 +116,37 @@ class DeviceWorker:
         control = Control(action)
         if threading.current_thread() is self._thread:
             self._run_control(control)
-            return
-        self._queue.put(control)
-        control.done.wait(timeout)
+            return control.outcome()
+        with self._lock:
+            if self._stopped or not self._thread.is_alive():
+                raise NotReadyError("the device worker is not running (stopped or never "
+                                    "started)")
+            self._queue.put(control)
+        if not control.done.wait(timeout):
+            raise DeviceTimeoutError(f"the device thread did not run {_name(action)} within "
+                                     f"{timeout:g} s; it is busy or stuck")
+        return control.outcome()
 
     def _loop(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            live = [j for j in batch if not j.future.done()]  # timed-out requests are skipped
-            groups: dict[str, list[Job]] = {}
-            for job in live:
-                groups.setdefault(job.plan.group_key, []).append(job)
-            if groups:
-                self.metrics.observe_batch(sum(len(j.items) for j in live), len(groups))
-                self._run_batch(list(groups.values()))
+        try:
+            stopping = False
+            while not stopping:
+                batch, stopping = self._collect()
+                self._run_jobs(batch)
+        finally:
+            self._refuse_leftovers()
 
-    def _collect(self) -> list[Job] | None:
+    def _run_jobs(self, batch: list[Job]) -> None:
+        live = [j for j in batch if not j.future.done()]  # timed-out requests are skipped
+        groups: dict[str, list[Job]] = {}
+        for job in live:
+            groups.setdefault(job.plan.group_key, []).append(job)
+        if groups:
+            self.metrics.observe_batch(sum(len(j.items) for j in live), len(groups))
+            self._run_batch(list(groups.values()))
+
+    def _collect(self) -> tuple[list[Job], bool]:
+        """Jobs for one batch, and whether a stop arrived (the batch runs, then the loop ends)."""
         batch: list[Job] = []
         items, deadline = 0, None
         while items < self.max_batch:
@@ -125,7 +158,7 @@ class DeviceWorker:
             except queue.Empty:
                 break
             if got is _STOP:
-                return batch if batch else None
+                return batch, True
             if isinstance(got, Control):
                 self._run_control(got)
                 continue
@@ -133,7 +166,7 @@ class DeviceWorker:
             batch.append(got)
             items += len(got.items)
             deadline = deadline or time.perf_counter() + self.max_delay_s
-        return batch
+        return batch, False
 
     def _nothing_coming(self) -> bool:
         """No job queued and no request on its way: waiting would only add latency."""
@@ -145,55 +178,110 @@ class DeviceWorker:
         self.metrics.queue_depth.set(self._pending)
         self.metrics.queue_seconds.observe(time.perf_counter() - job.admitted)
 
-    def _run_control(self, control: Control) -> None:
+    def _run_control(self, control: Control[Any]) -> None:
         try:
-            control.action()
-        except Exception:  # a failed purge must not kill the device thread
-            log.exception("control action failed")
+            control.result = control.action()
+        except BaseException as exc:  # the caller gets it, never a result that is not one
+            control.error = exc
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("control %s failed: %s", _name(control.action), exc)  # thread lives on
         finally:
             control.done.set()
 
+    def _refuse_leftovers(self) -> None:
+        """The loop has ended: what is still queued would never run, so it fails now."""
+        with self._lock:
+            self._stopped = True
+        while True:
+            try:
+                got = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(got, Control):
+                got.error = NotReadyError("the device worker stopped before running this")
+                got.done.set()
+            elif isinstance(got, Job):
+                self._take(got)
+                with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                    _resolve(got, error=OverloadedError(
+                        "server is shutting down; retry on another replica"))
+
     def _run_batch(self, groups: list[list[Job]]) -> None:
-        """One trunk pass for the whole batch, then one tail per composition group."""
+        """One trunk pass for the whole batch, one tail per composition group, then ONE wait
+        for the device (results of every group copied back without blocking before it)."""
         started = time.perf_counter()
         try:
             h = self.executor.trunk(self.collate([i for g in groups for j in g for i in j.items]))
         except Exception:  # isolate the culprit: each group runs on its own
             log.warning("batch trunk failed; retrying group by group", exc_info=True)
-            for jobs in groups:
-                self._run_group(jobs, None)
+            self._finish([self._launch_group(jobs, None) for jobs in groups])
             return
         self.metrics.trunk_seconds.observe(time.perf_counter() - started)
-        start = 0
+        launched, start = [], 0
         for jobs in groups:
             rows = sum(len(j.items) for j in jobs)
-            self._run_group(jobs, select_rows(h, slice(start, start + rows)))
+            launched.append(self._launch_group(jobs, select_rows(h, slice(start, start + rows))))
             start += rows
+        self._finish(launched)
 
-    def _run_group(self, jobs: list[Job], h: object | None) -> None:
-        """Tail (or, with h None, the whole network) for one composition; fails alone."""
+    def _launch_group(self, jobs: list[Job], h: object | None) -> Launched | None:
+        """Queue the tail (or, with h None, the whole network) of one composition on the
+        device; a group that fails to launch fails alone (None)."""
         plan = jobs[0].plan
         started = time.perf_counter()
         try:
             if h is None:
                 h = self.executor.trunk(self.collate([i for j in jobs for i in j.items]))
             if plan.explain:
-                logits, contrib = self.executor.explain_tail(plan, h)
+                logits, contrib = self.executor.explain_tail_async(plan, h)
             else:
-                logits, contrib = self.executor.tail(plan, h), None
+                logits, contrib = self.executor.tail_async(plan, h), None
         except Exception as exc:  # this group fails alone
             log.warning("group %s failed: %s", plan.group_key[:12], exc)
             for j in jobs:
                 _resolve(j, error=exc)
+            return None
+        return Launched(jobs, logits, contrib, started)
+
+    def _finish(self, launched: Sequence[Launched | None]) -> None:
+        """Wait once for the device, then hand each job its rows."""
+        groups = [g for g in launched if g is not None]
+        try:
+            self.executor.synchronize()
+        except Exception as exc:  # an asynchronous device error: nothing queued is valid
+            log.warning("device failed while running a batch: %s", exc)
+            for g in groups:
+                for j in g.jobs:
+                    _resolve(j, error=exc)
             return
-        kind = "plain" if not plan.terms else ("explain" if plan.explain else "linearized")
-        self.metrics.forward_seconds.labels(kind=kind).observe(time.perf_counter() - started)
-        start = 0
-        for j in jobs:
-            end = start + len(j.items)
-            part = None if contrib is None else contrib[:, start:end]
-            _resolve(j, result=(logits[start:end], part))
-            start = end
+        for g in groups:
+            plan = g.jobs[0].plan
+            kind = "plain" if not plan.terms else ("explain" if plan.explain else "linearized")
+            self.metrics.forward_seconds.labels(kind=kind).observe(
+                time.perf_counter() - g.started)
+            start = 0
+            for j in g.jobs:
+                end = start + len(j.items)
+                part = None if g.contrib is None else g.contrib[:, start:end]
+                _resolve(j, result=(g.logits[start:end], part))
+                start = end
+
+
+@dataclass
+class Launched:
+    """A group whose tail is queued on the device; its host tensors fill at the sync."""
+
+    jobs: list[Job]
+    logits: torch.Tensor  # [B, C] host memory
+    contrib: torch.Tensor | None  # [K, B, C] host memory (explain only)
+    started: float
+
+
+def _name(action: Callable[[], object]) -> str:
+    """For messages: ``Executor.purge`` for a partial of it, ``Service._warm_up``, ..."""
+    func = getattr(action, "func", action)  # functools.partial
+    return str(getattr(func, "__qualname__", type(func).__name__))
 
 
 def _resolve(job: Job, result: tuple[torch.Tensor, torch.Tensor | None] | None = None,

@@ -184,7 +184,7 @@ def build_fixture(cfg: PresetConfig, base: Base) -> Fixture:
 # -- cases -------------------------------------------------------------------------------------
 def inference(fn: Callable[[], Any]) -> Callable[[], Any]:
     def run() -> Any:
-        with torch.inference_mode():
+        with torch.no_grad():
             return fn()
     return run
 
@@ -225,7 +225,7 @@ def shared_trunk_ensemble(net: Any, tails: list[nn.Module], x: Any) -> torch.Ten
 def breakdown_cases(fx: Fixture, batch: int, x: Any) -> list[common.Case]:
     """Pieces: trunk, one plain tail, one JVP tail, a full plain forward, whole-net JVP."""
     net = fx.base.net
-    with torch.inference_mode():
+    with torch.no_grad():
         h = net.trunk_forward(x)
     delta = fx.deltas[0]
     return [

@@ -382,6 +382,48 @@ def overhead_section(doc: Doc, path: Path) -> str:
     return generic_section(doc, path)
 
 
+def gpu_section(doc: Doc, path: Path) -> str:
+    """bench.gpu_check: correctness, precision, compile, memory, timings, HTTP per preset."""
+    parts = []
+    for preset, res in doc["results"]["presets"].items():
+        parts += [f"### {preset} ({res.get('data', '')})", ""]
+        corr = res.get("correctness", {})
+        if "passed" in corr:
+            parts.append(
+                f"Correctness on the device, float32 vs a float64 CPU reference: "
+                f"{'all held' if corr['passed'] else '**FAILED**'} — composed rel. error "
+                f"{num(corr['composed_vs_float64_rel'])}, linearity rel. "
+                f"{num(corr['linearity_rel'])}, weight-1 round trip max |Δ| "
+                f"{num(corr['weight1_round_trip_max_abs'])}, zero tangent max |Δ| "
+                f"{num(corr['zero_tangent_vs_base_max_abs'])}, forgetting bit-exact "
+                f"{corr['forget_bit_exact']}.")
+            parts.append("")
+        dt = res.get("dtypes", {})
+        rows = [[name, which, num(m["max_abs_dlogit"]), num(m["logit_scale"]),
+                 num(m["top1_agreement"], 4), num(m["accuracy"])]
+                for name in ("bfloat16", "float16") for which, m in dt.get(name, {}).items()]
+        if rows:
+            parts += [table(["dtype", "model", "max abs dlogit", "max abs logit (fp32)",
+                             "top-1 agreement", "accuracy"], rows), ""]
+        t = res.get("timings", {})
+        if "per_batch" in t:
+            parts += [table(["batch", "plain ms", "linearized ms", "ratio", "÷ FLOP floor"],
+                            [[b, num(v["plain_ms"]), num(v["linearized_ms"]), num(v["ratio"]),
+                              num(v["ratio_over_flop_floor"])]
+                             for b, v in t["per_batch"].items()]), ""]
+            parts.append("Cost vs N at batch 32 (ms): " + ", ".join(
+                f"N={n}: {num(ms)}" for n, ms in t["by_n_ms_batch32"].items()) + "")
+            parts.append("")
+        extra = {k: res[k] for k in ("compile", "memory", "http") if k in res}
+        for key, sec in extra.items():
+            shown = {k: v for k, v in sec.items() if k not in ("traceback",)}
+            parts.append(f"- {key}: `{json.dumps(shown, default=str)[:600]}`")
+        errors = [f"{k}: {v['error']}" for k, v in res.items()
+                  if isinstance(v, dict) and "error" in v]
+        parts += [f"- **error** {e}" for e in errors] + [""]
+    return "\n".join(parts)
+
+
 # -- assembly ----------------------------------------------------------------------------------
 Renderer = Callable[[Doc, Path], str]
 SECTIONS: tuple[tuple[str, str, Renderer, str], ...] = (
@@ -404,6 +446,10 @@ SECTIONS: tuple[tuple[str, str, Renderer, str], ...] = (
      "Server RSS while adding, composing and forgetting components, next to the exact "
      "tensor accounting (`tmc_cache_bytes`)."),
     ("registry_latency", "Registry latency", registry_section, ""),
+    ("gpu", "GPU check (`make gpu-check`)", gpu_section,
+     "`python -m bench.gpu_check` on a CUDA device: float32 correctness against a float64 "
+     "reference, bf16/fp16 against fp32 on real test rows, compiled tail, memory after "
+     "forgetting, timings, and HTTP serving against the offline executor."),
 )
 
 
@@ -452,7 +498,7 @@ def overview(results: Path) -> str:
     rows = []
     picked = [(name, *pick(name, results)) for name in
               ("overhead", "cost", "compose_bandwidth", "serving", "memory",
-               "registry_latency")]
+               "registry_latency", "gpu")]
     picked += [(f"accuracy {doc.get('experiment')}", doc, path)
                for doc, path in accuracy_docs(results)]
     for name, doc, path in picked:

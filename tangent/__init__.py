@@ -29,13 +29,19 @@ from tangent.errors import (
     WrongShapeError,
 )
 from tangent.fingerprint import fingerprint
-from tangent.linearize import LinearizedNet, TangentParam, region_names
+from tangent.linearize import (
+    COMPILE_MODES,
+    CompileMode,
+    LinearizedNet,
+    TangentParam,
+    region_names,
+)
 from tangent.outputs import probabilities, top_k
 
 __all__ = [
-    "FORMAT", "NORMALIZATIONS", "Component", "ComponentError", "ComponentTooLargeError",
-    "CompositionError", "Delta", "LinearizedNet", "MissingMetadataError", "NonFiniteError",
-    "Normalize", "NotSafetensorsError", "TangentError", "TangentParam", "Term",
+    "COMPILE_MODES", "FORMAT", "NORMALIZATIONS", "CompileMode", "Component", "ComponentError",
+    "ComponentTooLargeError", "CompositionError", "Delta", "LinearizedNet", "MissingMetadataError",
+    "NonFiniteError", "Normalize", "NotSafetensorsError", "TangentError", "TangentParam", "Term",
     "UnknownTensorError", "UnsupportedOpError", "WrongBaseError", "WrongDtypeError",
     "WrongShapeError", "compose", "composition_digest", "decode_component", "delta_nbytes",
     "effective_weights", "encode_component", "fingerprint", "probabilities", "read_metadata",

@@ -4,15 +4,21 @@ The network is an ``nn.Sequential`` of named stages. The tangent region is a set
 parameter names; the network is split at the first stage that holds one of them:
 the trunk before it runs as a plain forward (no dual numbers), the tail runs under
 ``torch.func.jvp`` with tangents only on the parameters the Delta names.
+
+Optionally (``LinearizedNet.compile``) the tail's jvp, and the trunk, run through
+``torch.compile``. There is one linearization either way: ``_tail_jvp_fn`` builds the jvp
+function, which the eager path calls as is and the compiled path wraps. Compiled, θ0 and
+Δ are graph inputs (never constants), and Δ always covers the whole region (missing names
+as zeros), so a new composition of the same shapes reuses the compiled graph.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -22,6 +28,14 @@ from tangent.delta import Delta
 from tangent.errors import UnsupportedOpError
 
 Inputs = Any  # a Tensor, or a tuple of tensors for multi-input stages (text: ids, mask)
+
+CompileMode = Literal["none", "tail", "all"]
+COMPILE_MODES: tuple[CompileMode, ...] = ("none", "tail", "all")
+
+# (h, primals, tangents) -> (f_tail(h; θ0), J f_tail(h; θ0)·Δ)
+TailJvpFn = Callable[[Inputs, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]],
+                     tuple[torch.Tensor, torch.Tensor]]
+Backend = str | Callable[..., Any]  # a torch.compile backend: "inductor", or a callable
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,45 @@ def _first_stage(net: nn.Sequential, names: Sequence[str]) -> int:
     return min(stage_names.index(o) for o in owners)
 
 
+# Normalization layers whose affine parameters torch.compile cannot leave out of the jvp:
+# in torch 2.13, tracing forward AD through LayerNorm / GroupNorm / BatchNorm / InstanceNorm
+# with a tangent-carrying input but plain (no tangent) weight and bias fails in Dynamo's
+# fake-tensor propagation ("INTERNAL ASSERT FAILED ... native::_fw_primal"); eager is fine.
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm,
+                                       nn.modules.batchnorm._NormBase)
+
+
+def _frozen_norm_params(tail: nn.Module, region: Sequence[str]) -> list[str]:
+    """Parameters of normalization layers in the tail that are outside the region."""
+    chosen = set(region)
+    return [f"{mod_name}.{p_name}" for mod_name, mod in tail.named_modules()
+            if isinstance(mod, _NORMS) for p_name, _ in mod.named_parameters(recurse=False)
+            if f"{mod_name}.{p_name}" not in chosen]
+
+
+def _tail_jvp_fn(tail: nn.Module, names: Sequence[str]) -> TailJvpFn:
+    """The tail's linearization over the parameters ``names`` (in this order): a function
+    (h, primals, tangents) -> (y0, dy) with primals/tangents aligned with ``names``.
+
+    The one implementation of the jvp: eager mode calls it as is, compiled modes wrap it
+    in torch.compile (θ0's primals and Δ's tangents are then graph inputs)."""
+    names = tuple(names)
+
+    def tail_jvp(h: Inputs, primals: tuple[torch.Tensor, ...],
+                 tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        def tail_fn(*ps: torch.Tensor) -> torch.Tensor:
+            res: torch.Tensor = functional_call(
+                tail, dict(zip(names, ps, strict=True)), (h,), strict=False)
+            return res
+
+        out = jvp(tail_fn, primals, tangents)  # (value, tangent) without has_aux
+        y0: torch.Tensor = out[0]
+        dy: torch.Tensor = out[1]
+        return y0, dy
+
+    return tail_jvp
+
+
 class LinearizedNet:
     """A frozen network with a tangent region; evaluates plain and linearized outputs."""
 
@@ -63,6 +116,41 @@ class LinearizedNet:
             n: TangentParam(n, tuple(self.params[n].shape), str(self.params[n].dtype)[6:])
             for n in self.names
         }
+        self.compile_mode: CompileMode = "none"
+        # the compiled jvp's primals: the whole region, then frozen normalization parameters
+        # of the tail (see _NORMS), these always with zero tangents: the same linearization
+        self._compiled_names = (*self.names, *_frozen_norm_params(self.tail, self.names))
+        self._compiled_jvp: TailJvpFn | None = None  # over self._compiled_names
+        self._compiled_trunk: Callable[[Inputs], Inputs] | None = None
+        # (device, dtype, inference mode) -> name -> zeros: fills names a Δ omits (compiled)
+        self._zeros: dict[tuple[torch.device, torch.dtype, bool], dict[str, torch.Tensor]] = {}
+
+    def compile(self, mode: CompileMode, *, backend: Backend = "inductor") -> None:
+        """Choose eager or torch.compile'd execution (compilation happens on first use).
+
+        "none": eager (the default). "tail": the tail's jvp (a non-empty Δ) is compiled.
+        "all": the trunk's forward is compiled too. The plain tail forward (an empty Δ)
+        stays eager in every mode (bit for bit mode "none"'s). ``backend`` is torch.compile's
+        (tests pass a counting one); each call starts from fresh compiled wrappers. A new
+        composition (other Δ values, same shapes, any subset of names) reuses the graph; a
+        new input shape compiles another (seconds: see bench/compile_cpu.py)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+        self.compile_mode = mode
+        self._compiled_jvp = self._compiled_trunk = None
+        if mode in ("tail", "all"):
+            # dynamic=None (automatic dynamic shapes) buys nothing here in torch 2.13: forward
+            # AD under Dynamo specializes every size (make_dual on a symbolic size fails:
+            # "Cannot call storage_offset() on tensor with symbolic sizes"), so each new batch
+            # size or sequence length is one more graph, up to Dynamo's recompile_limit (8);
+            # past it, new shapes run eagerly (still correct). Kept rather than dynamic=False:
+            # the same graphs and compile times today, dynamic ones once torch can. Callers
+            # with many shapes should pad to a few buckets. The trunk (no AD) goes dynamic.
+            self._compiled_jvp = torch.compile(
+                _tail_jvp_fn(self.tail, self._compiled_names), backend=backend, dynamic=None)
+        if mode == "all" and len(self.trunk):  # type: ignore[arg-type]
+            self._compiled_trunk = torch.compile(
+                self.trunk, backend=backend, dynamic=None)
 
     @property
     def split_index(self) -> int:
@@ -71,6 +159,8 @@ class LinearizedNet:
     def trunk_forward(self, x: Inputs) -> Inputs:
         """The frozen part before the tangent region: a plain forward."""
         with torch.no_grad():
+            if self._compiled_trunk is not None:
+                return self._compiled_trunk(x)
             return self.trunk(x)
 
     def tail_forward(self, h: Inputs, delta: Mapping[str, torch.Tensor] | None = None
@@ -85,26 +175,60 @@ class LinearizedNet:
 
     def tail_jvp(self, h: Inputs, delta: Mapping[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f_tail(h; θ0), J f_tail(h; θ0)·Δ): only the parameters Δ names carry tangents."""
-        names = tuple(delta)
-        primals = tuple(self.params[n] for n in names)
-        tangents = tuple(delta[n] for n in names)
-
-        def tail_fn(*ps: torch.Tensor) -> torch.Tensor:
-            res: torch.Tensor = functional_call(
-                self.tail, dict(zip(names, ps, strict=True)), (h,), strict=False)
-            return res
-
+        """(f_tail(h; θ0), J f_tail(h; θ0)·Δ): only the parameters Δ names carry tangents
+        (compiled: every region parameter does, with zeros for the names Δ omits)."""
+        if self._compiled_jvp is not None:
+            tangents = self._full_tangents(delta)
+            primals = tuple(self.params[n] for n in self._compiled_names)
+            fn = self._compiled_jvp
+        else:
+            names = tuple(delta)
+            primals = tuple(self.params[n] for n in names)
+            tangents = tuple(delta[n] for n in names)
+            fn = _tail_jvp_fn(self.tail, names)
         with torch.no_grad():
-            out = jvp(tail_fn, primals, tangents)  # (value, tangent) without has_aux
-        y0: torch.Tensor = out[0]
-        dy: torch.Tensor = out[1]
-        return y0, dy
+            return fn(h, primals, tangents)
+
+    def _full_tangents(self, delta: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Δ over the whole region in self.names order (then zeros for the frozen
+        normalization parameters of the tail), for the compiled jvp.
+
+        A missing name is a cached zero tensor on θ0's device and dtype, so the compiled
+        graph always sees the same inputs. Every tangent is also made the same kind of
+        tensor: no autograd history, contiguous, and an inference tensor exactly when
+        inference mode is on. Dynamo guards on each input's dispatch keys, and an
+        inference tensor has different ones from a normal tensor: a Δ built outside
+        ``torch.inference_mode()`` but used inside it (or a zero filling a missing name of
+        another kind than the Δ's tensors) would recompile. Tensors that already have the
+        right kind (the executor's, all made under inference mode) are passed as is."""
+        unknown = [n for n in delta if n not in self.region]
+        if unknown:  # the eager path would tangent them (in the tail) or fail (in the trunk)
+            raise KeyError(f"Delta names parameters outside the tangent region: {unknown}")
+        inference = torch.is_inference_mode_enabled()
+        out = []
+        for n in self._compiled_names:
+            t = delta.get(n)
+            if t is None:
+                p = self.params[n]
+                zeros = self._zeros.setdefault((p.device, p.dtype, inference), {})
+                if n not in zeros:
+                    zeros[n] = torch.zeros(p.shape, device=p.device, dtype=p.dtype)
+                t = zeros[n]
+            else:
+                if t.requires_grad:
+                    t = t.detach()
+                if not t.is_contiguous():
+                    t = t.contiguous()
+                if t.is_inference() != inference:
+                    t = t.clone()  # made in the current mode: inference tensor iff it is on
+            out.append(t)
+        return tuple(out)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LinearizedNet:
         """Move θ0 to a device/dtype in place (parameters are re-read afterwards)."""
         self.net.to(device=device, dtype=dtype)
         self.params = dict(self.net.named_parameters())
+        self._zeros.clear()
         return self
 
     def forward(self, x: Inputs, delta: Mapping[str, torch.Tensor] | None = None
