@@ -94,14 +94,23 @@ class EvalData:
 
 
 def load_eval_data(base: Base, payload: Path | None, limit: int) -> EvalData:
+    """Up to ``limit`` test rows in a seeded random order (the BBC split lists its rows class
+    by class: a prefix would hold only some classes)."""
     if base.spec.input_kind == "image":
         images, labels = _fashion_mnist_test(payload)
-        x = images_to_tensor(torch.from_numpy(images[:limit]),
+        rows = _random_rows(len(labels), limit)
+        x = images_to_tensor(torch.from_numpy(images[rows]),
                              int(PRESETS["effnet-lite0"]["image_size"]))  # [N, 3, S, S]
-        return EvalData(list(x), torch.from_numpy(labels[:limit]), DATASET[base.spec.preset])
+        return EvalData(list(x), torch.from_numpy(labels[rows]), DATASET[base.spec.preset])
     texts, text_labels = _bbc_test(payload)
-    items = base.preprocessor.encode(texts[:limit])
-    return EvalData(items, torch.tensor(text_labels[:limit]), DATASET[base.spec.preset])
+    rows = _random_rows(len(texts), limit)
+    items = base.preprocessor.encode([texts[i] for i in rows])
+    return EvalData(items, torch.tensor([text_labels[i] for i in rows]),
+                    DATASET[base.spec.preset])
+
+
+def _random_rows(n: int, limit: int) -> np.ndarray:
+    return np.random.default_rng(0).permutation(n)[:limit]
 
 
 def _fashion_mnist_test(payload: Path | None) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ INPUT_KIND = "text"
 BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 DEFAULT_OPTIONS: dict[str, Any] = {"tangent_layers": 1, "max_tokens": 128, "max_chars": 20000}
 TOKENIZER_FILE = "tokenizer.json"
+REDUCED = (torch.bfloat16, torch.float16)
 
 
 def model_dir() -> Path:
@@ -83,7 +84,11 @@ class DenseNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        out = self.LayerNorm(self.dense(x) + residual)
+        if out.dtype in REDUCED:  # a real copy casts the tangent too: torch 2.11's CUDA
+            # layer_norm JVP returned a float32 tangent for bfloat16 (measured on an H200)
+            out = out.to(out.dtype, copy=True)
+        return out
 
 
 class Attention(nn.Module):
