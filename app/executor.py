@@ -36,7 +36,8 @@ class Executor:
             exact_float32_on_cuda()
         net.compile(compile_mode)
         self.net = net.to(device, dtype)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = (torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                       if device.type == "cuda" else None)
         self.load_tensors = load_tensors
         self.device, self.dtype = device, dtype
         self.components = DeltaLRU(cache_bytes // 2)  # digest -> float32 Δ_k on device
