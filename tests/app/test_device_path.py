@@ -95,3 +95,27 @@ def test_check_linearization_names_a_non_finite_jvp(tiny_base):
         ex.check_linearization(torch.randn(1, 64))
 
 
+
+
+def test_a_service_with_a_compiled_tail_serves_what_eager_serves(tiny_base_dir, tmp_path):
+    """TMC_COMPILE=tail end to end: the warm-up compiles (and self-checks) it, and a
+    composition's logits match the eager network's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    service = Service.build(settings_for(tiny_base_dir, tmp_path / "reg", compile="tail"))
+    try:
+        service.start()
+        assert service.ready and service.executor.net.compile_mode == "tail"
+        delta = random_delta(service.base, fresh_seed())
+        service.executor.components.put("d", {n: t.clone() for n, t in delta.items()}, ["d"])
+        x = torch.randn(3, 64)
+        got = service.worker.call(lambda: service.executor.run(plan_for([("d", 0.5)]), x))
+        eager = copy.deepcopy(service.base.net)
+        eager.compile("none")
+        want = eager.forward(x, {n: t * 0.5 for n, t in delta.items()})
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        service.worker.stop(5)
+        service.registry.close()
+        torch._dynamo.reset()
