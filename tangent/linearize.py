@@ -6,7 +6,7 @@ the trunk before it runs as a plain forward (no dual numbers), the tail runs und
 ``torch.func.jvp`` with tangents only on the parameters the Delta names.
 
 Optionally (``LinearizedNet.compile``) the tail's jvp, and the trunk, run through
-``torch.compile``. There is one linearization either way: ``_tail_jvp_fn`` builds the jvp
+``torch.compile``. There is one linearization either way: ``_jvp_fn`` builds the jvp
 function, which the eager path calls as is and the compiled path wraps. Compiled, θ0 and
 Δ are graph inputs (never constants), and Δ always covers the whole region (missing names
 as zeros), so a new composition of the same shapes reuses the compiled graph.
@@ -78,9 +78,10 @@ def _frozen_norm_params(tail: nn.Module, region: Sequence[str]) -> list[str]:
             if f"{mod_name}.{p_name}" not in chosen]
 
 
-def _tail_jvp_fn(tail: nn.Module, names: Sequence[str]) -> TailJvpFn:
-    """The tail's linearization over the parameters ``names`` (in this order): a function
-    (h, primals, tangents) -> (y0, dy) with primals/tangents aligned with ``names``.
+def _jvp_fn(tail: nn.Module, names: Sequence[str]) -> TailJvpFn:
+    """A module's linearization (the tail's; the whole network's for cost comparisons) over
+    the parameters ``names`` (in this order): a function (h, primals, tangents) -> (y0, dy)
+    with primals/tangents aligned with ``names``.
 
     The one implementation of the jvp: eager mode calls it as is, compiled modes wrap it
     in torch.compile (θ0's primals and Δ's tangents are then graph inputs)."""
@@ -147,7 +148,7 @@ class LinearizedNet:
             # the same graphs and compile times today, dynamic ones once torch can. Callers
             # with many shapes should pad to a few buckets. The trunk (no AD) goes dynamic.
             self._compiled_jvp = torch.compile(
-                _tail_jvp_fn(self.tail, self._compiled_names), backend=backend, dynamic=None)
+                _jvp_fn(self.tail, self._compiled_names), backend=backend, dynamic=None)
         if mode == "all" and len(self.trunk):  # type: ignore[arg-type]
             self._compiled_trunk = torch.compile(
                 self.trunk, backend=backend, dynamic=None)
@@ -185,7 +186,7 @@ class LinearizedNet:
             names = tuple(delta)
             primals = tuple(self.params[n] for n in names)
             tangents = tuple(delta[n] for n in names)
-            fn = _tail_jvp_fn(self.tail, names)
+            fn = _jvp_fn(self.tail, names)
         with torch.no_grad():
             return fn(h, primals, tangents)
 
@@ -238,15 +239,9 @@ class LinearizedNet:
     def full_jvp_forward(self, x: Inputs, delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The same output, but with the whole network under jvp (for cost comparisons)."""
         names = tuple(delta)
-
-        def net_fn(*ps: torch.Tensor) -> torch.Tensor:
-            res: torch.Tensor = functional_call(
-                self.net, dict(zip(names, ps, strict=True)), (x,), strict=False)
-            return res
-
+        primals = tuple(self.params[n] for n in names)
         with torch.no_grad():
-            out = jvp(net_fn, tuple(self.params[n] for n in names),
-                      tuple(delta[n] for n in names))
+            out = _jvp_fn(self.net, names)(x, primals, tuple(delta[n] for n in names))
         y: torch.Tensor = out[0] + out[1]
         return y
 
