@@ -61,6 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMC_HOME=/var/lib/tmc \
     TMC_HOST=0.0.0.0 \
     TMC_PORT=8000 \
+    TMC_LOG_FORMAT=json \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 RUN groupadd --system --gid 10001 tmc \

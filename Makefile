@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tmc-installed
-APT_PACKAGES := dataset-fashion-mnist redis-server
+APT_PACKAGES := dataset-fashion-mnist redis-server prometheus
 TMC_HOST ?= 127.0.0.1
 TMC_PORT ?= 8000
 

@@ -2,7 +2,9 @@
 
 Exit codes: 0 ok; 1 server unreachable, server error, or `tmc serve` could not start (the
 reason is logged above the final error line); 2 bad usage or input refused (4xx);
-3 missing dataset; 4 base not found or tampered.
+3 missing dataset; 4 base not found or tampered. Every failure ends with one
+``error: ...`` line on stderr, never a traceback (``TMC_DEBUG=1`` re-raises unexpected
+errors so their traceback shows).
 """
 
 from __future__ import annotations
@@ -20,24 +22,74 @@ from app.client import ClientError, TmcClient
 DEFAULT_SERVER = os.environ.get("TMC_SERVER", "http://127.0.0.1:8000")
 
 
+class CliError(Exception):
+    """A failure the user can fix: ``main`` prints ``error: <message>`` and exits ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors end with the same ``error: ...`` line (exit 2)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature is NoReturn
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
-        return 2
+        return _fail("no command given")
     try:
         code: int = args.func(args)
         return code
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if exc.status and 400 <= exc.status < 500 else 1
     except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        code, message = _classify(exc)
+        if code == 1 and not isinstance(exc, ClientError) and os.environ.get("TMC_DEBUG"):
+            raise
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        return code
+
+
+def _classify(exc: Exception) -> tuple[int, str]:
+    """The exit code and message for an error that reached ``main``."""
+    if isinstance(exc, CliError):
+        return exc.code, str(exc)
+    if isinstance(exc, ClientError):
+        return (2 if exc.status and 400 <= exc.status < 500 else 1), str(exc)
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return 2, f"invalid settings: {_validation_summary(exc)}"
+    from bases import BaseError, BaseNotFoundError, TamperedBaseError
+
+    if isinstance(exc, (BaseNotFoundError, TamperedBaseError)):
+        return 4, str(exc)
+    if isinstance(exc, BaseError):
+        return 2, str(exc)
+    if isinstance(exc, OSError):
+        return 2, str(exc)
+    return 1, f"unexpected {type(exc).__name__}: {exc} (set TMC_DEBUG=1 for the traceback)"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "failed"
+
+
+def _validation_summary(exc: Any) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'settings'}: "
+                     f"{e.get('msg', 'invalid')}" for e in exc.errors())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tmc", description="Tangent Model Composition serving")
+    p = _Parser(prog="tmc", description="Tangent Model Composition serving")
     sub = p.add_subparsers(title="commands")
     _serve_parsers(sub)
     _base_parsers(sub)
@@ -64,24 +116,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
 
     from app.main import create_app
-    from app.settings import load_settings
-    from bases import BaseError
 
-    try:
-        settings = load_settings(**_overrides(args))
-    except ValidationError as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    try:
-        _check_base(settings.base_dir)
-    except BaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
+    settings = _load_settings(_overrides(args))
+    _check_base(settings.base_dir)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
+                    log_config=None,  # app/logs.py owns logging: every line in one format
                     log_level=settings.log_level, timeout_graceful_shutdown=int(
                         settings.drain_timeout_s) + 1)
     except SystemExit as exc:  # uvicorn exits (code 3) when the app's startup failed
@@ -92,10 +134,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_base(base_dir: Path) -> None:
-    from bases.store import read_spec
+def _load_settings(overrides: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
 
-    read_spec(base_dir)  # BaseNotFoundError -> handled by the caller's report
+    from app.settings import load_settings
+
+    try:
+        return load_settings(**overrides)
+    except ValidationError as exc:
+        raise CliError(f"invalid settings: {_validation_summary(exc)}", 2) from exc
+    except (OSError, ValueError) as exc:  # $TMC_CONFIG_FILE missing or not JSON
+        raise CliError(f"cannot read the settings file "
+                       f"{os.environ.get('TMC_CONFIG_FILE')}: {exc}", 2) from exc
+
+
+def _check_base(base_dir: Path) -> None:
+    """Load and verify the base once before uvicorn starts, so a missing or tampered base
+    ends with one error line and exit code 4 instead of a failed startup (the server's own
+    startup loads it again; this copy is dropped first)."""
+    from bases import BaseError, load_base
+
+    try:
+        load_base(base_dir, check_forward_ad=False)
+    except BaseError as exc:
+        raise CliError(str(exc), 4) from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CliError(f"cannot load the base at {base_dir}: {exc}", 4) from exc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -106,6 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _base_parsers(sub: Any) -> None:
     b = sub.add_parser("base", help="create or inspect a base model directory")
+    b.set_defaults(func=lambda _args: _no_subcommand(b, "init or show"))
     bsub = b.add_subparsers(title="base commands")
     i = bsub.add_parser("init", help="create a base directory from a preset")
     i.add_argument("--preset", default="minilm",
@@ -135,7 +200,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise SystemExit(f"error: --option {pair!r} must be KEY=VALUE")
+            raise CliError(f"--option {pair!r} must be KEY=VALUE")
         try:
             options[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -186,6 +251,11 @@ def _train_parser(sub: Any) -> None:
     t.set_defaults(func=run_train)
 
 
+def _no_subcommand(parser: argparse.ArgumentParser, choices: str) -> int:
+    parser.print_help()
+    return _fail(f"choose a {parser.prog.removeprefix('tmc ')} command: {choices}")
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -233,7 +303,10 @@ def _client_parsers(sub: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> TmcClient:
-    return TmcClient(args.server)
+    try:
+        return TmcClient(args.server)
+    except ClientError as exc:  # a malformed --server / $TMC_SERVER: bad usage
+        raise CliError(str(exc)) from exc
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> int:
@@ -241,11 +314,31 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> int:
     return 0
 
 
+def _read_file(path: Path, what: str) -> bytes:
+    if not path.exists():
+        raise CliError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise CliError(f"{what} {path} is not a file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _components_param(text: str) -> dict[str, float]:
+    from app.composition import Explicit, parse_components_param
+    from app.errors import BadRequestError
+
+    try:
+        spec = parse_components_param(text)
+    except BadRequestError as exc:
+        raise CliError(str(exc).removeprefix("tmc_components: ")) from exc
+    return spec.weights if isinstance(spec, Explicit) else {}
+
+
 def cmd_push(args: argparse.Namespace) -> int:
-    if not args.file.is_file():
-        return _fail(f"{args.file} is not a file")
-    result = _client(args).push(args.id, args.file.read_bytes(), args.weight, args.tag,
-                                not args.inactive)
+    data = _read_file(args.file, "component file")
+    result = _client(args).push(args.id, data, args.weight, args.tag, not args.inactive)
     return _emit(args, result, f"pushed {result['id']} version {result['digest'][:12]} "
                  f"(generation {result['generation']})")
 
@@ -272,10 +365,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from app.composition import Explicit, parse_components_param
-
-    spec = parse_components_param(args.components)
-    weights = spec.weights if isinstance(spec, Explicit) else {}
+    weights = _components_param(args.components)
     body = _client(args).put_composition(args.name, weights, args.normalize)
     return _emit(args, body, f"composition {body['name']} = {body['weights']} "
                  f"({body['normalize']})")
@@ -291,10 +381,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif args.composition:
         body["composition"] = args.composition
     elif args.components:
-        from app.composition import Explicit, parse_components_param
-
-        spec = parse_components_param(args.components)
-        body["components"] = spec.weights if isinstance(spec, Explicit) else {}
+        body["components"] = _components_param(args.components)
     if args.normalize:
         body["normalize"] = args.normalize
     result = client.predict(body)
@@ -303,9 +390,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _input(kind: str, value: str) -> Any:
     if kind == "image":
-        return base64.b64encode(Path(value).read_bytes()).decode()
+        return base64.b64encode(_read_file(Path(value), "input file")).decode()
     if kind == "tensor":
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise CliError(f"input {value!r} is not a JSON array (this base takes tensor "
+                           "inputs such as '[0.1, 0.2]')") from None
     return value
 
 

@@ -19,7 +19,10 @@ class ClientError(Exception):
 class TmcClient:
     def __init__(self, server: str, admin_token: str | None = None,
                  inference_token: str | None = None, timeout: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout)
+        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            raise ClientError(f"invalid server URL {server!r}: {exc}") from exc
         self.admin_token = admin_token or os.environ.get("TMC_ADMIN_TOKEN")
         self.inference_token = inference_token or os.environ.get("TMC_INFERENCE_TOKEN")
 
@@ -31,11 +34,12 @@ class TmcClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             response = self.http.request(method, path, headers=headers, **kwargs)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ClientError(f"cannot reach {self.http.base_url}: {exc}") from exc
         body = _json(response)
         if response.status_code >= 400:
-            message = body.get("error") if isinstance(body, dict) else response.text
+            message = ((body.get("error") or body.get("detail")) if isinstance(body, dict)
+                       else None) or response.text[:500] or response.reason_phrase
             raise ClientError(f"{response.status_code}: {message}", response.status_code)
         return body
 

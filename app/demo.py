@@ -136,7 +136,7 @@ def _serve(settings: Any) -> int:
     from app.main import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
-                log_level=settings.log_level)
+                log_config=None, log_level=settings.log_level)
     return 0
 
 

@@ -87,6 +87,12 @@ def status_for(exc: BaseException) -> int:
     return status_for(cause) if isinstance(cause, BaseException) else 500
 
 
+# tmc_rejected_requests_total{reason}: requests refused before reaching the device
+REJECTION_REASONS: dict[type[Exception], str] = {
+    OverloadedError: "overloaded", NotReadyError: "not_ready",
+    DeviceTimeoutError: "device_timeout"}
+
+
 def error_response(status: int, message: str) -> JSONResponse:
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     if status == 401:
@@ -105,6 +111,10 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
         status = status_for(exc)
+        reason = REJECTION_REASONS.get(type(exc))
+        service = getattr(request.app.state, "service", None)
+        if reason is not None and service is not None:  # refused before the device
+            service.metrics.rejected.labels(reason=reason).inc()
         if status == 500:
             log.exception("internal error on %s", request.url.path, exc_info=exc)
             return error_response(500, "internal error; see the server log")

@@ -117,18 +117,37 @@ class Service:
 
     async def drain_and_stop(self) -> None:
         self.draining, self.ready = True, False
-        deadline = time.monotonic() + self.settings.drain_timeout_s
+        started = time.monotonic()
+        log.info("drain started", extra={"event": "drain_start", "pending": self.worker.pending,
+                                         "drain_timeout_s": self.settings.drain_timeout_s})
+        deadline = started + self.settings.drain_timeout_s
         while self.worker.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await run_in_threadpool(self.worker.stop, self.settings.drain_timeout_s)
         self.registry.close()
+        log.info("drain finished", extra={"event": "drain_end", "pending": self.worker.pending,
+                                          "drain_s": round(time.monotonic() - started, 3)})
 
     # -- inference -------------------------------------------------------------------------
     async def predict(self, raw_inputs: list[Any], spec: CompositionSpec,
                       normalize: Normalize | None, explain: bool) -> Prediction:
+        """One deadline (TMC_REQUEST_TIMEOUT_S) from admission to the result, whatever the
+        request waits on: decoding, resolving, the queue, the device, and every re-plan."""
         if self.draining:
             raise OverloadedError("server is shutting down; retry on another replica")
         self._check_count(raw_inputs)
+        limit = self.settings.request_timeout_s
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._predict(raw_inputs, spec, normalize, explain)
+        except TimeoutError:
+            if not deadline.expired():  # not ours: someone else's timeout
+                raise
+            raise RequestTimeoutError(f"no result within {limit:g} s") from None
+
+    async def _predict(self, raw_inputs: list[Any], spec: CompositionSpec,
+                       normalize: Normalize | None, explain: bool) -> Prediction:
         self.worker.expect()
         try:
             items = await run_in_threadpool(self._encode, raw_inputs)
@@ -137,7 +156,7 @@ class Service:
             self.worker.unexpect()
         for replans in range(MAX_REPLANS + 1):
             try:
-                logits, contrib = await self._result(future)
+                logits, contrib = await future
                 break
             except reg.NotFoundError:
                 # A version this plan pinned was forgotten while the request waited (another
@@ -145,6 +164,9 @@ class Service:
                 # again — now without it, or a 404 if the request named it — and rerun.
                 if replans == MAX_REPLANS:
                     raise
+                log.info("pinned version forgotten before it ran; resolving again",
+                         extra={"event": "replan", "replan": replans + 1,
+                                "generation": plan.generation})
                 plan, future = await self._submit(items, spec, normalize, explain)
         self.metrics.inference_items.inc(len(raw_inputs))
         return Prediction(logits, contrib, plan)
@@ -157,13 +179,6 @@ class Service:
         future: asyncio.Future[Any] = loop.create_future()
         self.worker.submit(Job(items, plan, future, loop))
         return plan, future
-
-    async def _result(self, future: asyncio.Future[Any]) -> Any:
-        try:
-            return await asyncio.wait_for(future, self.settings.request_timeout_s)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"no result within {self.settings.request_timeout_s:g} s") from None
 
     def _check_count(self, raw_inputs: list[Any]) -> None:
         limit = self.settings.max_inputs_per_request
@@ -233,6 +248,8 @@ class Service:
             if self._forgets_in_flight:
                 self._deferred.update(digests)
                 return
+        log.info("forget heard from the registry: purging %d digest(s)", len(digests),
+                 extra={"event": "purge", "digests": list(digests)})
         self.worker.call(partial(self.executor.purge, digests))
 
     def readiness(self) -> dict[str, Any]:

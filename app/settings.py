@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     blob_cache_dir: Path | None = Field(None, description="local byte cache (Redis mode)")
     drain_timeout_s: float = Field(20.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="log lines: json, text, or auto (json unless stderr is a terminal)")
 
     @field_validator("admin_token", "inference_token")
     @classmethod

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
@@ -27,6 +27,7 @@ import torch
 
 from app.errors import DeviceTimeoutError, NotReadyError, OverloadedError
 from app.executor import Executor, select_rows
+from app.logs import current_request_id
 from app.metrics import Metrics
 from app.plan import Plan
 
@@ -41,6 +42,9 @@ class Job:
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     admitted: float = field(default_factory=time.perf_counter)
+    # the request's id (read from the context where the job is made), for the device
+    # thread's log lines about it
+    request_id: str | None = field(default_factory=current_request_id)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Control(Generic[T]):
     done: threading.Event = field(default_factory=threading.Event)
     result: T | None = None
     error: BaseException | None = None
+    request_id: str | None = field(default_factory=current_request_id)  # for its log line
 
     def outcome(self) -> T:
         """The action's result, or its exception raised here (call only once done)."""
@@ -185,7 +190,8 @@ class DeviceWorker:
             control.error = exc
             if not isinstance(exc, Exception):
                 raise
-            log.warning("control %s failed: %s", _name(control.action), exc)  # thread lives on
+            log.warning("control %s failed: %s", _name(control.action), exc,  # thread lives on
+                        extra={"request_id": control.request_id})
         finally:
             control.done.set()
 
@@ -214,7 +220,8 @@ class DeviceWorker:
         try:
             h = self.executor.trunk(self.collate([i for g in groups for j in g for i in j.items]))
         except Exception:  # isolate the culprit: each group runs on its own
-            log.warning("batch trunk failed; retrying group by group", exc_info=True)
+            log.warning("batch trunk failed; retrying group by group", exc_info=True,
+                        extra={"request_ids": _ids(j for g in groups for j in g)})
             self._finish([self._launch_group(jobs, None) for jobs in groups])
             return
         self.metrics.trunk_seconds.observe(time.perf_counter() - started)
@@ -238,7 +245,8 @@ class DeviceWorker:
             else:
                 logits, contrib = self.executor.tail_async(plan, h), None
         except Exception as exc:  # this group fails alone
-            log.warning("group %s failed: %s", plan.group_key[:12], exc)
+            log.warning("group %s failed: %s", plan.group_key[:12], exc,
+                        extra={"group": plan.group_key[:12], "request_ids": _ids(jobs)})
             for j in jobs:
                 _resolve(j, error=exc)
             return None
@@ -250,7 +258,8 @@ class DeviceWorker:
         try:
             self.executor.synchronize()
         except Exception as exc:  # an asynchronous device error: nothing queued is valid
-            log.warning("device failed while running a batch: %s", exc)
+            log.warning("device failed while running a batch: %s", exc,
+                        extra={"request_ids": _ids(j for g in groups for j in g.jobs)})
             for g in groups:
                 for j in g.jobs:
                     _resolve(j, error=exc)
@@ -260,6 +269,11 @@ class DeviceWorker:
             kind = "plain" if not plan.terms else ("explain" if plan.explain else "linearized")
             self.metrics.forward_seconds.labels(kind=kind).observe(
                 time.perf_counter() - g.started)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("group ran", extra={
+                    "group": plan.group_key[:12], "kind": kind, "generation": plan.generation,
+                    "rows": sum(len(j.items) for j in g.jobs), "request_ids": _ids(g.jobs),
+                    "forward_s": round(time.perf_counter() - g.started, 6)})
             start = 0
             for j in g.jobs:
                 end = start + len(j.items)
@@ -276,6 +290,11 @@ class Launched:
     logits: torch.Tensor  # [B, C] host memory
     contrib: torch.Tensor | None  # [K, B, C] host memory (explain only)
     started: float
+
+
+def _ids(jobs: Iterable[Job]) -> list[str | None]:
+    """The request ids of jobs, for a log line about their group or batch."""
+    return [j.request_id for j in jobs]
 
 
 def _name(action: Callable[[], object]) -> str:

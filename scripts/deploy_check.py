@@ -8,13 +8,14 @@ Run by ``scripts/deploy-check.sh`` (which fetches helm first) as part of ``make 
    admits exactly the app's own files, ``TMC_*`` names are real settings);
 2. ``helm lint --strict`` on every value set;
 3. ``helm template`` on every value set; every rendered document validated strictly against the
-   Kubernetes 1.30 schemas (unknown kinds fail, except ServiceMonitor, which is checked against
-   our own schema in tests/deploy/schemas/);
+   Kubernetes 1.30 schemas (unknown kinds fail, except the Prometheus operator's ServiceMonitor
+   and PrometheusRule, which are checked against our own schemas in tests/deploy/schemas/);
 4. cross-document checks the schemas cannot do: every env name the chart gives the app is a
    setting the app reads (``app.settings.ENV_NAMES``) and the required ones are present, the
    rendered settings parse with ``app.settings.Settings``, $(VAR) references resolve, mounts cover
    every path the app writes, security contexts, probes, drain vs. grace period, Service / HPA /
-   PDB / ServiceMonitor / NetworkPolicy / Ingress references, Secrets and claims exist;
+   PDB / ServiceMonitor / NetworkPolicy / Ingress references, the PrometheusRule selects the
+   job the ServiceMonitor scrapes, Secrets and claims exist;
 5. value sets that must FAIL to render (schema violations, replicas without Redis, ...) fail
    with the expected message.
 
@@ -106,7 +107,11 @@ VALUE_SETS = [
     ValueSet("defaults", [VALUES_DIR / "defaults.yaml"],
              expect_kinds=BASE_KINDS | {"Secret", "PersistentVolumeClaim"},
              forbid_kinds={"StatefulSet", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                           "Ingress", "ServiceMonitor", "Job", "NetworkPolicy"}),
+                           "Ingress", "ServiceMonitor", "Job", "NetworkPolicy",
+                           "PrometheusRule"}),
+    ValueSet("prometheusrule", [VALUES_DIR / "prometheusrule.yaml"],
+             expect_kinds=BASE_KINDS | {"Secret", "PersistentVolumeClaim", "ServiceMonitor",
+                                        "PrometheusRule"}),
     ValueSet("embedded-emptydir", [VALUES_DIR / "embedded-emptydir.yaml"],
              expect_kinds=BASE_KINDS | {"Secret"},
              forbid_kinds={"PersistentVolumeClaim", "StatefulSet"}),
@@ -470,20 +475,28 @@ def _cache_k8s_schemas() -> None:
         kvu.schema_contents = functools.cache(kvu.schema_contents)
 
 
+# Prometheus operator kinds (CRDs, not in the Kubernetes schemas) -> our schema of the subset
+# the chart renders, in SCHEMA_DIR.
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.schema.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.schema.json",
+}
+
+
 def validate_documents(docs: list[dict[str, Any]], where: str, rep: Report) -> None:
     import jsonschema
     import kubernetes_validate
 
     _cache_k8s_schemas()
 
-    sm_schema = json.loads((SCHEMA_DIR / "servicemonitor.schema.json").read_text())
     for doc in docs:
         ident = f"{where}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        if (doc.get("apiVersion"), doc.get("kind")) == ("monitoring.coreos.com/v1",
-                                                        "ServiceMonitor"):
-            errs = sorted(jsonschema.Draft202012Validator(sm_schema).iter_errors(doc), key=str)
+        crd_schema = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+        if crd_schema:
+            schema = json.loads((SCHEMA_DIR / crd_schema).read_text())
+            errs = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc), key=str)
             for e in errs:
-                rep.error(ident, f"ServiceMonitor schema: {e.message} at "
+                rep.error(ident, f"{doc['kind']} schema: {e.message} at "
                                  f"{'/'.join(map(str, e.absolute_path))}")
             continue
         try:
@@ -799,6 +812,24 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
                 if ep.get("port") not in {p.get("name") for p in s["spec"]["ports"]}:
                     rep.error(f"{where0}: ServiceMonitor", f"port {ep.get('port')!r} is not a "
                               f"port name of Service/{s['metadata']['name']}")
+    scraped_jobs = {s["metadata"]["name"] for sm in by_kind.get("ServiceMonitor", [])
+                    for s in svc_by_name.values()
+                    if matches(sm["spec"]["selector"].get("matchLabels"),
+                               s["metadata"].get("labels") or {})}
+    for pr in by_kind.get("PrometheusRule", []):
+        # The ServiceMonitor's targets get job=<Service name>, namespace=<release namespace>.
+        pw = f"{where0}: PrometheusRule/{pr['metadata']['name']}"
+        for g in pr["spec"]["groups"]:
+            for r in g["rules"]:
+                expr = str(r.get("expr", ""))
+                rule = r.get("alert") or r.get("record")
+                for job in set(re.findall(r'\bjob="([^"]*)"', expr)):
+                    if scraped_jobs and job not in scraped_jobs:
+                        rep.error(pw, f"{rule} selects job={job!r} but the ServiceMonitor "
+                                      f"scrapes job {sorted(scraped_jobs)}")
+                for ns in set(re.findall(r'\bnamespace="([^"]*)"', expr)):
+                    if ns != NAMESPACE:
+                        rep.error(pw, f"{rule} selects namespace={ns!r}, not the release's")
     for np in by_kind.get("NetworkPolicy", []):
         sel = np["spec"]["podSelector"].get("matchLabels")
         if not any(matches(sel, lbl) for lbl, _ in pods):

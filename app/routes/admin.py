@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Annotated, Any, Literal
 
@@ -12,7 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import AdminDep, ServiceDep
 from app.errors import BadRequestError, BodyTooLargeError
+from app.logs import actor
 
+log = logging.getLogger("tmc.admin")
 router = APIRouter(tags=["admin"], dependencies=[AdminDep])
 Weight = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -43,6 +46,11 @@ async def put_component(cid: str, request: Request, service: ServiceDep,
     if not data:
         raise BadRequestError("empty body: send the component's safetensors bytes")
     result = await run_in_threadpool(service.registry.add, cid, data, weight, tag or [], active)
+    log.info("component %s %s", result.id, "added" if result.created_version else "unchanged",
+             extra={"event": "add", "component": result.id, "digest": result.digest,
+                    "generation": result.generation, "created_version": result.created_version,
+                    "weight": weight, "tags": tag or [], "active": active, "nbytes": len(data),
+                    "who": _who(request)})
     return JSONResponse(result.to_dict(), status_code=201 if result.created_version else 200)
 
 
@@ -67,22 +75,39 @@ class ComponentPatch(BaseModel):
 
 
 @router.patch("/v1/components/{cid}")
-async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep
-                          ) -> dict[str, Any]:
+async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep,
+                          request: Request) -> dict[str, Any]:
     if body.weight is None and body.tags is None and body.active is None:
         raise BadRequestError("nothing to change: send weight, tags and/or active")
-    await run_in_threadpool(_apply_patch, service, cid, body)
-    return (await run_in_threadpool(service.registry.get, cid)).to_dict()
+    generation = await run_in_threadpool(_apply_patch, service, cid, body)
+    info = await run_in_threadpool(service.registry.get, cid)
+    log.info("component %s updated", info.id,
+             extra={"event": "reweight", "component": info.id, "digest": info.digest,
+                    "generation": generation, "weight": body.weight, "tags": body.tags,
+                    "active": body.active, "who": _who(request)})
+    return info.to_dict()
 
 
-def _apply_patch(service: Any, cid: str, body: ComponentPatch) -> None:
-    """One atomic change: the generation moves once."""
-    service.registry.update(cid, weight=body.weight, tags=body.tags, active=body.active)
+def _apply_patch(service: Any, cid: str, body: ComponentPatch) -> int:
+    """One atomic change: the generation moves once (returned)."""
+    return int(service.registry.update(cid, weight=body.weight, tags=body.tags,
+                                       active=body.active))
+
+
+def _who(request: Request) -> str:
+    """The admin, for log lines: a sha256 prefix of the token, never the token."""
+    return actor(request.headers.get("authorization"))
 
 
 @router.delete("/v1/components/{cid}")
-async def forget_component(cid: str, service: ServiceDep) -> dict[str, Any]:
+async def forget_component(cid: str, service: ServiceDep, request: Request
+                           ) -> dict[str, Any]:
     receipt = await run_in_threadpool(service.forget, cid)
+    log.info("component %s forgotten", receipt.id,
+             extra={"event": "forget", "component": receipt.id,
+                    "digests": receipt.digests_removed,
+                    "compositions_changed": receipt.compositions_changed,
+                    "generation": receipt.generation, "who": _who(request)})
     return {"forgotten": True, **receipt.to_dict()}
 
 
@@ -96,12 +121,16 @@ class CompositionBody(BaseModel):
 
 
 @router.put("/v1/compositions/{name}")
-async def put_composition(name: str, body: CompositionBody, service: ServiceDep
-                          ) -> dict[str, Any]:
+async def put_composition(name: str, body: CompositionBody, service: ServiceDep,
+                          request: Request) -> dict[str, Any]:
     if any(not math.isfinite(w) for w in body.weights.values()):
         raise BadRequestError("weights must be finite")
     comp = await run_in_threadpool(service.registry.put_composition, name, body.weights,
                                    body.normalize, body.expected_generation)
+    log.info("composition %s written", comp.name,
+             extra={"event": "composition_put", "composition": comp.name,
+                    "components": sorted(comp.weights), "normalize": comp.normalize,
+                    "generation": comp.generation, "who": _who(request)})
     return comp.to_dict()
 
 
@@ -117,7 +146,11 @@ async def get_composition(name: str, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.delete("/v1/compositions/{name}")
-async def delete_composition(name: str, service: ServiceDep) -> dict[str, Any]:
+async def delete_composition(name: str, service: ServiceDep, request: Request
+                             ) -> dict[str, Any]:
     generation = await run_in_threadpool(service.registry.delete_composition, name)
+    log.info("composition %s deleted", name,
+             extra={"event": "composition_delete", "composition": name,
+                    "generation": generation, "who": _who(request)})
     return {"deleted": name, "generation": generation}
 

@@ -98,3 +98,52 @@ def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "live"}
     ready = client.get("/readyz").json()
     assert ready["ready"] is True and ready["warm_forward"] is True and ready["registry"] is True
+
+
+def _rejected(client, reason: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'tmc_rejected_requests_total{{reason="{reason}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_requests_refused_before_the_device_are_counted_by_reason(client, server):
+    """tmc_rejected_requests_total (alerted on and charted) moves when a request is refused."""
+    big = b"[" + b"0," * (5 << 20) + b"0]"  # over the 8 MiB default body limit
+    r = client.post("/v1/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert _rejected(client, "body_too_large") == 1.0
+
+
+def test_an_overloaded_refusal_is_counted(tiny_base_dir, tmp_path):
+    """A draining replica refuses with 503 (OverloadedError): counted as "overloaded"."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from app.main import create_app
+    from app.service import Service
+    from tests.app.conftest import free_port, settings_for
+
+    settings = settings_for(tiny_base_dir, tmp_path / "reg")
+    service = Service.build(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, service), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            service.draining = True  # as on SIGTERM: new requests go to another replica
+            r = c.post("/v1/predict", json={"inputs": [[0.0] * 64], "components": {}})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert _rejected(c, "overloaded") == 1.0
+    finally:
+        server.should_exit = True
+        thread.join(30)

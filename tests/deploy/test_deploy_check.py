@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
 import shutil
 import sys
@@ -18,20 +17,12 @@ from typing import Any
 
 import pytest
 
+from tests.deploy_checker import load_deploy_checker
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_checker() -> Any:
-    path = ROOT / "scripts" / "deploy_check.py"
-    spec = importlib.util.spec_from_file_location("deploy_check", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-dc = _load_checker()
+dc = load_deploy_checker()
 SETTINGS = dc.load_settings_module()
 HELM = dc.find_tool(os.environ.get("HELM"), [ROOT / ".tools" / "helm" / "helm"], "helm")
 needs_helm = pytest.mark.skipif(HELM is None, reason="helm not installed (scripts/deploy-check.sh "
