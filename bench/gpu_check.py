@@ -29,9 +29,6 @@ section failed or a correctness check did not hold.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import json
 import os
 import tempfile
@@ -54,20 +51,17 @@ from bench.gpu_common import (
     Components,
     EvalData,
     executor_for,
-    float64_reference,
     load_eval_data,
     plan_of,
     prepare_base,
     probe_components,
     random_components,
 )
+from bench.gpu_correctness import check_correctness, max_abs
+from bench.gpu_http import HttpLoad, check_http
 
 NAME = "gpu"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-# float32 on the device against the float64 reference, relative to the largest |logit|:
-# 12 decimal digits would be float64's own; float32 has ~7, deep nets lose one or two.
-FP32_REL_TOL = 1e-4
-LINEARITY_REL_TOL = 1e-5  # the same float32 ops summed two ways
 
 
 @dataclass(frozen=True)
@@ -95,29 +89,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def to_float64(x: Any) -> Any:
-    if isinstance(x, tuple):
-        return tuple(to_float64(t) for t in x)
-    return x.double() if x.is_floating_point() else x
-
-
-def rel(err: torch.Tensor | float, scale: torch.Tensor | float) -> float:
-    return float(err) / max(float(scale), 1e-12)
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
-
-
-def compose64(deltas: dict[str, dict[str, torch.Tensor]], weights: dict[str, float]
-              ) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for d, w in weights.items():
-        for n, t in deltas[d].items():
-            out[n] = out.get(n, torch.zeros(t.shape, dtype=torch.float64)) + t.double() * w
-    return out
-
-
 def section(results: dict[str, Any], key: str, fn: Callable[[], dict[str, Any]]) -> None:
     """Run one section; a failure is recorded (with its traceback tail) and the rest go on."""
     started = time.perf_counter()
@@ -129,76 +100,6 @@ def section(results: dict[str, Any], key: str, fn: Callable[[], dict[str, Any]])
                         "traceback": traceback.format_exc()[-3000:]}
         common.log(f"{key} FAILED: {exc}")
     results[key]["seconds"] = round(time.perf_counter() - started, 2)
-
-
-# -- correctness -------------------------------------------------------------------------------
-def check_correctness(base: Base, data: EvalData, device: torch.device, rows: int
-                      ) -> dict[str, Any]:
-    comps = Components()
-    deltas = random_components(base.net, 3, seed=1, rel_scale=0.05)
-    names = [comps.add(f"{base.spec.preset}-c{k}", d) for k, d in enumerate(deltas)]
-    by_digest = dict(zip(names, deltas, strict=True))
-    zero = comps.add("zero", {n: torch.zeros_like(t) for n, t in deltas[0].items()})
-    a, b, c = names
-    weights = {a: 0.7, b: -0.4, c: 1.3}
-    ex = executor_for(base, comps, device, torch.float32)
-    x = data.batch(base, rows)
-    f0 = ex.run(plan_of({}), x)  # [B, C]
-    single = {d: ex.run(plan_of({d: 1.0}), x) for d in names}
-    composed = ex.run(plan_of(weights), x)
-    summed = f0 + sum(w * (single[d] - f0) for d, w in weights.items())
-    direct_a = ex.net.forward(_device_input(ex, x), ex.composed_delta(plan_of({a: 1.0})))
-    zero_out = ex.run(plan_of({zero: 1.0}), x)
-
-    ref = float64_reference(base)
-    x64 = to_float64(x)
-    with torch.no_grad():
-        f0_ref = ref.forward(x64)
-        a_ref = ref.forward(x64, {n: t.double() for n, t in deltas[0].items()})
-        composed_ref = ref.forward(x64, compose64(by_digest, weights))
-    scale = composed_ref.abs().max()
-
-    kept = {a: 0.7, b: -0.4}
-    before_forget = ex.run(plan_of(kept), x)
-    ex.purge([c])
-    after_forget = ex.run(plan_of(kept), x)
-    without_c = Components()
-    for d in (a, b):
-        without_c.by_digest[d] = comps.by_digest[d]
-    never_had = executor_for(base, without_c, device, torch.float32).run(plan_of(kept), x)
-    left = ex.components.count_built_from(c) + ex.composed.count_built_from(c)
-
-    out: dict[str, Any] = {
-        "rows": rows, "logit_scale": float(scale),
-        "base_vs_float64_rel": rel(max_abs(f0, f0_ref), f0_ref.abs().max()),
-        "single_vs_float64_rel": rel(max_abs(single[a], a_ref), a_ref.abs().max()),
-        "composed_vs_float64_rel": rel(max_abs(composed, composed_ref), scale),
-        "linearity_rel": rel(max_abs(composed, summed), scale),
-        "weight1_round_trip_max_abs": max_abs(single[a], direct_a.float().cpu()),
-        "zero_tangent_vs_base_max_abs": max_abs(zero_out, f0),
-        "forget_bit_exact": bool(torch.equal(after_forget, never_had)),
-        "forget_unchanged_kept_composition": bool(torch.equal(before_forget, after_forget)),
-        "forget_cache_entries_left": left,
-        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                 "cudnn": torch.backends.cudnn.allow_tf32},
-    }
-    out["passed"] = bool(
-        out["base_vs_float64_rel"] <= FP32_REL_TOL and out["single_vs_float64_rel"] <= FP32_REL_TOL
-        and out["composed_vs_float64_rel"] <= FP32_REL_TOL
-        and out["linearity_rel"] <= LINEARITY_REL_TOL
-        and out["weight1_round_trip_max_abs"] == 0.0
-        and out["zero_tangent_vs_base_max_abs"] <= 1e-6 * float(scale)
-        and out["forget_bit_exact"] and out["forget_cache_entries_left"] == 0)
-    out["tolerances"] = {"vs_float64_rel": FP32_REL_TOL, "linearity_rel": LINEARITY_REL_TOL,
-                         "weight1_round_trip": "bit-exact", "zero_tangent_rel": 1e-6,
-                         "forget": "bit-exact"}
-    return out
-
-
-def _device_input(ex: Any, x: Any) -> Any:
-    from app.executor import _to_device
-
-    return _to_device(x, ex.device, ex.dtype)
 
 
 # -- reduced precision -------------------------------------------------------------------------
@@ -363,72 +264,6 @@ def _flops(run: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-# -- serving over HTTP -------------------------------------------------------------------------
-def check_http(base_dir: Path, base: Base, payload: Path | None, device: torch.device,
-               sizes: Sizes, workdir: Path) -> dict[str, Any]:
-    from bench import serving
-
-    images = _png_images(payload, 64)
-    env = {"TMC_DEVICE": device.type, "TMC_MAX_BATCH_SIZE": str(max(64, sizes.http_concurrency)),
-           "TMC_LOG_LEVEL": "warning"}
-    with common.tmc_server(base_dir, workdir / "server", env=env) as server:
-        by_digest, ids = serving.push_components(server, base.region, base.fingerprint)
-        comp = serving.compositions()[0]
-        bodies = [serving.request_bytes(server.port, {"inputs": [img], "components": comp,
-                                                      "top_k": 1}) for img in images]
-        per_client = [serving._rotate(bodies, i) for i in range(sizes.http_concurrency)]
-        asyncio.run(serving._prime(server, [bodies]))
-        warm = min(2.0, sizes.http_duration_s / 3)
-        load = asyncio.run(serving._level(server, per_client, 1, warm, sizes.http_duration_s))
-        eight = [serving.request_bytes(server.port, {
-            "inputs": [images[(j * 8 + i) % len(images)] for i in range(8)],
-            "components": comp, "top_k": 1}) for j in range(len(images))]
-        load8 = asyncio.run(serving._level(
-            server, [serving._rotate(eight, i) for i in range(sizes.http_concurrency)], 8,
-            warm, sizes.http_duration_s))
-    comps = Components()
-    comps.by_digest.update(by_digest)
-    ex = executor_for(base, comps, device, torch.float32)
-    plan = plan_of({ids[cid]: w for cid, w in comp.items()})
-    items = base.preprocessor.encode([base64.b64decode(i) for i in images])
-    mean_batch = max(1, round(load.get("mean_batch_size") or 1))
-    batches = sorted({1, mean_batch, sizes.http_concurrency})
-    cases = [common.Case(f"offline|{b}", partial(
-        ex.run, plan, base.preprocessor.collate([items[i % len(items)] for i in range(b)])))
-        for b in batches]
-    timings = common.run_rounds(cases, sizes.repeats, budget_s=sizes.time_budget_s)
-    offline = {str(b): b / common.summarize(timings.wall[f"offline|{b}"])["median"]
-               for b in batches}
-    thr = load.get("throughput_inputs_per_s") or 0.0
-    return {"concurrency": sizes.http_concurrency, "duration_s": sizes.http_duration_s,
-            "http": {k: load[k] for k in ("throughput_inputs_per_s", "latency_ms",
-                                          "mean_batch_size", "errors") if k in load},
-            "http_8_inputs_per_request": {k: load8[k] for k in (
-                "throughput_inputs_per_s", "latency_ms", "mean_batch_size", "errors")
-                if k in load8},
-            "offline_inputs_per_s": offline, "mean_batch": mean_batch,
-            "http_over_offline_at_mean_batch": thr / offline[str(mean_batch)],
-            "http_over_offline_at_concurrency_batch": thr / offline[
-                str(sizes.http_concurrency)]}
-
-
-def _png_images(payload: Path | None, count: int) -> list[str]:
-    import numpy as np
-    from PIL import Image
-
-    if payload is not None:
-        with np.load(payload / "data" / "fmnist_test.npz") as npz:
-            arrays = list(npz["images"][:count])
-    else:
-        arrays = common.fashion_mnist_images(count)[0]
-    out = []
-    for arr in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode())
-    return out
-
-
 # -- driver ------------------------------------------------------------------------------------
 def pick(device: str) -> torch.device:
     if device == "auto":
@@ -453,7 +288,9 @@ def run_preset(preset: str, device: torch.device, sizes: Sizes, payload: Path | 
     section(out, "memory", partial(check_memory, base, data, device, sizes.memory_components))
     section(out, "timings", partial(time_forwards, base, data, device, sizes))
     if preset == "effnet-lite0":
-        section(out, "http", partial(check_http, base_dir, base, payload, device, sizes,
+        load = HttpLoad(sizes.http_concurrency, sizes.http_duration_s, sizes.repeats,
+                        sizes.time_budget_s)
+        section(out, "http", partial(check_http, base_dir, base, payload, device, load,
                                      workdir))
     return out
 
