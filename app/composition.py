@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from app.errors import BadRequestError
 from app.plan import Plan, PlanTerm
+from registry.validate import MAX_WEIGHT, WEIGHT_BOUND
 from tangent import Normalize, composition_digest, effective_weights
+
+
+def _bounded(weight: float) -> float:
+    if abs(weight) > MAX_WEIGHT:
+        raise PydanticCustomError("weight_range", "weight {weight} is out of range: weights "
+                                  "must satisfy {bound}", {"weight": f"{weight:g}",
+                                                           "bound": WEIGHT_BOUND})
+    return weight
+
+
+# A weight in a JSON body: a JSON number only (no "0.5" string, no true/false), finite and
+# bounded by MAX_WEIGHT.
+Weight = Annotated[float, Field(strict=True, allow_inf_nan=False), AfterValidator(_bounded)]
+# The same bound for a weight in a query string (always text, so not strict).
+QueryWeight = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_bounded)]
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,9 @@ def parse_components_param(text: str) -> CompositionSpec:
                                   "use 'id:weight,id:weight'") from None
         if not math.isfinite(weight):
             raise BadRequestError(f"tmc_components: weight of {cid!r} must be finite")
+        if abs(weight) > MAX_WEIGHT:
+            raise BadRequestError(f"tmc_components: weight {weight:g} of {cid!r} is out of "
+                                  f"range: weights must satisfy {WEIGHT_BOUND}")
         if cid.strip() in weights:
             raise BadRequestError(f"tmc_components: {cid.strip()!r} appears twice")
         weights[cid.strip()] = weight

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from asyncio import CancelledError
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import registry as reg
-from app.errors import error_response, install_error_handlers
+from app.errors import BodyTooLargeError, error_response, install_error_handlers
 from app.logs import REQUEST_ID, REQUEST_ID_HEADER, accept_request_id, setup_logging
 from app.routes import admin, native, ops, v2
 from app.service import Service
@@ -56,7 +58,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
                   description="Tangent Model Composition serving: one forward + one JVP for "
                   "any weighted subset of components; exact forgetting.")
     install_error_handlers(app)
-    app.middleware("http")(_limits_and_metrics(settings))
+    app.add_middleware(LimitsAndMetricsMiddleware, settings=settings)
     app.add_middleware(RequestIdMiddleware)  # added last: outside the other middleware
     for router in (native.router, v2.router, admin.router, ops.router):
         app.include_router(router)
@@ -111,41 +113,118 @@ class RequestIdMiddleware:
             REQUEST_ID.reset(token)
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+class LimitsAndMetricsMiddleware:
+    """Bounds every request body while it streams and counts every response.
 
+    TMC_MAX_BODY_BYTES: a declared Content-Length over it is refused before reading; a body
+    without one (chunked) is counted as the app pulls it and refused with 413 as soon as it
+    crosses the limit, the app's own answer to the cut-off body replaced (component uploads
+    have their own limit, enforced by their route while streaming). A response sent before the
+    body was read to its end says ``Connection: close``: the rest is never read.
 
-def _limits_and_metrics(settings: Settings) -> Callable[[Request, Handler], Awaitable[Response]]:
-    async def middleware(request: Request, call_next: Handler) -> Response:
+    tmc_requests_total{route,status} counts every request: an exception escaping the app as
+    "500" (RequestIdMiddleware, outside, answers it), and "499" when the client disconnected
+    before any response was sent (the nginx convention: nobody received one).
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        refused = _too_large(request, settings)
+        headers = Headers(scope=scope)
+        limit = None if _own_limit(scope) else self.settings.max_body_bytes
+        refused = None if limit is None else _too_large(headers, limit)
         if refused is not None:
-            _count_rejection(request, "body_too_large")
-        response = refused or await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        service = getattr(request.app.state, "service", None)
-        if service is not None:
-            m = service.metrics
-            m.requests.labels(route=template, status=str(response.status_code)).inc()
-            m.request_seconds.labels(route=template).observe(time.perf_counter() - started)
-        return response
+            _count_rejection(scope, "body_too_large")
+            refused.headers["connection"] = "close"
+            await refused(scope, receive, send)
+            _observe(scope, 413, started)
+            return
+        status: int | None = None
+        received, over, disconnected = 0, False, False
+        body_done = not _has_body(headers)
 
-    return middleware
+        async def limited_receive() -> Message:
+            nonlocal received, over, disconnected, body_done
+            if over:
+                raise BodyTooLargeError(f"body is over the limit of {limit} bytes")
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = body_done or not message.get("more_body", False)
+                if limit is not None and received > limit:
+                    over = True
+                    raise BodyTooLargeError(f"body is over the limit of {limit} bytes")
+            elif message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if over and status is None:
+                return  # the app's answer to a cut-off body: replaced by the 413 below
+            if message["type"] == "http.response.start":
+                status = 499 if disconnected else int(message["status"])
+                if not body_done:
+                    MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, counted_send)
+        except BaseException as exc:
+            if not (over and status is None):
+                if status is None:
+                    gone = disconnected or isinstance(exc, ClientDisconnect | CancelledError)
+                    status = 499 if gone else 500
+                _observe(scope, status, started)
+                raise
+        if over and status is None:
+            _count_rejection(scope, "body_too_large")
+            response = error_response(413, f"body is over the limit of {limit} bytes "
+                                      "(TMC_MAX_BODY_BYTES)")
+            response.headers["connection"] = "close"
+            status = 413
+            await response(scope, receive, send)
+        # an app that returned without answering gets uvicorn's 500
+        _observe(scope, 500 if status is None else status, started)
 
 
-def _count_rejection(request: Request, reason: str) -> None:
-    service = getattr(request.app.state, "service", None)
+def _observe(scope: Scope, status: int, started: float) -> None:
+    route = scope.get("route")
+    template = getattr(route, "path", "unmatched")
+    service = getattr(scope["app"].state, "service", None) if "app" in scope else None
+    if service is not None:
+        m = service.metrics
+        m.requests.labels(route=template, status=str(status)).inc()
+        m.request_seconds.labels(route=template).observe(time.perf_counter() - started)
+
+
+def _count_rejection(scope: Scope, reason: str) -> None:
+    service = getattr(scope["app"].state, "service", None) if "app" in scope else None
     if service is not None:
         service.metrics.rejected.labels(reason=reason).inc()
 
 
-def _too_large(request: Request, settings: Settings) -> Response | None:
-    """Bodies over TMC_MAX_BODY_BYTES are refused up front (component uploads have their own
-    limit, enforced while streaming)."""
-    if request.method == "PUT" and request.url.path.startswith(ADMIN_UPLOAD_PREFIX):
-        return None
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_body_bytes:
+def _own_limit(scope: Scope) -> bool:
+    """Component uploads have their own limit (TMC_MAX_COMPONENT_BYTES), enforced by the
+    route while streaming."""
+    return scope["method"] == "PUT" and str(scope["path"]).startswith(ADMIN_UPLOAD_PREFIX)
+
+
+def _has_body(headers: Headers) -> bool:
+    declared = headers.get("content-length", "")
+    return "transfer-encoding" in headers or (declared.isdigit() and int(declared) > 0)
+
+
+def _too_large(headers: Headers, limit: int) -> Response | None:
+    """A declared Content-Length over TMC_MAX_BODY_BYTES is refused up front, unread."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
         return error_response(413, f"body is {declared} bytes, over the limit of "
-                              f"{settings.max_body_bytes} bytes (TMC_MAX_BODY_BYTES)")
+                              f"{limit} bytes (TMC_MAX_BODY_BYTES)")
     return None

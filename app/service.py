@@ -28,7 +28,7 @@ from app.plan import Plan
 from app.settings import Settings
 from app.worker import DeviceWorker, Job
 from bases import Base, InputError, load_base
-from tangent import Normalize
+from tangent import CompositionError, Normalize
 
 log = logging.getLogger("tmc.service")
 # A request whose pinned component version is forgotten before it runs is resolved again;
@@ -140,7 +140,8 @@ class Service:
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:
-                return await self._predict(raw_inputs, spec, normalize, explain)
+                return finite_or_refuse(
+                    await self._predict(raw_inputs, spec, normalize, explain))
         except TimeoutError:
             if not deadline.expired():  # not ours: someone else's timeout
                 raise
@@ -189,10 +190,21 @@ class Service:
                                   f"{limit}; split the batch")
 
     def _encode(self, raw_inputs: list[Any]) -> list[Any]:
-        if self.base.spec.input_kind == "image":
-            raw_inputs = [_b64(i, v) if isinstance(v, str) else v
-                          for i, v in enumerate(raw_inputs)]
-        return list(self.base.preprocessor.encode(raw_inputs))
+        """Encode one request's inputs (on a Starlette thread). Encoded images are first
+        checked against TMC_MAX_REQUEST_PIXELS from their headers alone, then decoded on the
+        bounded decode pool (503 when it is saturated); nothing else enters that pool."""
+        from app.decode_pool import pool_of
+
+        pre = self.base.preprocessor
+        if self.base.spec.input_kind != "image":
+            return list(pre.encode(raw_inputs))
+        raw_inputs = [_b64(i, v) if isinstance(v, str) else v for i, v in enumerate(raw_inputs)]
+        if not any(isinstance(v, bytes) for v in raw_inputs):  # nested arrays: nothing to decode
+            return list(pre.encode(raw_inputs))
+        pre.check_pixel_budget(raw_inputs, self.settings.max_request_pixels,
+                               "TMC_MAX_REQUEST_PIXELS")
+        pool = pool_of(self, self.settings.decode_queue_size)
+        return list(pool.run(pre.encode, raw_inputs))
 
     def resolve(self, spec: CompositionSpec, normalize: Normalize | None,
                 explain: bool = False) -> Plan:
@@ -271,3 +283,15 @@ def _b64(index: int, value: str) -> bytes:
     except (binascii.Error, ValueError):
         raise InputError(f"input {index}: not valid base64 (send a base64-encoded PNG or "
                          "JPEG, or a nested array of pixel values)") from None
+
+
+def finite_or_refuse(pred: Prediction) -> Prediction:
+    """Never answer inf/NaN: even bounded weights can overflow (large Δ values, fp16).
+    Only this request is refused (422); its batch-mates ran their own rows."""
+    bad = [what for what, t in (("logits", pred.logits), ("contributions", pred.contributions))
+           if t is not None and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CompositionError(
+            f"the composition's output is not finite ({' and '.join(bad)} overflowed to "
+            "inf/NaN): lower the weights, or use components with smaller values")
+    return pred

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0.0)
     max_inputs_per_request: int = Field(64, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_request_pixels: int = Field(
+        64 * 1024 * 1024, ge=1, le=2**40,
+        description="image pixels one request may declare in all (headers, before decoding)")
+    decode_queue_size: int = Field(
+        8, ge=0, le=24,
+        description="image requests waiting for a decode thread beyond which new ones get 503")
     max_component_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device LRU budget")
     blob_cache_dir: Path | None = Field(None, description="local byte cache (Redis mode)")

@@ -76,9 +76,28 @@ class ImagePreprocessor:
         return [self._one(i, r) for i, r in enumerate(raw)]
 
     def _one(self, index: int, value: Any) -> torch.Tensor:
-        pixels = _decode_image(index, value) if isinstance(value, bytes) else _array_image(
-            index, value)
+        pixels = (_decode_image(index, value, self.size) if isinstance(value, bytes)
+                  else _array_image(index, value))
         return images_to_tensor(pixels.unsqueeze(0), self.size)[0]  # [3, S, S]
+
+    def check_pixel_budget(self, raw: Sequence[Any], limit: int,
+                           setting: str = "the per-request pixel limit") -> int:
+        """Refuse, before decoding anything, a request whose encoded images declare (in their
+        headers, read without decoding the pixels) more than ``limit`` pixels in all, or any
+        one image over MAX_IMAGE_PIXELS. Nested arrays are not counted: the body size bounds
+        them. Returns the declared total."""
+        total, count = 0, 0
+        for index, value in enumerate(raw):
+            if isinstance(value, bytes):
+                width, height = image_header_size(index, value)
+                _check_image_size(index, width, height)
+                total, count = total + width * height, count + 1
+        if total > limit:
+            raise InputError(
+                f"the {count} images of this request declare {total} pixels in all, over the "
+                f"per-request limit of {limit} pixels ({setting}); send fewer or smaller "
+                f"images (this model sees {self.size}x{self.size})")
+        return total
 
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(items))  # [B, 3, S, S]
@@ -87,19 +106,56 @@ class ImagePreprocessor:
         return images_to_tensor(torch.zeros(2, self.size, self.size), self.size)
 
 
-def _decode_image(index: int, data: bytes) -> torch.Tensor:
+def image_header_size(index: int, data: bytes) -> tuple[int, int]:
+    """(width, height) as an encoded image's header declares them; no pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"input {index}: image is {img.width}x{img.height}, "
-                                 f"over the {MAX_IMAGE_PIXELS}-pixel limit")
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return img.size
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputError(f"input {index}: image could not be decoded "
                          f"(send base64 PNG or JPEG): {exc}") from exc
-    return torch.from_numpy(rgb.copy())  # [H, W, 3]
+
+
+def _check_image_size(index: int, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"input {index}: image is {width}x{height}, "
+                         f"over the {MAX_IMAGE_PIXELS}-pixel limit")
+
+
+def _decode_image(index: int, data: bytes, size: int | None = None) -> torch.Tensor:
+    """Decoded RGB pixels [H, W, 3] uint8. With ``size`` (the model's input side), a side of
+    4x ``size`` or more is shrunk while decoding (JPEG: DCT scaling by ``draft``; others:
+    box-filter ``reduce`` by an integer factor) to between 2x and 4x ``size``, so neither a
+    full-size float copy nor its bilinear resize is ever made; an image whose sides are both
+    under 4x ``size`` decodes exactly as before."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_image_size(index, img.width, img.height)
+            rgb = _decode_reduced(img, size)
+            pixels = np.asarray(rgb, dtype=np.uint8)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise InputError(f"input {index}: image could not be decoded "
+                         f"(send base64 PNG or JPEG): {exc}") from exc
+    return torch.from_numpy(pixels.copy())  # [H, W, 3]
+
+
+def _decode_reduced(img: Any, size: int | None) -> Any:
+    """``img`` as an RGB PIL image, shrunk by integer factors toward 2x ``size`` per side."""
+    if size is None:
+        return img.convert("RGB")
+    floor = 2 * size
+    if img.format == "JPEG" and min(img.width // floor, img.height // floor) >= 2:
+        img.draft(None, (floor, floor))  # decode at 1/2, 1/4 or 1/8 scale, still >= floor
+    if img.mode not in ("RGB", "RGBA", "L"):  # reduce() wants a plain mode: convert first
+        img = img.convert("RGB")
+    factors = (max(1, img.width // floor), max(1, img.height // floor))
+    if factors != (1, 1):
+        img = img.reduce(factors)
+    return img.convert("RGB")
 
 
 def _array_image(index: int, value: Any) -> torch.Tensor:

@@ -7,7 +7,8 @@ RegistryError
  │                          (``.cause`` is the tangent.ComponentError that says why)
  ├── ConflictError          a compare-and-set lost, a composition names a missing component,
  │                          the bytes belong to another id, or the store belongs to another base
- ├── InvalidRequestError    a bad weight (non-finite), tag or normalization
+ ├── InvalidRequestError    a bad weight (non-finite, or |w| > MAX_WEIGHT), tag or
+ │                          normalization
  └── StorageError           the backend is unreachable, busy or inconsistent
 
 The service maps them to HTTP 404 / 400 / 422 / 409 / 400 / 503; the registry never speaks HTTP.

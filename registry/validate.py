@@ -16,6 +16,10 @@ ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=/+-]{0,63}")
 DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
 MAX_TAGS = 64
+# |weight| ≤ MAX_WEIGHT: a larger weight overflows float32 (3.4e38) once it scales a Δ and
+# its Jacobian-vector product, so the answer would be inf/NaN rather than a composition.
+MAX_WEIGHT = 1e6
+WEIGHT_BOUND = f"|weight| ≤ {MAX_WEIGHT:.0e} (MAX_WEIGHT)".replace("e+0", "e")
 
 
 def check_id(value: object, what: str = "component id") -> str:
@@ -36,9 +40,14 @@ def check_digest(value: object) -> str:
 def check_weight(value: object, what: str = "weight") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"{what} must be a number, got {value!r}")
-    weight = float(value)
+    try:
+        weight = float(value)
+    except OverflowError:  # an int beyond float's range
+        weight = math.inf
     if not math.isfinite(weight):
         raise InvalidRequestError(f"{what} must be a finite number, got {value!r}")
+    if abs(weight) > MAX_WEIGHT:
+        raise InvalidRequestError(f"{what} is {weight:g}: weights must satisfy {WEIGHT_BOUND}")
     return weight
 
 

@@ -4,20 +4,39 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import AdminDep, ServiceDep
+from app.composition import QueryWeight, Weight
+from app.deps import AdminDep, ServiceDep, get_service, require_admin
 from app.errors import BadRequestError, BodyTooLargeError
 from app.logs import actor
 
 log = logging.getLogger("tmc.admin")
-router = APIRouter(tags=["admin"], dependencies=[AdminDep])
-Weight = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class AdminRoute(APIRoute):
+    """Checks the admin token before anything reads the body: FastAPI reads (and parses) a
+    route's JSON body before it solves any dependency, AdminDep included, so a request with
+    no valid token would be read whole before its 401. (AdminDep stays: it runs again.)"""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            require_admin(request, get_service(request))
+            return await handler(request)
+
+        return checked
+
+
+router = APIRouter(tags=["admin"], dependencies=[AdminDep], route_class=AdminRoute)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -39,7 +58,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     "required": True, "description": "a safetensors component file"}})
 async def put_component(cid: str, request: Request, service: ServiceDep,
-                        weight: Weight = 1.0,
+                        weight: QueryWeight = 1.0,
                         tag: Annotated[list[str] | None, Query()] = None,
                         active: bool = True) -> JSONResponse:
     data = await read_body(request, service.settings.max_component_bytes)
@@ -115,7 +134,7 @@ class CompositionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     weights: dict[str, Weight]
     normalize: Literal["none", "sum", "mean"] = "none"
-    expected_generation: int | None = Field(
+    expected_generation: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="compare-and-set: the generation at which this composition was "
         "last written (0 = must not exist yet); refused with 409 when it moved")
 

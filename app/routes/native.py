@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from app.composition import spec_from_fields
+from app.composition import Weight, spec_from_fields
 from app.deps import InferenceDep, ServiceDep
 from app.service import Prediction, Service
 from tangent import top_k
 
 router = APIRouter(tags=["inference"])
-Weight = Annotated[float, Field(allow_inf_nan=False)]
+# {id: weight} or "*"; tagged so that a refusal names one form ("components.weights.a: …")
+Components = Annotated[
+    Annotated[dict[str, Weight], Tag("weights")] | Annotated[Literal["*"], Tag("all")],
+    Discriminator(lambda v: "all" if isinstance(v, str) else "weights")]
 
 
 class PredictRequest(BaseModel):
@@ -24,8 +27,9 @@ class PredictRequest(BaseModel):
     ]})
     inputs: list[Any] = Field(description="text strings, base64 images / pixel arrays, or "
                               "numeric arrays, per the base's input kind")
-    components: dict[str, Weight] | Literal["*"] | None = Field(
-        None, description='{id: weight}, or "*" for all active components at registry weights')
+    components: Components | None = Field(
+        None, description='{id: weight} (JSON numbers, |weight| ≤ 1e6), or "*" for all active '
+        'components at registry weights')
     composition: str | None = Field(None, description="a named composition")
     normalize: Literal["none", "sum", "mean"] | None = Field(
         None, description="default: the named composition's, else none")

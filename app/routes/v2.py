@@ -189,7 +189,7 @@ def decode_input(tensor: V2Tensor, kind: str) -> list[Any]:
     try:
         arr = np.asarray(list(_flatten(tensor.data)), dtype=np.float64)
         arr = arr.reshape(tensor.shape)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InputError(f"input {tensor.name!r}: data does not fit shape "
                          f"{tensor.shape}: {exc}") from None
     return [row for row in arr]
@@ -204,12 +204,24 @@ def _text(value: str | bytes) -> str:
         raise InputError("text input is not valid UTF-8") from None
 
 
+MAX_NESTING = 32  # a tensor's data nests at most this deep (one level per dimension)
+
+
 def _flatten(data: Any) -> Any:
-    for v in data:
-        if isinstance(v, list):
-            yield from _flatten(v)
-        else:
+    """The leaves of nested lists, in order: iterative, and refusing absurd nesting (a
+    recursive walk of JSON nested thousands deep would raise RecursionError: a 500)."""
+    stack = [iter(data)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                if len(stack) >= MAX_NESTING:
+                    raise BadRequestError(f"tensor data is nested more than {MAX_NESTING} "
+                                          "levels deep")
+                stack.append(iter(v))
+                break
             yield v
+        else:
+            stack.pop()
 
 
 def encode_response(service: Service, pred: Prediction, model: str, request_id: str | None,

@@ -9,6 +9,7 @@ their bytes follow the JSON. BYTES elements are 4-byte little-endian length + by
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -26,28 +27,34 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     """(parsed JSON header, trailing binary data)."""
     if header_length is None:
         cut = len(body)
-    elif header_length.isdigit() and int(header_length) <= len(body):
+    elif (header_length.isascii() and header_length.isdigit()  # not '²': int() refuses it
+          and len(header_length) <= 20 and int(header_length) <= len(body)):
         cut = int(header_length)
     else:
         raise BadRequestError(f"Inference-Header-Content-Length {header_length!r} does not fit "
                               f"a {len(body)}-byte body")
     try:
         return json.loads(body[:cut]), body[cut:]
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and json's refusal of
+        # integers over 4,300 digits (a plain ValueError)
         raise BadRequestError(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequestError("request JSON is nested too deeply") from None
 
 
 def attach_binary_inputs(request: dict[str, Any], blob: bytes) -> list[Any]:
     """Per input: its binary payload (bytes) or None when the data is inline JSON."""
     payloads: list[Any] = []
     offset = 0
-    for tensor in request.get("inputs") or []:
-        size = ((tensor.get("parameters") or {}).get("binary_data_size")
-                if isinstance(tensor, dict) else None)
+    inputs = request.get("inputs")
+    for tensor in inputs if isinstance(inputs, list) else []:  # else: validation says why
+        params = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is None:
             payloads.append(None)
             continue
-        if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+        if (isinstance(size, bool) or not isinstance(size, int) or size < 0
+                or offset + size > len(blob)):
             raise BadRequestError(f"input {tensor.get('name')!r}: binary_data_size {size} "
                                   f"exceeds the {len(blob) - offset} bytes left")
         payloads.append(blob[offset:offset + size])
@@ -64,19 +71,31 @@ def decode_binary(datatype: str, shape: list[int], payload: bytes) -> list[Any]:
     dtype = NUMPY_TYPES.get(datatype)
     if dtype is None:
         raise BadRequestError(f"unsupported datatype {datatype}")
+    if not shape or any(d < 0 for d in shape):
+        raise BadRequestError(f"binary input shape {shape} is invalid: give every dimension "
+                              "as a size ≥ 0")
+    itemsize = np.dtype(dtype).itemsize
+    if len(payload) % itemsize:
+        raise BadRequestError(f"binary {datatype} data is {len(payload)} bytes, not a multiple "
+                              f"of the {itemsize}-byte element size")
     arr = np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<"))
-    if arr.size != int(np.prod(shape)):
+    needed = math.prod(shape)
+    if arr.size != needed:
         raise BadRequestError(f"binary data holds {arr.size} values, shape {shape} needs "
-                              f"{int(np.prod(shape))}")
+                              f"{needed}")
     return arr.reshape(shape).tolist()  # type: ignore[no-any-return]
 
 
 def _unpack_bytes(payload: bytes) -> list[bytes]:
-    items, offset = [], 0
+    items: list[bytes] = []
+    offset = 0
     while offset < len(payload):
         if offset + 4 > len(payload):
             raise BadRequestError("BYTES binary data is truncated")
         (n,) = struct.unpack_from("<I", payload, offset)
+        if offset + 4 + n > len(payload):
+            raise BadRequestError(f"BYTES binary data is truncated: element {len(items)} "
+                                  f"declares {n} bytes, only {len(payload) - offset - 4} remain")
         items.append(payload[offset + 4:offset + 4 + n])
         offset += 4 + n
     return items
