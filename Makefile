@@ -10,7 +10,7 @@ APT_PACKAGES := dataset-fashion-mnist redis-server prometheus
 TMC_HOST ?= 127.0.0.1
 TMC_PORT ?= 8000
 
-.PHONY: run test bench bench-quick gpu-check setup apt lint typecheck deploy-check clean
+.PHONY: run test bench bench-quick gpu-check setup apt lint typecheck deploy-check soak clean
 
 setup: $(STAMP) apt
 
@@ -56,6 +56,12 @@ bench-quick: setup
 # its --smoke mode on the CPU.
 gpu-check: setup
 	$(PY) -m bench.gpu_check
+
+# soak (scripts/soak.py; not part of `make test`): MINUTES (default 5) of mixed traffic with
+# lifecycle churn on one server, then on two replicas over one redis-server, all on loopback.
+# Fails on any forget violation, explain-sum mismatch or 5xx. `make soak MINUTES=1`
+soak: setup
+	$(PY) scripts/soak.py $(or $(MINUTES),5)
 
 clean:
 	rm -rf $(VENV) .tools .tmc

@@ -122,16 +122,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings(_overrides(args))
     _check_base(settings.base_dir)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
-                    log_config=None,  # app/logs.py owns logging: every line in one format
-                    log_level=settings.log_level, timeout_graceful_shutdown=int(
-                        settings.drain_timeout_s) + 1)
+        uvicorn.run(create_app(settings), **uvicorn_options(settings))
     except SystemExit as exc:  # uvicorn exits (code 3) when the app's startup failed
         if exc.code in (0, None):
             return 0
         print("error: the server did not start; the reason is logged above", file=sys.stderr)
         return 1
     return 0
+
+
+# Slow clients: an idle keep-alive connection is closed after KEEP_ALIVE_S; one whose request
+# head is incomplete after HEAD_TIMEOUT_S is closed (408) by app/http_protocol.py; a request
+# head over MAX_HEAD_BYTES is refused by h11 (uvicorn answers 400). Slow bodies: a proxy.
+KEEP_ALIVE_S = 5
+HEAD_TIMEOUT_S = 10.0
+MAX_HEAD_BYTES = 16 * 1024
+
+
+def uvicorn_options(settings: Any, head_timeout_s: float = HEAD_TIMEOUT_S) -> dict[str, Any]:
+    """The keyword arguments `tmc serve` gives uvicorn.run (tests serve with the same)."""
+    from app.http_protocol import head_timeout_protocol
+
+    return dict(host=settings.host, port=settings.port, workers=1,
+                log_config=None,  # app/logs.py owns logging: every line in one format
+                log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+                timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                http=head_timeout_protocol(head_timeout_s))
 
 
 def _load_settings(overrides: dict[str, Any]) -> Any:

@@ -6,12 +6,18 @@ routes never build error responses by hand. Every error body is ``{"error": "...
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import sqlite3
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import registry
 import tangent
@@ -79,7 +85,37 @@ STATUS_TABLE: list[tuple[type[BaseException], int]] = [
 ]
 
 
+# Disk full (or over quota) anywhere in the cause chain: 507 Insufficient Storage, not a
+# retryable 503: retrying in a second will not free space.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+INSUFFICIENT_STORAGE = 507
+# The status counted and logged for a request whose client went away before any answer
+# (the nginx convention, as in tmc_requests_total): nobody receives it.
+CLIENT_CLOSED = 499
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and len(seen) < 16 and not any(exc is s for s in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file write, or SQLite's SQLITE_FULL, anywhere in the chain."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(e, sqlite3.Error) and (
+                getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL):
+            return True
+    return False
+
+
 def status_for(exc: BaseException) -> int:
+    if isinstance(exc, registry.StorageError) and is_disk_full(exc):
+        return INSUFFICIENT_STORAGE
     for cls, status in STATUS_TABLE:
         if isinstance(exc, cls):
             return status
@@ -94,13 +130,40 @@ REJECTION_REASONS: dict[type[Exception], str] = {
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": "1"} if status in (429, 503) else None  # never on 507
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def json_error_message(exc: BaseException, doc: str | bytes | None = None,
+                       pos: int | None = None) -> str:
+    """``request body is not valid JSON: <msg> at line L column C`` for any JSON parse
+    failure: a JSONDecodeError (its position as line/column), json's plain ValueErrors
+    (a UnicodeDecodeError, an integer over 4,300 digits) or a RecursionError (nesting)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return (f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                f"column {exc.colno}")
+    if isinstance(exc, RecursionError):
+        return "request body is not valid JSON: it is nested too deeply"
+    if isinstance(doc, str | bytes) and isinstance(pos, int):
+        nl = "\n" if isinstance(doc, str) else b"\n"
+        line = doc.count(nl, 0, pos) + 1  # type: ignore[arg-type]
+        column = pos - doc.rfind(nl, 0, pos)  # type: ignore[arg-type]
+        return f"request body is not valid JSON: {exc} at line {line} column {column}"
+    return f"request body is not valid JSON: {exc}"
+
+
 def _validation_message(exc: RequestValidationError) -> str:
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":  # FastAPI's "JSON decode error" + a position
+            cause = exc.__cause__
+            if isinstance(cause, json.JSONDecodeError):
+                return json_error_message(cause)
+            loc = err.get("loc", ())
+            pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+            reason = (err.get("ctx") or {}).get("error", err.get("msg", "invalid"))
+            return json_error_message(ValueError(reason), getattr(exc, "body", None), pos)
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
@@ -108,8 +171,55 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts[:5])
 
 
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": "..."}``."""
+
+    error: str
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad request: a malformed body, id or parameter",
+    401: "Missing or invalid bearer token",
+    403: "Forbidden: the admin API is disabled (no TMC_ADMIN_TOKEN)",
+    404: "Not found",
+    409: "Conflict with the registry's current state",
+    413: "Body too large (TMC_MAX_BODY_BYTES / TMC_MAX_COMPONENT_BYTES)",
+    422: "Invalid request: the body, parameters or inputs do not validate",
+    503: "Not ready, overloaded, draining, or the registry is unavailable: retry later",
+    504: "The request's deadline passed",
+    507: "Insufficient storage: the registry's disk is full",
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    503: {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route: the given statuses with the ``{"error": str}``
+    body (descriptions from ERROR_DESCRIPTIONS)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in sorted(set(statuses)):
+        entry: dict[str, Any] = {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
+        if status in _HEADERS:
+            entry["headers"] = _HEADERS[status]
+        out[status] = entry
+    return out
+
+
+def _client_gone(request: Request) -> JSONResponse:
+    """The client disconnected before the request was read: a client event, not a server
+    error. One line, no traceback; the answer (counted 499 by the metrics middleware) is
+    sent to nobody."""
+    log.info("client disconnected before %s %s was read", request.method, request.url.path,
+             extra={"event": "client_disconnect"})
+    return JSONResponse({"error": "client disconnected"}, status_code=CLIENT_CLOSED)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ClientDisconnect):
+            return _client_gone(request)
         status = status_for(exc)
         reason = REJECTION_REASONS.get(type(exc))
         service = getattr(request.app.state, "service", None)
@@ -118,6 +228,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 500:
             log.exception("internal error on %s", request.url.path, exc_info=exc)
             return error_response(500, "internal error; see the server log")
+        if status == INSUFFICIENT_STORAGE:  # operators must hear of it: one line, no trace
+            log.error("disk full on %s %s: %s", request.method, request.url.path, exc,
+                      extra={"event": "disk_full"})
+            return error_response(status, f"insufficient storage: {exc}")
         return error_response(status, str(exc))
 
     async def validation(request: Request, exc: Exception) -> JSONResponse:
@@ -126,8 +240,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(exc.status_code, str(exc.detail))
+        cause = exc.__cause__
+        if isinstance(cause, ClientDisconnect):  # FastAPI wraps it reading a JSON body
+            return _client_gone(request)
+        detail = str(exc.detail)
+        if (exc.status_code == 400 and detail == "There was an error parsing the body"
+                and isinstance(cause, ValueError | RecursionError)):
+            detail = json_error_message(cause)  # bad UTF-8, 5,000-digit numbers, nesting
+        response = error_response(exc.status_code, detail)
+        for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+            response.headers[name] = value
+        return response
 
+    app.add_exception_handler(ClientDisconnect, domain)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)
     for cls in (ServiceError, registry.RegistryError, tangent.TangentError,

@@ -7,6 +7,7 @@ import time
 from asyncio import CancelledError
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Response
 from starlette.concurrency import run_in_threadpool
@@ -62,7 +63,24 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # added last: outside the other middleware
     for router in (native.router, v2.router, admin.router, ops.router):
         app.include_router(router)
+    _add_openapi_schemas(app, v2.OPENAPI_SCHEMAS)
     return app
+
+
+def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """Models that routes refer to by $ref without FastAPI registering them (the V2 infer
+    body, read by the route itself) go into components/schemas, so every $ref resolves."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            found = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in schemas.items():
+                found.setdefault(name, schema)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _startup_fields(settings: Settings, svc: Service) -> dict[str, object]:
@@ -196,7 +214,8 @@ class LimitsAndMetricsMiddleware:
 
 def _observe(scope: Scope, status: int, started: float) -> None:
     route = scope.get("route")
-    template = getattr(route, "path", "unmatched")
+    # the template without convertors: "/v1/components/{cid}", not "{cid:anyid}"
+    template = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
     service = getattr(scope["app"].state, "service", None) if "app" in scope else None
     if service is not None:
         m = service.metrics

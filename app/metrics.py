@@ -53,6 +53,10 @@ class Metrics:
         self.components = Gauge("tmc_components", "Registered components", registry=r)
         self.generation = Gauge("tmc_registry_generation", "Registry generation last seen",
                                 registry=r)
+        self.registry_lost = Gauge("tmc_registry_lost",
+                                   "1 while the shared registry has lost its data (Redis wiped: "
+                                   "generation went back or base key missing): compositions "
+                                   "refused, not ready", registry=r)
         self.forgets = Counter("tmc_forgets", "Components forgotten", registry=r)
         self.forget_seconds = Histogram("tmc_forget_duration_seconds",
                                         "Forget latency incl. cache purge",

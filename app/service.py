@@ -70,6 +70,7 @@ class Service:
         self._forgets_in_flight = 0  # local forget() calls inside their registry call
         self._deferred: set[str] = set()  # digests heard meanwhile: those calls purge them
         registry.on_forget(self._purge_from_other_thread)
+        registry.on_lost(self._registry_lost_changed)
 
     @classmethod
     def build(cls, settings: Settings) -> Service:
@@ -209,8 +210,10 @@ class Service:
     def resolve(self, spec: CompositionSpec, normalize: Normalize | None,
                 explain: bool = False) -> Plan:
         """Pin the composition to one registry generation (runs on a thread)."""
-        if isinstance(spec, BaseOnly):
-            return make_plan([], self.registry.generation(), normalize or "none", explain)
+        if isinstance(spec, BaseOnly):  # names nothing in the registry: served even while
+            # the shared registry is lost (the generation is then just a label)
+            return make_plan([], self.registry.generation(check=False), normalize or "none",
+                             explain)
         if isinstance(spec, Explicit):
             resolved = self.registry.resolve_explicit(spec.weights)
         elif isinstance(spec, AllActive):
@@ -264,13 +267,24 @@ class Service:
                  extra={"event": "purge", "digests": list(digests)})
         self.worker.call(partial(self.executor.purge, digests))
 
+    def _registry_lost_changed(self, reason: str | None, generation: int) -> None:
+        """The registry found the shared store lost (``reason``) or intact again (None)."""
+        self.metrics.registry_lost.set(0 if reason is None else 1)
+        if reason is not None:
+            log.warning("%s", reason, extra={"event": "registry_lost",
+                                             "generation": generation})
+        else:
+            log.info("the shared registry is intact again (generation %d): serving "
+                     "compositions", generation,
+                     extra={"event": "registry_restored", "generation": generation})
+
     def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {"base_loaded": True, "warm_forward": self.ready,
                                   "draining": self.draining}
         try:
             checks["registry_generation"] = self.registry.generation()
             checks["registry"] = True
-        except reg.StorageError as exc:
+        except reg.StorageError as exc:  # unreachable, or lost its data (RegistryLostError)
             checks["registry"] = False
             checks["registry_error"] = str(exc)
         checks["ready"] = bool(self.ready and checks["registry"] and not self.draining)

@@ -18,13 +18,26 @@ registration: nothing about the old one survives.
 
 Crash safety: a blob is written before the index entry that references it; a crash in
 between leaves an unreferenced blob that the next open sweeps (``TMC_TEST_CRASH_POINT``).
+
+Lost-store policy (shared backends, whose index offers ``marks()``): a store that restarted
+empty (Redis without persistence), or was flushed, must not be served as if it were the
+registry. Each process remembers the highest generation it has seen; every ``generation()``
+and every resolve also reads the generation and the base key together, and when the base key
+is gone (or names another base) or the generation went below the highest seen, raises
+``RegistryLostError`` (a StorageError: 503) until the store is restored, i.e. the base key is
+back and the generation is at least the highest seen (a restored backup, or a rewritten
+generation). The ``on_lost`` hooks hear when that starts and when it clears. Writes are not
+refused (re-pushing is one way back). A deliberately fresh registry is accepted by restarting
+the process (or calling ``accept_current``), which forgets the remembered generation.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -56,6 +69,7 @@ from registry.validate import (
 from registry.watch import Watch
 from tangent import ComponentError, Normalize, TangentParam, decode_component
 
+log = logging.getLogger(__name__)
 CRASH_ENV = "TMC_TEST_CRASH_POINT"
 BLOB_ATTEMPTS = 5
 
@@ -64,6 +78,17 @@ def crash_point(name: str) -> None:
     """Test hook: SIGKILL this process here when ``TMC_TEST_CRASH_POINT`` names this point."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RegistryLostError(StorageError):
+    """The shared store lost its data: the base key vanished or the generation went back."""
+
+    def __init__(self, message: str, generation: int, highest: int) -> None:
+        super().__init__(message)
+        self.generation, self.highest = generation, highest
+
+
+LostHook = Callable[[str | None, int], None]
 
 
 class Registry:
@@ -80,7 +105,11 @@ class Registry:
         self._index, self._blobs, self._cache = index, blobs, cache
         self._watch = Watch()
         self._loader = Loader(index, blobs, cache, self._watch)
-        self._index.mutate(partial(ops.claim_base, fingerprint=base_fingerprint))
+        self._marks_lock = threading.Lock()
+        self._highest = 0  # the highest generation this process has seen (lost-store check)
+        self._lost: str | None = None
+        self._lost_hooks: builtins.list[LostHook] = []
+        self.accept_current()
         self.sweep()
         self._listener: Listener | None = index.listen(self._loader.on_event) if listen else None
 
@@ -139,7 +168,7 @@ class Registry:
                                     self.max_component_bytes)
         except ComponentError as exc:
             raise InvalidComponentError(str(exc), exc) from exc
-        return VersionRecord(comp.digest, time.time(), comp.nbytes, dict(comp.metadata))
+        return VersionRecord.checked(comp.digest, time.time(), comp.nbytes, comp.metadata)
 
     def _add_locked(self, cid: str, version: VersionRecord, settings: Settings,
                     data: bytes) -> AddResult:
@@ -203,8 +232,87 @@ class Registry:
 
     # -- reads -----------------------------------------------------------------------
 
-    def generation(self) -> int:
+    def generation(self, *, check: bool = True) -> int:
+        """The current generation; with ``check``, RegistryLostError if the store lost its
+        data (see the module docstring)."""
+        if check and hasattr(self._index, "marks"):
+            return self._check_intact()
         return self._index.read(lambda tx: tx.generation())
+
+    # -- lost-store detection ----------------------------------------------------------
+
+    def on_lost(self, hook: LostHook) -> None:
+        """Call ``hook(reason, generation)`` when the store is found lost (``reason`` says
+        why) and ``hook(None, generation)`` when it is intact again."""
+        with self._marks_lock:
+            self._lost_hooks.append(hook)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the store is considered lost (None: intact, as far as last checked)."""
+        with self._marks_lock:
+            return self._lost
+
+    def accept_current(self) -> int:
+        """Accept the store as it is now (e.g. a deliberately fresh registry): claim it for
+        this base if its base key is gone, and forget the highest generation seen. Returns
+        the current generation."""
+        self._index.mutate(partial(ops.claim_base, fingerprint=self.base_fingerprint))
+        generation = self._index.read(lambda tx: tx.generation())
+        with self._marks_lock:
+            self._highest = generation
+        self._check_intact()
+        return generation
+
+    def _floor(self) -> int:
+        with self._marks_lock:
+            return self._highest
+
+    def _check_intact(self, resolved: int | None = None, floor: int | None = None) -> int:
+        """Read the generation and base key together; raise RegistryLostError if lost.
+
+        The floor is taken BEFORE the read: a read that starts after this process saw
+        generation N can only see N or more in a store that kept its data, so concurrent
+        resolves never mistake each other's progress for a regression.
+        """
+        marks = getattr(self._index, "marks", None)
+        if marks is None:  # embedded store: not shared, nothing can wipe it underneath
+            return resolved if resolved is not None else self.generation(check=False)
+        if floor is None:
+            floor = self._floor()
+        generation, base = marks()
+        generation = int(generation)
+        seen = generation if resolved is None else min(generation, resolved)
+        problems = []
+        if seen < floor:
+            problems.append(f"generation {seen} after {floor}")
+        if base is None:
+            problems.append("base key missing")
+        elif base != self.base_fingerprint:
+            problems.append(f"base key names another base {base[:16]}…")
+        reason = None if not problems else (
+            f"the shared registry lost its data ({'; '.join(problems)}): restore Redis from "
+            "a backup (or write back the base key and a generation of at least "
+            f"{floor}), or re-push the components and restart the replicas to accept the "
+            "new registry; this replica refuses to serve compositions until then")
+        with self._marks_lock:
+            was = self._lost
+            self._lost = reason
+            if reason is None:
+                self._highest = max(self._highest, generation)
+            hooks = builtins.list(self._lost_hooks) if (was is None) != (reason is None) else []
+        for hook in hooks:
+            try:
+                hook(reason, generation)
+            except Exception:  # a hook never breaks a read
+                log.exception("registry lost-store hook %r failed", hook)
+        if reason is not None:
+            raise RegistryLostError(reason, seen, floor)
+        return generation
+
+    def count(self) -> int:
+        """How many components are registered, without reading any record (``/metrics``)."""
+        return self._index.read(ops.count_components)
 
     def list(self, tag: str | None = None, active: bool | None = None
              ) -> builtins.list[ComponentInfo]:
@@ -269,11 +377,13 @@ class Registry:
         return self._resolved(partial(ops.resolve_named, name=cname))
 
     def _resolved(self, fn: Callable[[Tx], Resolved]) -> Resolved:
+        floor = self._floor()  # before the read: see _check_intact
         try:
             resolved = self._index.read(fn)
         except NotFoundError:
             self.refresh()  # an id may be missing because another process forgot it
-            raise
+            raise          # (or because the store lost its data: RegistryLostError first)
+        self._check_intact(resolved.generation, floor)
         self._loader.reconcile(resolved.generation)
         return resolved
 

@@ -104,7 +104,7 @@ def put_composition(tx: Tx, comp: NamedComposition,
         raise ConflictError(
             f"composition {comp.name!r} is at generation {actual}, not {expected_generation} "
             "(0 means absent): it changed; read it again and retry")
-    missing = sorted(set(comp.weights) - set(tx.components(list(comp.weights))))
+    missing = sorted(set(comp.weights) - set(tx.heads(list(comp.weights))))
     if missing:
         raise ConflictError(f"composition {comp.name!r} names unknown component(s) {missing}")
     if current is not None and (current.weights, current.normalize) == (
@@ -140,11 +140,12 @@ def unreferenced(tx: Tx, digests: Sequence[str]) -> list[str]:
 
 def _resolved(tx: Tx, weights: Mapping[str, float], normalize: Normalize,
               what: str) -> Resolved:
-    records = tx.components(sorted(weights))
-    missing = sorted(set(weights) - set(records))
+    """Resolution reads heads only: its cost is independent of history and metadata."""
+    heads = tx.heads(sorted(weights))
+    missing = sorted(set(weights) - set(heads))
     if missing:
         raise NotFoundError(f"{what} names unknown component(s) {missing}")
-    items = [ResolvedItem(i, records[i].current, weights[i]) for i in sorted(weights)]
+    items = [ResolvedItem(i, heads[i].current, weights[i]) for i in sorted(weights)]
     return Resolved(tx.generation(), items, normalize)
 
 
@@ -160,7 +161,11 @@ def resolve_named(tx: Tx, name: str) -> Resolved:
 
 
 def resolve_active(tx: Tx, normalize: Normalize) -> Resolved:
-    active = {r.id: r.weight for r in tx.components(None).values() if r.active}
-    resolved = _resolved(tx, active, normalize, "the registry")
-    check_composable([item.weight for item in resolved.items], normalize)
-    return resolved
+    heads = tx.heads(None)
+    items = [ResolvedItem(i, h.current, h.weight) for i, h in sorted(heads.items()) if h.active]
+    check_composable([item.weight for item in items], normalize)
+    return Resolved(tx.generation(), items, normalize)
+
+
+def count_components(tx: Tx) -> int:
+    return tx.count_components()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
-from registry.records import ComponentRecord
+from registry.records import ComponentHead, ComponentRecord
 from registry.types import NamedComposition
 
 T = TypeVar("T")
@@ -30,6 +30,11 @@ class Tx(Protocol):
     def component(self, cid: str) -> ComponentRecord | None: ...
     def components(self, ids: Sequence[str] | None) -> dict[str, ComponentRecord]:
         """The records of ``ids`` that exist (every record when ``ids`` is None)."""
+    def heads(self, ids: Sequence[str] | None) -> dict[str, ComponentHead]:
+        """The heads of ``ids`` that exist (every head when ``ids`` is None): reads no tags,
+        version history or metadata, so its cost does not grow with them (resolution)."""
+    def count_components(self) -> int:
+        """How many ids are registered, without reading any record."""
     def owner(self, digest: str) -> str | None: ...
     def composition(self, name: str) -> NamedComposition | None: ...
     def compositions(self) -> dict[str, NamedComposition]: ...

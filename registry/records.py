@@ -2,18 +2,23 @@
 
 Both backends store the same JSON documents, so the state transitions below are written
 once and run inside each backend's atomic unit (SQLite transaction, Redis MULTI/EXEC).
+
+A record is kept in two parts: the ``ComponentHead`` (id, weight, active, current digest),
+which is all resolution reads, and the rest (tags, created, every version with its
+metadata), read only by ``get``/``list`` and by changes. So resolving costs the same however
+long an id's history is and however much metadata (bounded: ``check_metadata``) it carries.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from registry.errors import InvalidRequestError, StorageError
 from registry.types import ComponentInfo, NamedComposition
-from registry.validate import check_normalize, check_tags, check_weight
+from registry.validate import check_metadata, check_normalize, check_tags, check_weight
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,22 @@ class VersionRecord:
     created: float
     nbytes: int
     metadata: dict[str, str]
+
+    @classmethod
+    def checked(cls, digest: str, created: float, nbytes: int,
+                metadata: Mapping[str, str]) -> VersionRecord:
+        """A new version whose metadata is within the bounds (else InvalidComponentError)."""
+        return cls(digest, created, nbytes, check_metadata(metadata))
+
+
+@dataclass(frozen=True)
+class ComponentHead:
+    """What resolution reads of an id: no tags, no version history, no metadata."""
+
+    id: str
+    weight: float
+    active: bool
+    current: str
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,9 @@ class ComponentRecord:
     created: float
     current: str
     versions: tuple[VersionRecord, ...]
+
+    def head(self) -> ComponentHead:
+        return ComponentHead(self.id, self.weight, self.active, self.current)
 
     def version(self, digest: str) -> VersionRecord:
         return next(v for v in self.versions if v.digest == digest)
@@ -95,29 +119,87 @@ def apply_add(old: ComponentRecord | None, cid: str, version: VersionRecord,
     return apply_settings(rec, settings), not known
 
 
-def component_to_json(rec: ComponentRecord) -> str:
-    doc = {
-        "id": rec.id, "weight": rec.weight, "tags": list(rec.tags), "active": rec.active,
-        "created": rec.created, "current": rec.current,
-        "versions": [{"digest": v.digest, "created": v.created, "nbytes": v.nbytes,
-                      "metadata": v.metadata} for v in rec.versions],
-    }
+def _version_doc(v: VersionRecord) -> dict[str, Any]:
+    return {"digest": v.digest, "created": v.created, "nbytes": v.nbytes,
+            "metadata": v.metadata}
+
+
+def _version(v: Any) -> VersionRecord:
+    return VersionRecord(str(v["digest"]), float(v["created"]), int(v["nbytes"]),
+                         {str(k): str(x) for k, x in v["metadata"].items()})
+
+
+def _dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
+def _corrupt(exc: Exception) -> StorageError:
+    return StorageError(f"corrupt component record in the index: {exc}")
+
+
+def component_to_json(rec: ComponentRecord) -> str:
+    """The whole record as one document (the layout before heads and details were split)."""
+    return _dumps({
+        "id": rec.id, "weight": rec.weight, "tags": list(rec.tags), "active": rec.active,
+        "created": rec.created, "current": rec.current,
+        "versions": [_version_doc(v) for v in rec.versions]})
+
+
 def component_from_json(text: str | bytes) -> ComponentRecord:
+    """A whole-record document: ``component_to_json``'s, or a head merged with its detail."""
     try:
         doc = json.loads(text)
-        versions = tuple(
-            VersionRecord(str(v["digest"]), float(v["created"]), int(v["nbytes"]),
-                          {str(k): str(x) for k, x in v["metadata"].items()})
-            for v in doc["versions"])
         return ComponentRecord(
             id=str(doc["id"]), weight=float(doc["weight"]),
             tags=tuple(str(t) for t in doc["tags"]), active=bool(doc["active"]),
-            created=float(doc["created"]), current=str(doc["current"]), versions=versions)
+            created=float(doc["created"]), current=str(doc["current"]),
+            versions=tuple(_version(v) for v in doc["versions"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StorageError(f"corrupt component record in the index: {exc}") from exc
+        raise _corrupt(exc) from exc
+
+
+def head_to_json(rec: ComponentRecord) -> str:
+    return _dumps({"id": rec.id, "weight": rec.weight, "active": rec.active,
+                   "current": rec.current})
+
+
+def head_from_json(text: str | bytes) -> ComponentHead:
+    """The head of a head document (or of a whole-record document written before the split)."""
+    try:
+        doc = json.loads(text)
+        return ComponentHead(str(doc["id"]), float(doc["weight"]), bool(doc["active"]),
+                             str(doc["current"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _corrupt(exc) from exc
+
+
+def detail_to_json(rec: ComponentRecord) -> str:
+    """Everything but the head: tags, created, and every version with its metadata."""
+    return _dumps({"tags": list(rec.tags), "created": rec.created,
+                   "versions": [_version_doc(v) for v in rec.versions]})
+
+
+def component_from_parts(head: str | bytes, detail: str | bytes | None) -> ComponentRecord:
+    """The record from its head and detail documents; ``detail`` None: ``head`` is a
+    whole-record document written before the split."""
+    if detail is None:
+        return component_from_json(head)
+    try:
+        doc = json.loads(head)
+        if "versions" in doc:  # written as a whole record (by an older process): it wins
+            return component_from_json(head)
+        doc.update(json.loads(detail))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _corrupt(exc) from exc
+    return component_from_json(json.dumps(doc))
+
+
+def is_whole_record(text: str | bytes) -> bool:
+    """Whether a stored head document is a whole record (the layout before the split)."""
+    try:
+        return "versions" in json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise _corrupt(exc) from exc
 
 
 def composition_to_json(comp: NamedComposition) -> str:

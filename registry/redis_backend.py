@@ -5,7 +5,11 @@ Key layout (``P`` is the key prefix, ``tmc:`` by default; one Redis database per
     P gen               string   the registry generation (INCRements with every change)
     P base              string   the base fingerprint this registry belongs to
     P ids               set      every registered component id
-    P c:<id>            string   the component record (JSON: settings + versions + metadata)
+    P c:<id>            string   the component's head (JSON: id, weight, active, current):
+                                 all that resolution reads, whatever the history/metadata
+    P detail:<id>       string   the rest of its record (JSON: tags, created, every version
+                                 with its metadata); read by get/list and by changes only
+    P schema            string   "2" once whole-record ``c:<id>`` documents (schema 1) are split
     P owner:<digest>    string   the id that owns a version digest (a digest has one owner)
     P blob:<digest>     string   the component bytes of that version
     P comps             hash     composition name -> composition record (JSON)
@@ -17,7 +21,10 @@ change aborts the EXEC and the change is re-run. So no reader ever sees half a c
 forget deletes the index entries and the bytes in the same EXEC. Reads WATCH ``P gen`` too and
 confirm with an EXEC; a read that keeps losing to writers falls back to one Lua call that
 copies the index metadata atomically. Either way every read is one consistent snapshot.
-Keys are built from validated ids and hex digests only. Not for Redis Cluster (keys span
+A Redis that restarts empty (no persistence) or is flushed loses ``P base`` and resets
+``P gen``: replicas notice through ``RedisIndex.marks`` and refuse compositions until the data
+is restored (registry.core, "Lost-store policy"). Keys are built from validated ids and hex
+digests only. Not for Redis Cluster (keys span
 slots). With RDB/AOF persistence on, forgotten bytes stay in old snapshots until rewritten.
 """
 
@@ -35,11 +42,16 @@ from redis.client import Pipeline
 
 from registry.errors import BlobMissingError, RegistryError, StorageError
 from registry.records import (
+    ComponentHead,
     ComponentRecord,
     component_from_json,
-    component_to_json,
+    component_from_parts,
     composition_from_json,
     composition_to_json,
+    detail_to_json,
+    head_from_json,
+    head_to_json,
+    is_whole_record,
 )
 from registry.redis_events import RedisListener
 from registry.snapshot import SnapshotTx
@@ -48,14 +60,18 @@ from registry.validate import DIGEST_PATTERN
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 200
+SCHEMA_VERSION = 2
 OPTIMISTIC_READS = 3
 SNAPSHOT_LUA = """
 local p = ARGV[1]
 local records = {}
+local details = {}
 for _, id in ipairs(redis.call('SMEMBERS', p .. 'ids')) do
   records[#records + 1] = redis.call('GET', p .. 'c:' .. id)
+  details[#details + 1] = redis.call('GET', p .. 'detail:' .. id) or ''
 end
-return {redis.call('GET', p .. 'gen') or '0', records, redis.call('HVALS', p .. 'comps')}
+return {redis.call('GET', p .. 'gen') or '0', records, redis.call('HVALS', p .. 'comps'),
+        details}
 """
 Op = Callable[[Pipeline], object]
 
@@ -71,6 +87,9 @@ class Keys:
 
     def component(self, cid: str) -> str:
         return f"{self.prefix}c:{cid}"
+
+    def detail(self, cid: str) -> str:
+        return f"{self.prefix}detail:{cid}"
 
     def owner(self, digest: str) -> str:
         return f"{self.prefix}owner:{digest}"
@@ -97,6 +116,7 @@ class RedisTx:
         self._p = pipe
         self._k = keys
         self.ops: list[Op] = []
+        self._details: dict[str, str] = {}  # detail documents read: unchanged ones aren't rewritten
 
     def generation(self) -> int:
         return int(self._p.get(self._k.gen) or 0)
@@ -106,15 +126,35 @@ class RedisTx:
         return None if value is None else _text(value)
 
     def component(self, cid: str) -> ComponentRecord | None:
-        text = self._p.get(self._k.component(cid))
-        return None if text is None else component_from_json(text)
+        return self.components([cid]).get(cid)
+
+    def _ids(self, ids: Sequence[str] | None) -> list[str]:
+        if ids is None:
+            return sorted(_text(i) for i in self._p.smembers(self._k.ids))
+        return list(ids)
 
     def components(self, ids: Sequence[str] | None) -> dict[str, ComponentRecord]:
-        if ids is None:
-            ids = sorted(_text(i) for i in self._p.smembers(self._k.ids))
-        texts = self._p.mget([self._k.component(i) for i in ids]) if ids else []
-        records = [component_from_json(t) for t in texts if t is not None]
-        return {r.id: r for r in records}
+        wanted = self._ids(ids)
+        if not wanted:
+            return {}
+        texts = self._p.mget([self._k.component(i) for i in wanted]
+                             + [self._k.detail(i) for i in wanted])
+        records = {}
+        for cid, head, detail in zip(wanted, texts, texts[len(wanted):], strict=False):
+            if head is not None:
+                if detail is not None:
+                    self._details[cid] = _text(detail)
+                records[cid] = component_from_parts(head, detail)
+        return records
+
+    def heads(self, ids: Sequence[str] | None) -> dict[str, ComponentHead]:
+        wanted = self._ids(ids)
+        texts = self._p.mget([self._k.component(i) for i in wanted]) if wanted else []
+        heads = [head_from_json(t) for t in texts if t is not None]
+        return {h.id: h for h in heads}
+
+    def count_components(self) -> int:
+        return int(self._p.scard(self._k.ids))
 
     def owner(self, digest: str) -> str | None:
         value = self._p.get(self._k.owner(digest))
@@ -133,13 +173,25 @@ class RedisTx:
         self.ops.append(op)
 
     def put_component(self, rec: ComponentRecord) -> None:
-        text = component_to_json(rec)
-        self._stage(lambda p: p.set(self._k.component(rec.id), text))
+        head, detail = head_to_json(rec), detail_to_json(rec)
+        self._stage(lambda p: p.set(self._k.component(rec.id), head))
+        if self._details.get(rec.id) != detail:
+            self._stage(lambda p: p.set(self._k.detail(rec.id), detail))
         self._stage(lambda p: p.sadd(self._k.ids, rec.id))
 
     def delete_component(self, cid: str) -> None:
-        self._stage(lambda p: p.delete(self._k.component(cid)))
+        self._stage(lambda p: p.delete(self._k.component(cid), self._k.detail(cid)))
         self._stage(lambda p: p.srem(self._k.ids, cid))
+
+    def split_whole_records(self) -> None:
+        """Schema 1 → 2: rewrite whole-record ``c:<id>`` documents as head + detail."""
+        if self._p.get(self._k.schema) is not None:
+            return
+        ids = self._ids(None)
+        for text in self._p.mget([self._k.component(i) for i in ids]) if ids else []:
+            if text is not None and is_whole_record(text):
+                self.put_component(component_from_json(text))
+        self._stage(lambda p: p.set(self._k.schema, SCHEMA_VERSION))
 
     def set_owner(self, digest: str, cid: str) -> None:
         self._stage(lambda p: p.set(self._k.owner(digest), cid))
@@ -188,6 +240,17 @@ class RedisIndex:
         self._client = client
         self.keys = keys
         self._snapshot_script = client.register_script(SNAPSHOT_LUA)
+        self._schema_checked = False
+
+    def _check_schema(self) -> None:
+        """Once per process: split schema-1 whole records (``RedisTx.split_whole_records``)."""
+        self._schema_checked = True
+        try:
+            if isinstance(self._run(RedisTx.split_whole_records, MAX_ATTEMPTS), _Lost):
+                raise StorageError(f"Redis registry too busy: {MAX_ATTEMPTS} attempts lost")
+        except BaseException:
+            self._schema_checked = False
+            raise
 
     def _attempt(self, fn: Callable[[RedisTx], T]) -> T:
         with self._client.pipeline(transaction=True) as pipe:
@@ -208,6 +271,8 @@ class RedisIndex:
             return result
 
     def _run(self, fn: Callable[[RedisTx], T], attempts: int) -> T | _Lost:
+        if not self._schema_checked:
+            self._check_schema()
         for attempt in range(attempts):
             try:
                 return self._attempt(fn)
@@ -230,10 +295,10 @@ class RedisIndex:
 
     def _snapshot(self) -> SnapshotTx:
         try:
-            gen, texts, comps = self._snapshot_script(args=[self.keys.prefix])
+            gen, texts, comps, details = self._snapshot_script(args=[self.keys.prefix])
         except redis.RedisError as exc:
             raise _storage_error(exc) from exc
-        records = [component_from_json(t) for t in texts]
+        records = [component_from_parts(t, d or None) for t, d in zip(texts, details, strict=True)]
         named = [composition_from_json(t) for t in comps]
         return SnapshotTx(int(gen), {r.id: r for r in records}, {c.name: c for c in named})
 
@@ -251,6 +316,17 @@ class RedisIndex:
             self._client.ping()
         except redis.RedisError as exc:
             raise _storage_error(exc) from exc
+
+    def marks(self) -> tuple[int, str | None]:
+        """The generation and the base fingerprint, read together (one MGET: atomic).
+
+        The core's lost-store check: after Redis restarts empty both are gone
+        (the generation reads 0)."""
+        try:
+            gen, base = self._client.mget([self.keys.gen, self.keys.base])
+        except redis.RedisError as exc:
+            raise _storage_error(exc) from exc
+        return int(gen or 0), None if base is None else _text(base)
 
     def close(self) -> None:
         self._client.close()

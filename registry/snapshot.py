@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from registry.records import ComponentRecord
+from registry.records import ComponentHead, ComponentRecord
 from registry.types import NamedComposition
 
 
@@ -31,6 +31,12 @@ class SnapshotTx:
     def components(self, ids: Sequence[str] | None) -> dict[str, ComponentRecord]:
         wanted = self.records.keys() if ids is None else ids
         return {i: self.records[i] for i in wanted if i in self.records}
+
+    def heads(self, ids: Sequence[str] | None) -> dict[str, ComponentHead]:
+        return {i: r.head() for i, r in self.components(ids).items()}
+
+    def count_components(self) -> int:
+        return len(self.records)
 
     def owner(self, digest: str) -> str | None:
         return next((r.id for r in self.records.values() if digest in r.digests()), None)

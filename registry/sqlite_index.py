@@ -1,7 +1,11 @@
 """The embedded index: one SQLite file in WAL mode, safe across processes on one machine.
 
 Reads run in one deferred transaction (one WAL snapshot); writes run under
-``BEGIN IMMEDIATE``. Records are the same JSON documents the Redis backend stores.
+``BEGIN IMMEDIATE``. A component is one small row in ``components`` (the head columns
+resolution reads, plus tags and created) and one row per version in ``versions`` (with
+its metadata), so resolving never reads history or metadata. Schema version 2
+(``PRAGMA user_version``); a version-1 file (one JSON ``record`` per id) is migrated when
+opened, under the mutation lock, in one transaction.
 ``PRAGMA secure_delete`` zeroes deleted rows, and a ``wal_checkpoint(TRUNCATE)`` after
 every deletion empties the WAL, so forgotten metadata does not linger in the files (a
 reader in another process holding an old snapshot can defer the truncation to the next
@@ -25,9 +29,10 @@ from typing import Any, TypeVar
 from registry.errors import StorageError
 from registry.ports import BlobStore, Listener
 from registry.records import (
+    ComponentHead,
     ComponentRecord,
+    VersionRecord,
     component_from_json,
-    component_to_json,
     composition_from_json,
     composition_to_json,
 )
@@ -35,12 +40,18 @@ from registry.types import NamedComposition
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS components (id TEXT PRIMARY KEY, record TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS owners (digest TEXT PRIMARY KEY, id TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS compositions (name TEXT PRIMARY KEY, record TEXT NOT NULL);
-"""
+SCHEMA_VERSION = 2
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS components (id TEXT PRIMARY KEY, weight REAL NOT NULL, "
+    "active INTEGER NOT NULL, current TEXT NOT NULL, tags TEXT NOT NULL, created REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS versions (id TEXT NOT NULL, digest TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, created REAL NOT NULL, nbytes INTEGER NOT NULL, "
+    "metadata TEXT NOT NULL, PRIMARY KEY (id, digest))",
+    "CREATE TABLE IF NOT EXISTS owners (digest TEXT PRIMARY KEY, id TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS compositions (name TEXT PRIMARY KEY, record TEXT NOT NULL)",
+)
+HEAD_COLUMNS = "id, weight, active, current"
 PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON", "foreign_keys=ON")
 
 
@@ -66,19 +77,40 @@ class SqliteTx:
     def base_fingerprint(self) -> str | None:
         return self._meta("base_fingerprint")
 
+    def _where_ids(self, ids: Sequence[str] | None) -> tuple[str, tuple[object, ...]]:
+        if ids is None:
+            return "", ()
+        return " WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),)
+
+    def heads(self, ids: Sequence[str] | None) -> dict[str, ComponentHead]:
+        where, args = self._where_ids(ids)
+        rows = self._conn.execute(f"SELECT {HEAD_COLUMNS} FROM components{where}", args)
+        return {str(i): ComponentHead(str(i), float(w), bool(a), str(c)) for i, w, a, c in rows}
+
+    def count_components(self) -> int:
+        return int(self._value("SELECT COUNT(*) FROM components"))
+
     def component(self, cid: str) -> ComponentRecord | None:
-        text = self._value("SELECT record FROM components WHERE id = ?", cid)
-        return None if text is None else component_from_json(text)
+        return self.components([cid]).get(cid)
 
     def components(self, ids: Sequence[str] | None) -> dict[str, ComponentRecord]:
-        if ids is None:
-            rows = self._conn.execute("SELECT record FROM components")
-        else:
+        where, args = self._where_ids(ids)
+        versions: dict[str, list[VersionRecord]] = {}
+        try:
+            for i, digest, created, nbytes, metadata in self._conn.execute(
+                    "SELECT id, digest, created, nbytes, metadata FROM versions"
+                    f"{where} ORDER BY id, seq", args):
+                meta = {str(k): str(v) for k, v in json.loads(metadata).items()}
+                versions.setdefault(i, []).append(
+                    VersionRecord(str(digest), float(created), int(nbytes), meta))
             rows = self._conn.execute(
-                "SELECT record FROM components WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(list(ids)),))
-        records = [component_from_json(text) for (text,) in rows]
-        return {r.id: r for r in records}
+                f"SELECT {HEAD_COLUMNS}, tags, created FROM components{where}", args)
+            return {str(i): ComponentRecord(
+                str(i), float(w), tuple(str(t) for t in json.loads(tags)), bool(a),
+                float(created), str(cur), tuple(versions.get(i, ())))
+                for i, w, a, cur, tags, created in rows}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise StorageError(f"corrupt component record in the index: {exc}") from exc
 
     def owner(self, digest: str) -> str | None:
         owner: str | None = self._value("SELECT id FROM owners WHERE digest = ?", digest)
@@ -97,10 +129,10 @@ class SqliteTx:
         self._conn.execute(sql, args)
 
     def put_component(self, rec: ComponentRecord) -> None:
-        self._exec("INSERT OR REPLACE INTO components VALUES (?, ?)", rec.id,
-                   component_to_json(rec))
+        put_component(self._conn, rec)
 
     def delete_component(self, cid: str) -> None:
+        self._exec("DELETE FROM versions WHERE id = ?", cid)
         self._exec("DELETE FROM components WHERE id = ?", cid)
         self.deleted = True
 
@@ -135,6 +167,42 @@ class SqliteTx:
         """No push channel: other processes notice the generation change instead."""
 
 
+def put_component(conn: sqlite3.Connection, rec: ComponentRecord) -> None:
+    """Write the head row; versions are immutable, so only new ones are written."""
+    conn.execute("INSERT OR REPLACE INTO components VALUES (?, ?, ?, ?, ?, ?)",
+                 (rec.id, rec.weight, int(rec.active), rec.current, json.dumps(list(rec.tags)),
+                  rec.created))
+    conn.executemany(
+        "INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+        [(rec.id, v.digest, seq, v.created, v.nbytes,
+          json.dumps(v.metadata, sort_keys=True, separators=(",", ":")))
+         for seq, v in enumerate(rec.versions)])
+    conn.execute("DELETE FROM versions WHERE id = ? AND digest NOT IN "
+                 "(SELECT value FROM json_each(?))", (rec.id, json.dumps(rec.digests())))
+
+
+def _migrate(conn: sqlite3.Connection) -> bool:
+    """Bring the open transaction's file to SCHEMA_VERSION; whether rows were rewritten."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"the registry index is schema version {version}; this tmc reads "
+                           f"up to {SCHEMA_VERSION}: upgrade tmc")
+    if version == SCHEMA_VERSION:
+        return False
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(components)")}
+    legacy = "record" in columns  # version 1: components (id, record JSON)
+    if legacy:
+        conn.execute("ALTER TABLE components RENAME TO components_v1")
+    for statement in SCHEMA:
+        conn.execute(statement)
+    if legacy:
+        for (text,) in conn.execute("SELECT record FROM components_v1").fetchall():
+            put_component(conn, component_from_json(text))
+        conn.execute("DROP TABLE components_v1")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return legacy
+
+
 class SqliteIndex:
     """An ``Index`` in ``<dir>/index.sqlite3``, deleting blobs in ``blobs`` after commit."""
 
@@ -161,9 +229,13 @@ class SqliteIndex:
             for pragma in PRAGMAS:
                 self._conn.execute(f"PRAGMA {pragma}")
             with self.mutation_lock():
-                self._conn.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+                migrated = self._run("BEGIN IMMEDIATE", lambda tx: _migrate(self._conn))[0]
+                if migrated:
+                    self._checkpoint()  # the old records' pages are zeroed (secure_delete)
+        except (sqlite3.Error, StorageError) as exc:
             self.close()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"cannot initialise the registry index {self.path}: {exc}") from exc
 
     def _run(self, begin: str, fn: Callable[[SqliteTx], T]) -> tuple[T, SqliteTx]:

@@ -1,4 +1,4 @@
-"""Argument checks: ids, composition names, digests, weights, tags, normalization.
+"""Argument checks: ids, composition names, digests, weights, tags, normalization, metadata.
 
 Ids and names never become filesystem paths; only validated hex digests do.
 """
@@ -9,7 +9,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from registry.errors import InvalidIdError, InvalidRequestError, NotFoundError
+from registry.errors import (
+    InvalidComponentError,
+    InvalidIdError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from tangent import NORMALIZATIONS, CompositionError, Normalize, effective_weights
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -20,6 +25,13 @@ MAX_TAGS = 64
 # its Jacobian-vector product, so the answer would be inf/NaN rather than a composition.
 MAX_WEIGHT = 1e6
 WEIGHT_BOUND = f"|weight| ≤ {MAX_WEIGHT:.0e} (MAX_WEIGHT)".replace("e+0", "e")
+# A component's safetensors ``__metadata__`` is kept in the index (never its tensors): bound
+# it so the index stays small. Sizes are UTF-8 bytes; the total counts keys and values.
+MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_VALUE_BYTES = 16 * 1024
+METADATA_BOUND = (f"at most {MAX_METADATA_BYTES // 1024} KiB of metadata in total "
+                  f"(MAX_METADATA_BYTES) and {MAX_METADATA_VALUE_BYTES // 1024} KiB per key or "
+                  "value (MAX_METADATA_VALUE_BYTES)")
 
 
 def check_id(value: object, what: str = "component id") -> str:
@@ -63,6 +75,23 @@ def check_tags(values: Iterable[str]) -> tuple[str, ...]:
     if len(tags) > MAX_TAGS:
         raise InvalidRequestError(f"{len(tags)} tags, at most {MAX_TAGS} allowed")
     return tuple(tags)
+
+
+def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A component's safetensors metadata within the bounds (else InvalidComponentError)."""
+    total = 0
+    for key, value in metadata.items():
+        for what, text in (("key", key), (f"value of {key[:64]!r}", value)):
+            size = len(text.encode())
+            if size > MAX_METADATA_VALUE_BYTES:
+                raise InvalidComponentError(
+                    f"component metadata {what} is {size} bytes: components may carry "
+                    f"{METADATA_BOUND}")
+            total += size
+    if total > MAX_METADATA_BYTES:
+        raise InvalidComponentError(
+            f"component metadata is {total} bytes: components may carry {METADATA_BOUND}")
+    return dict(metadata)
 
 
 def check_normalize(value: object) -> Normalize:

@@ -12,10 +12,11 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from app.composition import QueryWeight, Weight
 from app.deps import AdminDep, ServiceDep, get_service, require_admin
-from app.errors import BadRequestError, BodyTooLargeError
+from app.errors import BadRequestError, BodyTooLargeError, error_responses
 from app.logs import actor
 
 log = logging.getLogger("tmc.admin")
@@ -36,7 +37,29 @@ class AdminRoute(APIRoute):
         return checked
 
 
-router = APIRouter(tags=["admin"], dependencies=[AdminDep], route_class=AdminRoute)
+class AnyIdConvertor(Convertor[str]):
+    """An id or name path segment that may contain '/' (``a%2Fb`` arrives decoded, as
+    ``a/b``): matched, so that the registry's id rule refuses it with its 400 and message
+    instead of the router's bare 404 (no route matches a path with one more segment)."""
+
+    regex = r"[\s\S]+"  # not ".+": "." stops at a newline, so "ab%0A" matched as "ab" (the
+    # newline silently dropped) and "a%0Ab" matched no route at all (fuzzing found both)
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anyid", AnyIdConvertor())
+COMPONENT = "/v1/components/{cid:anyid}"
+COMPOSITION = "/v1/compositions/{name:anyid}"
+
+# Every admin route can answer these: no/bad token, admin API disabled, service not ready
+# or registry unavailable. Each route adds its own (app/errors.py's table says which).
+router = APIRouter(tags=["admin"], dependencies=[AdminDep], route_class=AdminRoute,
+                   responses=error_responses(401, 403, 503))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -54,7 +77,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.put("/v1/components/{cid}", status_code=201, openapi_extra={"requestBody": {
+@router.put(COMPONENT, status_code=201,
+            responses={200: {"description": "the same bytes were already stored: unchanged"},
+                       **error_responses(400, 409, 413, 422, 507)}, openapi_extra={"requestBody": {
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     "required": True, "description": "a safetensors component file"}})
 async def put_component(cid: str, request: Request, service: ServiceDep,
@@ -73,7 +98,7 @@ async def put_component(cid: str, request: Request, service: ServiceDep,
     return JSONResponse(result.to_dict(), status_code=201 if result.created_version else 200)
 
 
-@router.get("/v1/components")
+@router.get("/v1/components", responses=error_responses(422))
 async def list_components(service: ServiceDep, tag: str | None = None,
                           active: bool | None = None) -> dict[str, Any]:
     infos = await run_in_threadpool(service.registry.list, tag, active)
@@ -81,7 +106,7 @@ async def list_components(service: ServiceDep, tag: str | None = None,
             "generation": await run_in_threadpool(service.registry.generation)}
 
 
-@router.get("/v1/components/{cid}")
+@router.get(COMPONENT, responses=error_responses(400, 404, 422))
 async def get_component(cid: str, service: ServiceDep) -> dict[str, Any]:
     return (await run_in_threadpool(service.registry.get, cid)).to_dict()
 
@@ -93,7 +118,7 @@ class ComponentPatch(BaseModel):
     active: bool | None = None
 
 
-@router.patch("/v1/components/{cid}")
+@router.patch(COMPONENT, responses=error_responses(400, 404, 409, 413, 422, 507))
 async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep,
                           request: Request) -> dict[str, Any]:
     if body.weight is None and body.tags is None and body.active is None:
@@ -118,7 +143,7 @@ def _who(request: Request) -> str:
     return actor(request.headers.get("authorization"))
 
 
-@router.delete("/v1/components/{cid}")
+@router.delete(COMPONENT, responses=error_responses(400, 404, 422, 507))
 async def forget_component(cid: str, service: ServiceDep, request: Request
                            ) -> dict[str, Any]:
     receipt = await run_in_threadpool(service.forget, cid)
@@ -139,7 +164,7 @@ class CompositionBody(BaseModel):
         "last written (0 = must not exist yet); refused with 409 when it moved")
 
 
-@router.put("/v1/compositions/{name}")
+@router.put(COMPOSITION, responses=error_responses(400, 404, 409, 413, 422, 507))
 async def put_composition(name: str, body: CompositionBody, service: ServiceDep,
                           request: Request) -> dict[str, Any]:
     if any(not math.isfinite(w) for w in body.weights.values()):
@@ -159,12 +184,12 @@ async def list_compositions(service: ServiceDep) -> dict[str, Any]:
     return {"compositions": [c.to_dict() for c in comps]}
 
 
-@router.get("/v1/compositions/{name}")
+@router.get(COMPOSITION, responses=error_responses(400, 404, 422))
 async def get_composition(name: str, service: ServiceDep) -> dict[str, Any]:
     return (await run_in_threadpool(service.registry.get_composition, name)).to_dict()
 
 
-@router.delete("/v1/compositions/{name}")
+@router.delete(COMPOSITION, responses=error_responses(400, 404, 422, 507))
 async def delete_composition(name: str, service: ServiceDep, request: Request
                              ) -> dict[str, Any]:
     generation = await run_in_threadpool(service.registry.delete_composition, name)

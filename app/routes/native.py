@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app.composition import Weight, spec_from_fields
 from app.deps import InferenceDep, ServiceDep
+from app.errors import error_responses
 from app.service import Prediction, Service
 from tangent import top_k
 
@@ -37,7 +38,8 @@ class PredictRequest(BaseModel):
     explain: bool = Field(False, description="return each component's contribution w_k·J(x)Δ_k")
 
 
-@router.post("/v1/predict", dependencies=[InferenceDep])
+@router.post("/v1/predict", dependencies=[InferenceDep],
+             responses=error_responses(400, 401, 404, 409, 413, 422, 503, 504))
 async def predict(body: PredictRequest, service: ServiceDep) -> dict[str, Any]:
     spec = spec_from_fields(body.components, body.composition)
     pred = await service.predict(body.inputs, spec, body.normalize, body.explain)
@@ -75,7 +77,7 @@ def provenance(service: Service, pred: Prediction) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/base", dependencies=[InferenceDep])
+@router.get("/v1/base", dependencies=[InferenceDep], responses=error_responses(401, 503))
 async def base_info(service: ServiceDep) -> dict[str, Any]:
     base = service.base
     return {

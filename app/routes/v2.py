@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.composition import BaseOnly, CompositionSpec, Named, parse_components_param
 from app.deps import InferenceDep, ServiceDep
-from app.errors import BadRequestError, NotReadyError
+from app.errors import BadRequestError, NotReadyError, error_responses
 from app.routes.v2_binary import (
     HEADER,
     attach_binary_inputs,
@@ -67,7 +67,7 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@router.get("/v2/health/ready", responses=error_responses(503))
 async def ready(service: ServiceDep) -> dict[str, bool]:
     if not service.readiness()["ready"]:
         raise NotReadyError("not ready")
@@ -85,7 +85,8 @@ def raise_not_found(name: str, service: Service) -> None:
     raise NotFoundError(f"unknown model {name!r}; this server serves {service.base.spec.name!r}")
 
 
-@router.get("/v2/models/{model}", dependencies=[InferenceDep])
+@router.get("/v2/models/{model}", dependencies=[InferenceDep],
+            responses=error_responses(401, 404, 422, 503))
 async def model_metadata(model: str, service: ServiceDep) -> dict[str, Any]:
     _model(service, model)
     kind, classes = service.base.spec.input_kind, len(service.base.labels)
@@ -100,7 +101,8 @@ async def model_metadata(model: str, service: ServiceDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v2/models/{model}/ready", dependencies=[InferenceDep])
+@router.get("/v2/models/{model}/ready", dependencies=[InferenceDep],
+            responses=error_responses(401, 404, 422, 503))
 async def model_ready(model: str, service: ServiceDep) -> dict[str, Any]:
     _model(service, model)
     if not service.readiness()["ready"]:
@@ -108,10 +110,25 @@ async def model_ready(model: str, service: ServiceDep) -> dict[str, Any]:
     return {"name": model, "ready": True}
 
 
+def _openapi_schemas() -> dict[str, Any]:
+    """V2Request and the models it refers to, for the document's components/schemas (the
+    infer route reads its body itself, so FastAPI does not register them): main.py adds
+    them, so that every $ref in /openapi.json resolves."""
+    schema = V2Request.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs", {}), "V2Request": schema}
+
+
+OPENAPI_SCHEMAS = _openapi_schemas()
+
+
 @router.post("/v2/models/{model}/infer", dependencies=[InferenceDep],
-             openapi_extra={"requestBody": {"content": {"application/json": {
-                 "schema": V2Request.model_json_schema(ref_template="#/components/schemas/"
-                                                       "{model}")}}}})
+             responses=error_responses(400, 401, 404, 409, 413, 422, 503, 504),
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/V2Request"}},
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                              "description": "Triton binary tensor data: "
+                                              "Inference-Header-Content-Length bytes of JSON, "
+                                              "then the raw tensor bytes"}}}})
 @router.post("/v2/models/{model}/versions/{version}/infer", dependencies=[InferenceDep],
              include_in_schema=False)
 async def infer(model: str, request: Request, service: ServiceDep,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import BadRequestError
+from app.errors import BadRequestError, json_error_message
 
 HEADER = "inference-header-content-length"
 NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
@@ -35,11 +35,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
                               f"a {len(body)}-byte body")
     try:
         return json.loads(body[:cut]), body[cut:]
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and json's refusal of
-        # integers over 4,300 digits (a plain ValueError)
-        raise BadRequestError(f"request is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequestError("request JSON is nested too deeply") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError,
+        # json's refusal of integers over 4,300 digits (a plain ValueError), deep nesting
+        raise BadRequestError(json_error_message(exc)) from None
 
 
 def attach_binary_inputs(request: dict[str, Any], blob: bytes) -> list[Any]:

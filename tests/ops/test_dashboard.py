@@ -47,7 +47,8 @@ VARIABLES = ("namespace", "job", "pod")
 # Expressions that may legitimately be empty (nothing increments the counter in this scenario)
 # or be 0 (no 5xx, an idle queue, one replica), instead of having a positive sample.
 MAY_BE_EMPTY = ("tmc_rejected_requests_total",)
-MAY_BE_ZERO = ('status=~"5.."', "tmc_queue_depth", "min(tmc_registry_generation")
+MAY_BE_ZERO = ('status=~"5.."', "tmc_queue_depth", "min(tmc_registry_generation",
+               "tmc_registry_lost")  # 0/1 alarm: 0 while the shared registry is intact
 
 
 def dashboard() -> dict[str, Any]:
