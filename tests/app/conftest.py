@@ -66,11 +66,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[str]:
-    """Serve create_app(settings) through uvicorn on a free loopback port."""
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="on")
+def uvicorn_in_thread(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
+    """Run a uvicorn server on a thread until the block ends (it must bind to loopback)."""
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -80,10 +77,20 @@ def live_server(settings: Settings) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """Serve create_app(settings) through uvicorn on a free loopback port."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                            log_level="warning", lifespan="on")
+    with uvicorn_in_thread(config):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

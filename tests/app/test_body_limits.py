@@ -9,7 +9,6 @@ reading)."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.deps import require_inference
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import ADMIN, free_port, settings_for
+from tests.app.conftest import ADMIN, free_port, settings_for, uvicorn_in_thread
 
 LIMIT = 64 * 1024
 CHUNK = 64 * 1024
@@ -58,19 +57,9 @@ class BodyMeter:
 def metered(settings: Settings, app: FastAPI | None = None) -> Iterator[tuple[str, BodyMeter]]:
     meter = BodyMeter(app if app is not None else create_app(settings))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(meter, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_in_thread(uvicorn.Config(meter, host="127.0.0.1", port=port,
+                                          log_level="warning", lifespan="on")):
         yield f"http://127.0.0.1:{port}", meter
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 class Source:

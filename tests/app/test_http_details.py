@@ -10,7 +10,6 @@ import json
 import logging
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,7 +25,14 @@ from app.cli import KEEP_ALIVE_S, MAX_HEAD_BYTES, uvicorn_options
 from app.errors import status_for
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import ADMIN, component_bytes, free_port, fresh_seed, settings_for
+from tests.app.conftest import (
+    ADMIN,
+    component_bytes,
+    free_port,
+    fresh_seed,
+    settings_for,
+    uvicorn_in_thread,
+)
 from tests.app.test_weights_and_v2 import v2_body, v2_url
 
 ID_RULE = "[a-z0-9._-]"
@@ -279,18 +285,8 @@ def cli_server(settings: Settings, head_timeout_s: float) -> Iterator[int]:
     options = uvicorn_options(settings, head_timeout_s=head_timeout_s)
     options.update(host="127.0.0.1", port=free_port(), log_level="warning")
     options.pop("workers")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), lifespan="on", **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_in_thread(uvicorn.Config(create_app(settings), lifespan="on", **options)):
         yield int(options["port"])
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def _read_all(s: socket.socket, limit_s: float = 10.0) -> bytes:

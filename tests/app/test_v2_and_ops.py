@@ -117,33 +117,22 @@ def test_requests_refused_before_the_device_are_counted_by_reason(client, server
 
 def test_an_overloaded_refusal_is_counted(tiny_base_dir, tmp_path):
     """A draining replica refuses with 503 (OverloadedError): counted as "overloaded"."""
-    import threading
-    import time
 
     import httpx
     import uvicorn
 
     from app.main import create_app
     from app.service import Service
-    from tests.app.conftest import free_port, settings_for
+    from tests.app.conftest import free_port, settings_for, uvicorn_in_thread
 
     settings = settings_for(tiny_base_dir, tmp_path / "reg")
     service = Service.build(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, service), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-            service.draining = True  # as on SIGTERM: new requests go to another replica
-            r = c.post("/v1/predict", json={"inputs": [[0.0] * 64], "components": {}})
-            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
-            assert _rejected(c, "overloaded") == 1.0
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    config = uvicorn.Config(create_app(settings, service), host="127.0.0.1", port=port,
+                            log_level="warning", lifespan="on")
+    with uvicorn_in_thread(config), \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        service.draining = True  # as on SIGTERM: new requests go to another replica
+        r = c.post("/v1/predict", json={"inputs": [[0.0] * 64], "components": {}})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert _rejected(c, "overloaded") == 1.0
