@@ -118,6 +118,17 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except CancelledError:
+            # uvicorn cancels what is still running when its graceful-shutdown wait ends (a
+            # client that never finished its body): answer 503 "retry elsewhere" instead of
+            # uvicorn's plain-text 500 and "Exception in ASGI application" (the task ends here)
+            if started:
+                raise
+            log.info("request cancelled by shutdown before it was answered",
+                     extra={"event": "cancelled_by_shutdown"})
+            response = error_response(503, "server is shutting down; retry on another replica")
+            response.headers[REQUEST_ID_HEADER] = rid
+            await response(scope, receive, send)
         except Exception:
             # An unexpected error (the 500 handler of Starlette runs outside this middleware,
             # where the id would be lost): logged here with the id, answered here with it.
