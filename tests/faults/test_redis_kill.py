@@ -192,17 +192,24 @@ def kill_under_load(redis_server: KillableRedis, c: httpx.Client, load: Load) ->
     assert r.status_code == 503 and "Redis registry unavailable" in r.json()["registry_error"]
 
 
+def redis_settings(killable, tiny_base_dir, tmp_path):
+    return settings_for(tiny_base_dir, tmp_path / "unused", redis_url=killable.url,
+                        blob_cache_dir=tmp_path / "cache", request_timeout_s=REQUEST_TIMEOUT_S)
+
+
+def push_a_and_b(c, tiny_base):
+    for cid in ("a", "b"):
+        r = c.put(f"/v1/components/{cid}", content=component_bytes(tiny_base, fresh_seed()),
+                  headers=AUTH)
+        assert r.status_code == 201, r.text
+
+
 @pytest.mark.parametrize("killable", [True], indirect=True, ids=["aof"])
 def test_redis_sigkilled_under_load_with_persistence_recovers_by_itself(
         killable, tiny_base_dir, tiny_base, tmp_path):
-    settings = settings_for(tiny_base_dir, tmp_path / "unused", redis_url=killable.url,
-                            blob_cache_dir=tmp_path / "cache",
-                            request_timeout_s=REQUEST_TIMEOUT_S)
+    settings = redis_settings(killable, tiny_base_dir, tmp_path)
     with live_server(settings) as url, httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S) as c:
-        for cid in ("a", "b"):
-            r = c.put(f"/v1/components/{cid}", content=component_bytes(tiny_base, fresh_seed()),
-                      headers=AUTH)
-            assert r.status_code == 201, r.text
+        push_a_and_b(c, tiny_base)
         before = served_components(c)
         assert [cid for cid, _ in before] == ["a", "b"]
         load = Load(url)
@@ -227,14 +234,9 @@ def test_redis_sigkilled_under_load_with_persistence_recovers_by_itself(
 @pytest.mark.parametrize("killable", [False], indirect=True, ids=["no-persistence"])
 def test_redis_sigkilled_under_load_without_persistence_reports_the_registry_lost(
         killable, tiny_base_dir, tiny_base, tmp_path):
-    settings = settings_for(tiny_base_dir, tmp_path / "unused", redis_url=killable.url,
-                            blob_cache_dir=tmp_path / "cache",
-                            request_timeout_s=REQUEST_TIMEOUT_S)
+    settings = redis_settings(killable, tiny_base_dir, tmp_path)
     with live_server(settings) as url, httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S) as c:
-        for cid in ("a", "b"):
-            r = c.put(f"/v1/components/{cid}", content=component_bytes(tiny_base, fresh_seed()),
-                      headers=AUTH)
-            assert r.status_code == 201, r.text
+        push_a_and_b(c, tiny_base)
         assert [cid for cid, _ in served_components(c)] == ["a", "b"]
         load = Load(url)
         load.start()
