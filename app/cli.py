@@ -120,9 +120,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = _load_settings(_overrides(args))
-    _check_base(settings.base_dir)
+    service = _build_service(settings)
     try:
-        uvicorn.run(create_app(settings), **uvicorn_options(settings))
+        uvicorn.run(create_app(settings, service), **uvicorn_options(settings))
     except SystemExit as exc:  # uvicorn exits (code 3) when the app's startup failed
         if exc.code in (0, None):
             return 0
@@ -165,18 +165,22 @@ def _load_settings(overrides: dict[str, Any]) -> Any:
                        f"{os.environ.get('TMC_CONFIG_FILE')}: {exc}", 2) from exc
 
 
-def _check_base(base_dir: Path) -> None:
-    """Load and verify the base once before uvicorn starts, so a missing or tampered base
-    ends with one error line and exit code 4 instead of a failed startup (the server's own
-    startup loads it again; this copy is dropped first)."""
-    from bases import BaseError, load_base
+def _build_service(settings: Any) -> Any:
+    """Base and registry, opened once before uvicorn starts (the app's startup uses this
+    service): a missing or tampered base ends with one error line and exit code 4, an
+    unreachable registry with exit code 1, instead of a failed startup."""
+    from app.service import Service
+    from bases import BaseError
+    from registry import RegistryError
 
     try:
-        load_base(base_dir, check_forward_ad=False)
+        return Service.build(settings)
     except BaseError as exc:
         raise CliError(str(exc), 4) from exc
+    except RegistryError as exc:
+        raise CliError(f"cannot open the registry: {exc}", 1) from exc
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CliError(f"cannot load the base at {base_dir}: {exc}", 4) from exc
+        raise CliError(f"cannot load the base at {settings.base_dir}: {exc}", 4) from exc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -33,7 +33,9 @@ def decode_workers() -> int:
 
 
 class DecodePool:
-    def __init__(self, workers: int, queue_size: int) -> None:
+    def __init__(self, queue_size: int, workers: int | None = None) -> None:
+        """Threads start on first use: a service that never decodes an image costs nothing."""
+        workers = decode_workers() if workers is None else workers
         self.workers, self.queue_size = workers, queue_size
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tmc-decode")
         self._slots = threading.BoundedSemaphore(workers + queue_size)  # running + waiting
@@ -56,16 +58,3 @@ class DecodePool:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-_lock = threading.Lock()
-
-
-def pool_of(owner: Any, queue_size: int) -> DecodePool:
-    """The decode pool of ``owner`` (one per service), created on first use."""
-    pool: DecodePool | None = owner.__dict__.get("_decode_pool")
-    if pool is None:
-        with _lock:
-            pool = owner.__dict__.get("_decode_pool")
-            if pool is None:
-                pool = owner.__dict__["_decode_pool"] = DecodePool(decode_workers(), queue_size)
-    return pool

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 import registry as reg
 from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Named, make_plan
+from app.decode_pool import DecodePool
 from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
 from app.executor import Executor, select_rows
 from app.metrics import Metrics
@@ -64,6 +65,7 @@ class Service:
         self.worker = DeviceWorker(self.executor, base.preprocessor.collate, metrics,
                                    settings.max_batch_size, settings.max_queue_delay_ms / 1000,
                                    settings.max_queue_size)
+        self.decode_pool = DecodePool(settings.decode_queue_size)
         self.draining = False
         self.ready = False
         self._purge_lock = threading.Lock()
@@ -125,6 +127,7 @@ class Service:
         while self.worker.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await run_in_threadpool(self.worker.stop, self.settings.drain_timeout_s)
+        self.decode_pool.shutdown()
         self.registry.close()
         log.info("drain finished", extra={"event": "drain_end", "pending": self.worker.pending,
                                           "drain_s": round(time.monotonic() - started, 3)})
@@ -194,8 +197,6 @@ class Service:
         """Encode one request's inputs (on a Starlette thread). Encoded images are first
         checked against TMC_MAX_REQUEST_PIXELS from their headers alone, then decoded on the
         bounded decode pool (503 when it is saturated); nothing else enters that pool."""
-        from app.decode_pool import pool_of
-
         pre = self.base.preprocessor
         if self.base.spec.input_kind != "image":
             return list(pre.encode(raw_inputs))
@@ -204,8 +205,7 @@ class Service:
             return list(pre.encode(raw_inputs))
         pre.check_pixel_budget(raw_inputs, self.settings.max_request_pixels,
                                "TMC_MAX_REQUEST_PIXELS")
-        pool = pool_of(self, self.settings.decode_queue_size)
-        return list(pool.run(pre.encode, raw_inputs))
+        return list(self.decode_pool.run(pre.encode, raw_inputs))
 
     def resolve(self, spec: CompositionSpec, normalize: Normalize | None,
                 explain: bool = False) -> Plan:

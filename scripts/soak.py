@@ -53,7 +53,7 @@ import redis  # noqa: E402
 import torch  # noqa: E402
 
 from bases import Base, init_base, load_base, make_spec  # noqa: E402
-from bench.common import Server, rss_bytes, tmc_server  # noqa: E402
+from bench.common import Server, rss_bytes, stop_process, tmc_server  # noqa: E402
 from tangent import encode_component  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4  # explain-sum tolerance (float32, batches of different sizes)
@@ -97,12 +97,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
                     time.sleep(0.05)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, grace_s=10)
 
 
 # ---------------------------------------------------------------------------- state ----

@@ -110,3 +110,12 @@ def admin_client(server: str) -> Iterator[httpx.Client]:
 def client(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=30) as c:
         yield c
+
+
+def metric_sample(client: httpx.Client, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0.0 when the series does not exist yet)."""
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

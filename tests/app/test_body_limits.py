@@ -23,7 +23,13 @@ from starlette.types import Message, Receive, Scope, Send
 from app.deps import require_inference
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import ADMIN, free_port, settings_for, uvicorn_in_thread
+from tests.app.conftest import (
+    ADMIN,
+    free_port,
+    metric_sample,
+    settings_for,
+    uvicorn_in_thread,
+)
 
 LIMIT = 64 * 1024
 CHUNK = 64 * 1024
@@ -78,14 +84,6 @@ class Source:
         return self.pulled >= self.chunks
 
 
-def _sample(client: httpx.Client, name: str, **labels: str) -> float:
-    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 @pytest.fixture
 def limited(tiny_base_dir: Path, tmp_path: Path) -> Iterator[tuple[str, BodyMeter]]:
     with metered(settings_for(tiny_base_dir, tmp_path / "r", max_body_bytes=LIMIT)) as s:
@@ -106,8 +104,8 @@ def test_a_chunked_body_over_the_limit_is_refused_while_streaming(limited, path)
         # the app pulled the limit and at most one more receive, never the 64 MiB
         assert LIMIT < meter.pulled[path] <= LIMIT + SLACK, meter.pulled
         assert not source.exhausted, (source.pulled, source.chunks)
-        assert _sample(c, "tmc_rejected_requests_total", reason="body_too_large") == 1.0
-        assert _sample(c, "tmc_requests_total", route=path.replace("tiny-mlp", "{model}"),
+        assert metric_sample(c, "tmc_rejected_requests_total", reason="body_too_large") == 1.0
+        assert metric_sample(c, "tmc_requests_total", route=path.replace("tiny-mlp", "{model}"),
                        status="413") == 1.0
         # still healthy: a small request on the same server is served
         assert c.get("/healthz").status_code == 200
@@ -185,6 +183,6 @@ def test_a_client_that_disconnects_mid_body_is_counted_as_499(tiny_base_dir, tmp
                       b"5\r\n{\"inp\r\n")
             time.sleep(0.2)  # the app is waiting for the rest of the body: then we go away
         deadline = time.monotonic() + 10
-        while _sample(c, "tmc_requests_total", route="/v1/predict", status="499") != 1.0:
+        while metric_sample(c, "tmc_requests_total", route="/v1/predict", status="499") != 1.0:
             assert time.monotonic() < deadline, c.get("/metrics").text
             time.sleep(0.05)

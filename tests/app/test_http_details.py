@@ -30,6 +30,7 @@ from tests.app.conftest import (
     component_bytes,
     free_port,
     fresh_seed,
+    metric_sample,
     settings_for,
     uvicorn_in_thread,
 )
@@ -248,14 +249,6 @@ def test_malformed_json_on_admin_routes_and_bad_utf8(admin_client, client):
 
 # --- f. a client that goes away mid-upload --------------------------------------------------
 
-def _sample(client: httpx.Client, name: str, **labels: str) -> float:
-    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_a_client_that_disconnects_mid_upload_is_a_client_event(server, client, caplog):
     caplog.set_level(logging.INFO)
     port = int(server.rsplit(":", 1)[1])
@@ -265,10 +258,10 @@ def test_a_client_that_disconnects_mid_upload_is_a_client_event(server, client, 
         time.sleep(0.3)  # the route is streaming the body: then we go away
     route = "/v1/components/{cid}"
     deadline = time.monotonic() + 10
-    while _sample(client, "tmc_requests_total", route=route, status="499") != 1.0:
+    while metric_sample(client, "tmc_requests_total", route=route, status="499") != 1.0:
         assert time.monotonic() < deadline, client.get("/metrics").text
         time.sleep(0.05)
-    assert _sample(client, "tmc_requests_total", route=route, status="500") == 0.0
+    assert metric_sample(client, "tmc_requests_total", route=route, status="500") == 0.0
     ours = [r for r in caplog.records if r.name.startswith("tmc")]
     assert not [r for r in ours if r.exc_info or r.levelno >= logging.ERROR], \
         [r.getMessage() for r in ours]

@@ -101,10 +101,9 @@ def test_health_and_readiness(client):
 
 
 def _rejected(client, reason: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'tmc_rejected_requests_total{{reason="{reason}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    from tests.app.conftest import metric_sample
+
+    return metric_sample(client, "tmc_rejected_requests_total", reason=reason)
 
 
 def test_requests_refused_before_the_device_are_counted_by_reason(client, server):

@@ -259,18 +259,21 @@ def test_every_dashboard_query_evaluates_against_a_real_prometheus(tiny_base_dir
 # ---------------------------------------------------------------------------------- the chart
 dc = load_deploy_checker()
 HELM = dc.find_tool(os.environ.get("HELM"), [ROOT / ".tools" / "helm" / "helm"], "helm")
-needs_helm = pytest.mark.skipif(HELM is None, reason="helm not installed (scripts/deploy-check.sh "
-                                "installs it into .tools/helm)")
 
 
-@needs_helm
+def helm() -> str:
+    """The helm binary; `make test` installs it (scripts/deploy-check.sh) before pytest runs."""
+    assert HELM is not None, "helm is not installed: run `bash scripts/deploy-check.sh` first"
+    return str(HELM)
+
+
 def test_chart_ships_the_dashboard_configmap(tmp_path):
     values = tmp_path / "dashboard.yaml"
     values.write_text(yaml.safe_dump({"metrics": {"grafanaDashboard": {
         "enabled": True, "label": "grafana_dashboard", "labelValue": "1",
         "annotations": {"grafana_folder": "tmc"}, "labels": {"team": "ml"}}}}))
     files = [ROOT / "tests" / "deploy" / "values" / "defaults.yaml", values]
-    proc = dc.helm_template(HELM, files)
+    proc = dc.helm_template(helm(), files)
     assert proc.returncode == 0, proc.stderr
     docs = dc.load_documents(proc.stdout)
     maps = [d for d in docs if d["kind"] == "ConfigMap"
@@ -288,15 +291,15 @@ def test_chart_ships_the_dashboard_configmap(tmp_path):
     dc.validate_documents(docs, vs.name, rep)
     dc.check_manifests(docs, vs, dc.load_settings_module(), rep)
     assert not rep.errors, rep.errors
-    lint = dc.helm_cmd(HELM, "lint", "--strict", str(dc.CHART), *dc.values_args(files))
+    lint = dc.helm_cmd(helm(), "lint", "--strict", str(dc.CHART), *dc.values_args(files))
     assert lint.returncode == 0 and "[WARNING]" not in lint.stdout, lint.stdout + lint.stderr
     # custom sidecar label, and off by default
-    custom = dc.helm_cmd(HELM, "template", "ci", str(dc.CHART), "-f", str(values), "--set",
+    custom = dc.helm_cmd(helm(), "template", "ci", str(dc.CHART), "-f", str(values), "--set",
                          "metrics.grafanaDashboard.label=dash,"
                          "metrics.grafanaDashboard.labelValue=yes")
     assert custom.returncode == 0, custom.stderr
     (cm2,) = [d for d in dc.load_documents(custom.stdout)
               if (d["metadata"].get("labels") or {}).get("dash") == "yes"]
     assert "grafana_dashboard" not in cm2["metadata"]["labels"]
-    default = dc.helm_template(HELM, files[:1])
+    default = dc.helm_template(helm(), files[:1])
     assert default.returncode == 0 and "tmc.json" not in default.stdout
