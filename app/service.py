@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import threading
 import time
@@ -239,7 +240,8 @@ class Service:
         self.metrics.forgets.inc()
         self.metrics.forget_seconds.observe(time.perf_counter() - started)
         self.metrics.generation.set(receipt.generation)
-        return receipt
+        device = reg.StorePurge("device-cache", self.executor.device.type, "purged")
+        return dataclasses.replace(receipt, purged=[*receipt.purged, device])
 
     def _end_forget(self, digests: list[str]) -> None:
         """A local forget's registry call ended: one purge of its digests and of those the

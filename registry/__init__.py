@@ -22,6 +22,7 @@ from registry.types import (
     NamedComposition,
     Resolved,
     ResolvedItem,
+    StorePurge,
 )
 from registry.validate import ID_PATTERN
 
@@ -29,5 +30,5 @@ __all__ = [
     "DEFAULT_MAX_COMPONENT_BYTES", "ID_PATTERN", "AddResult", "ComponentInfo", "ConflictError",
     "ForgetReceipt", "InvalidComponentError", "InvalidIdError", "InvalidRequestError",
     "NamedComposition", "NotFoundError", "Registry", "RegistryError", "Resolved",
-    "ResolvedItem", "StorageError", "open_registry",
+    "ResolvedItem", "StorageError", "StorePurge", "open_registry",
 ]

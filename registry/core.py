@@ -34,6 +34,7 @@ the process (or calling ``accept_current``), which forgets the remembered genera
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import os
 import signal
@@ -58,7 +59,14 @@ from registry.loader import Loader
 from registry.local_cache import LocalCache
 from registry.ports import BlobStore, Index, Listener, Tx
 from registry.records import Settings, VersionRecord
-from registry.types import AddResult, ComponentInfo, ForgetReceipt, NamedComposition, Resolved
+from registry.types import (
+    AddResult,
+    ComponentInfo,
+    ForgetReceipt,
+    NamedComposition,
+    Resolved,
+    StorePurge,
+)
 from registry.validate import (
     check_id,
     check_normalize,
@@ -89,6 +97,9 @@ class RegistryLostError(StorageError):
 
 
 LostHook = Callable[[str | None, int], None]
+# Run after a forget's index change, before its receipt returns: purges what one store still
+# holds of the removed digests and says what it did (the receipt lists every stage's answer).
+ForgetStage = Callable[[builtins.list[str]], StorePurge]
 
 
 class Registry:
@@ -109,6 +120,7 @@ class Registry:
         self._highest = 0  # the highest generation this process has seen (lost-store check)
         self._lost: str | None = None
         self._lost_hooks: builtins.list[LostHook] = []
+        self._forget_stages: builtins.list[ForgetStage] = []
         self.accept_current()
         self.sweep()
         self._listener: Listener | None = index.listen(self._loader.on_event) if listen else None
@@ -211,6 +223,11 @@ class Registry:
             raise InvalidRequestError(f"active must be true or false, got {active!r}")
         return self.update(id, active=active)
 
+    def add_forget_stage(self, stage: ForgetStage) -> None:
+        """Run ``stage(digests)`` after every forget's index change; its StorePurge joins
+        the receipt. A stage that raises fails the forget (the index change stands)."""
+        self._forget_stages.append(stage)
+
     def forget(self, id: str) -> ForgetReceipt:
         """Exactly forget ``id``: see the module docstring for what that guarantees."""
         cid = check_id(id)
@@ -218,7 +235,9 @@ class Registry:
             receipt = self._index.mutate(partial(ops.forget, cid=cid))
         self._loader.purge(receipt.digests_removed, own=True)
         self._watch.changed(receipt.generation)
-        return receipt
+        purged = [StorePurge("index", self.backend, "purged")]
+        purged += [stage(receipt.digests_removed) for stage in self._forget_stages]
+        return dataclasses.replace(receipt, purged=purged)
 
     # -- bytes and tensors -----------------------------------------------------------
 

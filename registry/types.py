@@ -39,11 +39,29 @@ class AddResult(_JsonMixin):
 
 
 @dataclass(frozen=True)
+class StorePurge(_JsonMixin):
+    """What a forget did to one store that held the id's records or bytes.
+
+    ``state``: "purged" (nothing of the id is left there), "rewriting" (the live store is
+    purged; its persistence files are being rewritten — ``check`` says how to tell when
+    that is done), "not-persisted" (the store keeps no files), or "unknown" (the store
+    does not let us tell; ``detail`` says why).
+    """
+
+    store: str  # "index", "blobs", "local-cache", "device-cache", "redis-persistence"
+    kind: str  # the backend: "sqlite", "redis", "file", "s3", "memory", "aof+rdb", ...
+    state: str
+    detail: str = ""
+    check: str = ""  # how a client can check a "rewriting" state later
+
+
+@dataclass(frozen=True)
 class ForgetReceipt(_JsonMixin):
     id: str
     digests_removed: list[str]
     compositions_changed: list[str]  # named compositions the id was removed from
     generation: int
+    purged: list[StorePurge] = dataclasses.field(default_factory=list)  # each store, in order
 
 
 @dataclass(frozen=True)
