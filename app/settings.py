@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     base_dir: Path = Field(DEFAULT_HOME / "base", description="base model directory")
     registry_dir: Path = Field(DEFAULT_HOME / "registry", description="embedded registry")
     redis_url: str | None = Field(None, description="shared Redis registry, when set")
+    blob_url: str | None = Field(
+        None, description="where component bytes live: file:///path, redis, or "
+        "s3://bucket/prefix (AWS_* variables configure S3); default: the registry folder "
+        "(embedded) or Redis (shared)")
     admin_token: str | None = Field(None, description="bearer token of the admin API")
     inference_token: str | None = Field(None, description="optional token for inference")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -66,6 +70,14 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_scheme(cls, value: str | None) -> str | None:
+        if value and not (value == "redis" or value.startswith(("file:///", "s3://"))):
+            raise ValueError("blob_url must be file:///absolute/path, redis, or "
+                             "s3://bucket[/prefix]")
         return value or None
 
 
