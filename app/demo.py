@@ -98,7 +98,8 @@ def _register(settings: Any, files: list[Path]) -> None:
     reg = registry.open_registry(
         registry_dir=None if settings.redis_url else settings.registry_dir,
         redis_url=settings.redis_url, base_fingerprint=base.fingerprint, region=base.region,
-        max_component_bytes=settings.max_component_bytes, cache_dir=settings.blob_cache_dir)
+        max_component_bytes=settings.max_component_bytes, cache_dir=settings.blob_cache_dir,
+        blob_url=settings.blob_url)
     try:
         known = {c.id for c in reg.list()}
         for path in files:

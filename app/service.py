@@ -82,7 +82,8 @@ class Service:
             registry_dir=None if settings.redis_url else settings.registry_dir,
             redis_url=settings.redis_url, base_fingerprint=base.fingerprint,
             region=base.region, max_component_bytes=settings.max_component_bytes,
-            cache_dir=settings.blob_cache_dir)
+            cache_dir=settings.blob_cache_dir,
+            blob_url=settings.blob_url)
         return cls(settings, base, registry, Metrics())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -284,6 +285,7 @@ class Service:
         checks: dict[str, Any] = {"base_loaded": True, "warm_forward": self.ready,
                                   "draining": self.draining}
         try:
+            self.registry.ping()  # the index and the blob store (S3: the bucket answers)
             checks["registry_generation"] = self.registry.generation()
             checks["registry"] = True
         except reg.StorageError as exc:  # unreachable, or lost its data (RegistryLostError)

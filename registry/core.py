@@ -2,9 +2,15 @@
 
 Forget policy: ``forget(id)`` removes the id from every named composition that names it
 (those compositions are rewritten in the same atomic change; the generation moves once),
-deletes every version's bytes from the blob store and from this process's local cache,
-fires the ``on_forget`` hooks, and returns a receipt listing the digests removed and the
-compositions changed. A resolve that starts after ``forget`` returned never sees the id:
+deletes every version's bytes from the blob store (in the same change when the index holds
+them, else right after it, under the digests' mutation lock) and from this process's local
+cache, fires the ``on_forget`` hooks, runs the forget stages, and returns a receipt listing
+the digests removed, the compositions changed and, in ``purged``, what each store did:
+"index", then "blobs" (file/redis/s3, with what was deleted where), then "local-cache"
+(shared mode), then each added stage's answer. If a blob delete fails after the index
+change, the forget raises StorageError (503) saying which bytes remain where: the id is
+already gone from the index, and the next ``sweep`` (every open runs one) deletes the bytes.
+A resolve that starts after ``forget`` returned never sees the id:
 every resolve reads the shared index; nothing about ids is cached in the process.
 
 Shared-digest policy: a version belongs to exactly one id. Adding bytes that are already a
@@ -18,6 +24,8 @@ registration: nothing about the old one survives.
 
 Crash safety: a blob is written before the index entry that references it; a crash in
 between leaves an unreferenced blob that the next open sweeps (``TMC_TEST_CRASH_POINT``).
+The sweep checks each orphan's owner again under its mutation lock before deleting it, and
+skips one whose lock another process holds (an add in flight: see ``registry.ports``).
 
 Lost-store policy (shared backends, whose index offers ``marks()``): a store that restarted
 empty (Redis without persistence), or was flushed, must not be served as if it were the
@@ -50,6 +58,7 @@ from safetensors.torch import load as st_load
 from registry import ops
 from registry.errors import (
     BlobMissingError,
+    BusyError,
     InvalidComponentError,
     InvalidRequestError,
     NotFoundError,
@@ -108,14 +117,16 @@ class Registry:
     def __init__(self, index: Index, blobs: BlobStore, *, base_fingerprint: str,
                  region: Mapping[str, TangentParam], max_component_bytes: int,
                  cache: LocalCache | None = None, backend: str = "custom",
-                 listen: bool = True) -> None:
+                 listen: bool = True, blob_kind: str = "custom",
+                 blob_where: str = "the blob store") -> None:
         self.base_fingerprint = base_fingerprint
         self.region = dict(region)
         self.max_component_bytes = max_component_bytes
         self.backend = backend
+        self.blob_kind, self.blob_where = blob_kind, blob_where  # "s3", "s3://bucket/prefix"
         self._index, self._blobs, self._cache = index, blobs, cache
         self._watch = Watch()
-        self._loader = Loader(index, blobs, cache, self._watch)
+        self._loader = Loader(index, blobs, cache, self._watch, blob_where)
         self._marks_lock = threading.Lock()
         self._highest = 0  # the highest generation this process has seen (lost-store check)
         self._lost: str | None = None
@@ -144,17 +155,35 @@ class Registry:
         self.close()
 
     def ping(self) -> None:
-        """Raise StorageError unless the backend answers."""
+        """Raise StorageError unless the index and the blob store (if it can tell) answer."""
         self._index.ping()
+        ping: Callable[[], None] | None = getattr(self._blobs, "ping", None)
+        if ping is not None:
+            ping()
 
     def sweep(self) -> list[str]:
-        """Delete blobs no id owns (left by a crashed add) and stale local cache entries."""
+        """Delete blobs no id owns (a crashed add's, a failed forget delete's) and stale
+        local cache entries; returns the digests deleted from the blob store."""
         with self._index.mutation_lock():
             self._blobs.discard_partial()
             candidates = builtins.list(self._blobs.digests())
-            orphans = self._index.mutate(partial(ops.drop_orphans, candidates=candidates))
+        orphans = self._index.read(partial(ops.unreferenced, digests=candidates))
+        removed = [d for d in orphans if self._drop_orphan(d)]
         self._loader.sweep_cache()
-        return orphans
+        return removed
+
+    def _drop_orphan(self, digest: str) -> bool:
+        """Delete ``digest``'s bytes if still no id owns them; skip it if an add or forget
+        elsewhere holds its lock (that one decides; the next sweep looks again)."""
+        try:
+            with self._index.mutation_lock([digest], wait=False):
+                if not self._index.mutate(partial(ops.drop_orphans, candidates=[digest])):
+                    return False
+                if not self._index.holds_blobs:
+                    self._blobs.delete(digest)
+                return True
+        except BusyError:
+            return False
 
     # -- components ------------------------------------------------------------------
 
@@ -167,7 +196,7 @@ class Registry:
         cid = check_id(id)
         settings = Settings.checked(weight, tags, active)
         version = self._validate(data)
-        with self._index.mutation_lock():
+        with self._index.mutation_lock([version.digest]):
             result = self._add_locked(cid, version, settings, data)
         self._watch.changed(result.generation)
         return result
@@ -231,13 +260,55 @@ class Registry:
     def forget(self, id: str) -> ForgetReceipt:
         """Exactly forget ``id``: see the module docstring for what that guarantees."""
         cid = check_id(id)
-        with self._index.mutation_lock():
-            receipt = self._index.mutate(partial(ops.forget, cid=cid))
-        self._loader.purge(receipt.digests_removed, own=True)
-        self._watch.changed(receipt.generation)
-        purged = [StorePurge("index", self.backend, "purged")]
+        for _ in range(BLOB_ATTEMPTS):
+            digests = self._index.read(partial(ops.versions, cid=cid))
+            try:
+                with self._index.mutation_lock(digests):
+                    receipt = self._index.mutate(partial(ops.forget, cid=cid, locked=digests))
+                    self._watch.changed(receipt.generation)
+                    try:
+                        blobs = self._delete_forgotten_bytes(cid, receipt.digests_removed)
+                    finally:  # the id is gone from the index: purge this process anyway
+                        self._loader.purge(receipt.digests_removed, own=True)
+                break
+            except ops.VersionsChanged:
+                continue  # a version was added meanwhile: lock it too
+        else:
+            raise StorageError(f"could not forget {cid!r}: versions kept being added to it")
+        purged = [StorePurge("index", self.backend, "purged"), blobs]
+        if self._cache is not None:
+            purged.append(self._cache.purge_record(receipt.digests_removed))
         purged += [stage(receipt.digests_removed) for stage in self._forget_stages]
         return dataclasses.replace(receipt, purged=purged)
+
+    def _delete_forgotten_bytes(self, cid: str, digests: builtins.list[str]) -> StorePurge:
+        """After the index change: delete the bytes (unless the change did) or fail loudly."""
+        count = len(digests)
+        if self._index.holds_blobs:
+            return StorePurge("blobs", self.blob_kind, "purged",
+                              f"{count} blob(s) deleted from {self.blob_where} together with "
+                              "the index entries")
+        removed = 0
+        for digest in digests:
+            try:
+                removed += self._delete_blob(digest)
+            except StorageError as exc:
+                raise StorageError(
+                    f"{cid!r} is forgotten from the index, but the bytes of version {digest} "
+                    f"remain in {self.blob_where} ({exc}); they are deleted by the next sweep "
+                    "(every replica runs one when it opens: restart one) — nothing serves "
+                    "them meanwhile, since the index no longer references them") from exc
+        unit = "object version(s)" if self.blob_kind == "s3" else "blob(s)"
+        return StorePurge("blobs", self.blob_kind, "purged",
+                          f"{removed} {unit} deleted from {self.blob_where}")
+
+    def _delete_blob(self, digest: str) -> int:
+        """Delete every copy of ``digest``; how many there were (S3: object versions)."""
+        purge: Callable[[str], int] | None = getattr(self._blobs, "purge", None)
+        if purge is not None:
+            return purge(digest)
+        self._blobs.delete(digest)
+        return 1
 
     # -- bytes and tensors -----------------------------------------------------------
 

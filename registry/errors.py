@@ -10,6 +10,7 @@ RegistryError
  ├── InvalidRequestError    a bad weight (non-finite, or |w| > MAX_WEIGHT), tag or
  │                          normalization
  └── StorageError           the backend is unreachable, busy or inconsistent
+      └── BusyError         a digest's bytes are being written or deleted elsewhere
 
 The service maps them to HTTP 404 / 400 / 422 / 409 / 400 / 503; the registry never speaks HTTP.
 """
@@ -60,6 +61,10 @@ class InvalidRequestError(RegistryError):
 
 class StorageError(RegistryError):
     """The storage backend failed: unreachable, busy, or returned inconsistent data."""
+
+
+class BusyError(StorageError):
+    """A digest's mutation lock is held by another process (an add or forget in flight)."""
 
 
 class BlobMissingError(StorageError):

@@ -22,8 +22,9 @@ from registry.watch import Watch
 
 class Loader:
     def __init__(self, index: Index, blobs: BlobStore, cache: LocalCache | None,
-                 watch: Watch) -> None:
+                 watch: Watch, blob_where: str = "the blob store") -> None:
         self._index, self._blobs, self._cache, self._watch = index, blobs, cache, watch
+        self._where = blob_where  # named in errors: "s3://bucket/prefix", "file:///path", …
 
     def load(self, digest: str) -> bytes:
         d = check_digest(digest)
@@ -38,12 +39,16 @@ class Loader:
         return data
 
     def _fetch(self, digest: str) -> bytes:
-        data = self._blobs.get(digest)
+        try:
+            data = self._blobs.get(digest)
+        except StorageError as exc:
+            raise StorageError(f"cannot fetch version {digest} from {self._where}: {exc}"
+                               ) from exc
         if data is None:
             self.require_referenced(digest)
-            raise StorageError(f"the bytes of version {digest} are missing from the store")
+            raise StorageError(f"the bytes of version {digest} are missing from {self._where}")
         if sha256_hex(data) != digest:
-            raise StorageError(f"the stored bytes of version {digest} are corrupt")
+            raise StorageError(f"the bytes of version {digest} in {self._where} are corrupt")
         return data
 
     def require_referenced(self, digest: str) -> None:

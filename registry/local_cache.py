@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from registry.errors import StorageError
 from registry.ports import BlobStore
+from registry.types import StorePurge
 
 log = logging.getLogger(__name__)
 DEFAULT_MEMORY_BYTES = 1 << 30
@@ -71,8 +72,9 @@ def sha256_hex(data: bytes) -> str:
 class LocalCache:
     """Verified bytes by digest: a hit whose sha256 does not match is deleted, not served."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, kind: str = "memory", where: str = "memory") -> None:
         self.store = store
+        self.kind, self.where = kind, where  # "file", "/var/cache/tmc" / "memory", "memory"
 
     def get(self, digest: str) -> bytes | None:
         data = self.store.get(digest)
@@ -94,6 +96,12 @@ class LocalCache:
     def purge(self, digests: Iterable[str]) -> None:
         for digest in digests:
             self.store.delete(digest)
+
+    def purge_record(self, digests: list[str]) -> StorePurge:
+        """The receipt entry of a forget whose ``digests`` this replica's cache purged."""
+        return StorePurge("local-cache", self.kind, "purged",
+                          f"{len(digests)} digest(s) purged from this replica's cache "
+                          f"({self.where}); other replicas purge theirs on the forget event")
 
     def digests(self) -> list[str]:
         return list(self.store.digests())

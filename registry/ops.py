@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from registry.errors import ConflictError, NotFoundError
+from registry.errors import ConflictError, NotFoundError, RegistryError
 from registry.ports import Tx
 from registry.records import ComponentRecord, Settings, VersionRecord, apply_add, apply_settings
 from registry.types import AddResult, ForgetReceipt, NamedComposition, Resolved, ResolvedItem
 from registry.validate import check_composable
 from tangent import Normalize
+
+
+class VersionsChanged(RegistryError):
+    """Internal: a forget found versions it holds no lock for (added meanwhile); re-run it
+    holding them too."""
 
 
 def event(generation: int, forgotten: Sequence[str] = ()) -> str:
@@ -78,9 +83,19 @@ def update(tx: Tx, cid: str, settings: Settings) -> int:
     return generation + 1
 
 
-def forget(tx: Tx, cid: str) -> ForgetReceipt:
-    """Remove the id, every version's owner entry and bytes, and the id from compositions."""
+def versions(tx: Tx, cid: str) -> list[str]:
+    """Every version digest of ``cid`` (NotFoundError if unknown)."""
+    return _existing(tx, cid).digests()
+
+
+def forget(tx: Tx, cid: str, locked: Sequence[str]) -> ForgetReceipt:
+    """Remove the id, every version's owner entry and bytes, and the id from compositions.
+
+    ``locked``: the digests whose mutation lock the caller holds; a version outside them
+    (added since the caller looked) raises VersionsChanged, changing nothing."""
     rec = _existing(tx, cid)
+    if set(rec.digests()) - set(locked):
+        raise VersionsChanged(f"{cid!r} gained versions while being forgotten")
     comps = tx.compositions()
     generation = tx.generation() + 1
     changed = sorted(name for name, comp in comps.items() if cid in comp.weights)

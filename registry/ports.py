@@ -4,6 +4,13 @@
 component bytes by digest. The core writes a blob BEFORE the index row that references it,
 so a crash leaves at most an unreferenced blob, which ``sweep`` removes.
 
+Bytes and index may live in different stores (``Index.holds_blobs`` False): then a blob
+write + the index change that references it, and an index change + the blob delete it
+implies, each run under ``Index.mutation_lock(digests)`` (SQLite: one lock for the whole
+registry; Redis: a lease per digest), so a sweep or forget never deletes bytes that an add
+is about to reference. When the index holds the bytes too (Redis bytes in the same Redis),
+the index change and the blob delete are one atomic unit and the lock is not needed.
+
 Every index change runs as ``Index.mutate(fn)``: ``fn`` reads through the ``Tx`` it is given,
 then stages writes; the backend applies them atomically (SQLite ``BEGIN IMMEDIATE``; Redis
 ``WATCH``/``MULTI``/``EXEC``, re-running ``fn`` when a concurrent change wins). ``fn`` must
@@ -50,10 +57,11 @@ class Tx(Protocol):
     def set_base_fingerprint(self, fingerprint: str) -> None: ...
 
     def require_blob(self, digest: str) -> None:
-        """Raise BlobMissingError unless the bytes are stored, as part of this unit."""
+        """Where the index holds the bytes: raise BlobMissingError unless they are stored,
+        as part of this unit. Elsewhere: nothing (the core wrote them under the lock)."""
     def drop_blob(self, digest: str) -> None:
-        """Delete the bytes: in this unit where the index holds them (Redis), else right
-        after the commit (embedded; the core holds the mutation lock around it)."""
+        """Where the index holds the bytes: delete them in this unit. Elsewhere: nothing
+        (the core deletes them right after the commit, still under the mutation lock)."""
     def publish(self, message: str) -> None:
         """Announce the change to other processes when committed (no-op if unsupported)."""
 
@@ -67,10 +75,14 @@ class Listener(Protocol):
 class Index(Protocol):
     """Component metadata, versions, named compositions and the generation counter."""
 
+    holds_blobs: bool  # the bytes live in the index's own store (one atomic unit)
+
     def read(self, fn: Callable[[Tx], T]) -> T: ...
     def mutate(self, fn: Callable[[Tx], T]) -> T: ...
-    def mutation_lock(self) -> AbstractContextManager[None]:
-        """Held around blob write + index change (and index change + blob delete)."""
+    def mutation_lock(self, digests: Sequence[str] = (), *,
+                      wait: bool = True) -> AbstractContextManager[None]:
+        """Held around blob write + index change (and index change + blob delete) of
+        ``digests``. With ``wait`` False, raise BusyError at once if another holds one."""
     def listen(self, on_message: Callable[[str], None]) -> Listener | None:
         """Subscribe to other processes' ``Tx.publish`` messages (None: not supported)."""
     def ping(self) -> None: ...

@@ -1,4 +1,4 @@
-"""The shared backend: index, generation and component bytes in one Redis.
+"""The shared backend: index and generation in Redis; component bytes there too, or elsewhere.
 
 Key layout (``P`` is the key prefix, ``tmc:`` by default; one Redis database per base):
 
@@ -11,14 +11,29 @@ Key layout (``P`` is the key prefix, ``tmc:`` by default; one Redis database per
                                  with its metadata); read by get/list and by changes only
     P schema            string   "2" once whole-record ``c:<id>`` documents (schema 1) are split
     P owner:<digest>    string   the id that owns a version digest (a digest has one owner)
-    P blob:<digest>     string   the component bytes of that version
+    P blob:<digest>     string   the component bytes of that version (bytes in Redis only)
+    P lease:<digest>    string   a token: who may write/delete that digest's bytes now
+                                 (bytes elsewhere only; expires after LEASE_TTL_S)
     P comps             hash     composition name -> composition record (JSON)
     P events            channel  pub/sub: one JSON message per change {"generation", "forgotten"}
 
 Changes are optimistic transactions: WATCH ``P gen`` (every change rewrites it), read, then
 MULTI/EXEC the staged writes together with the new generation and the PUBLISH; a concurrent
 change aborts the EXEC and the change is re-run. So no reader ever sees half a change, and a
-forget deletes the index entries and the bytes in the same EXEC. Reads WATCH ``P gen`` too and
+forget deletes the index entries and the bytes in the same EXEC when the bytes are in Redis.
+
+Bytes elsewhere (``TMC_BLOB_URL`` file:// or s3://; ``holds_blobs`` False): the core deletes
+them right after the EXEC, so what made the WATCH on ``P blob:<digest>`` safe must come from
+somewhere else. The race: replica A writes the bytes of a new version, replica B's sweep (run
+at every open) lists them, finds no owner and deletes them, and A's index entry then points
+at nothing; likewise a forget's delete landing after another replica re-added the same bytes.
+``mutation_lock(digests)`` takes a lease per digest (``SET P lease:<d> <token> NX PX``):
+an add holds it from its blob write to its EXEC, a forget and a sweep from their EXEC to the
+blob delete, so those never interleave on one digest (the SQLite backend's file lock, per
+digest and across machines). A holder that dies frees the digest after LEASE_TTL_S; every
+EXEC under leases WATCHes them and checks their tokens first, so a holder whose lease expired
+(stalled past LEASE_TTL_S) cannot commit. The one window left: a delete that starts more
+than LEASE_TTL_S after its EXEC (S3 calls time out long before that). Reads WATCH ``P gen`` too and
 confirm with an EXEC; a read that keeps losing to writers falls back to one Lua call that
 copies the index metadata atomically. Either way every read is one consistent snapshot.
 A Redis that restarts empty (no persistence) or is flushed loses ``P base`` and resets
@@ -30,17 +45,20 @@ slots). With RDB/AOF persistence on, forgotten bytes stay in old snapshots until
 
 from __future__ import annotations
 
+import logging
 import random
+import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
 from redis.client import Pipeline
 
-from registry.errors import BlobMissingError, RegistryError, StorageError
+from registry.errors import BlobMissingError, BusyError, RegistryError, StorageError
 from registry.records import (
     ComponentHead,
     ComponentRecord,
@@ -58,7 +76,10 @@ from registry.snapshot import SnapshotTx
 from registry.types import NamedComposition
 from registry.validate import DIGEST_PATTERN
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+LEASE_TTL_S = 300.0  # a dead holder frees its digests after this; a live one must finish
+LEASE_WAIT_S = 60.0  # how long an add/forget waits for another's lease on the same digest
 MAX_ATTEMPTS = 200
 SCHEMA_VERSION = 2
 OPTIMISTIC_READS = 3
@@ -74,6 +95,10 @@ return {redis.call('GET', p .. 'gen') or '0', records, redis.call('HVALS', p .. 
         details}
 """
 Op = Callable[[Pipeline], object]
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,9 @@ class Keys:
     def blob(self, digest: str) -> str:
         return f"{self.prefix}blob:{digest}"
 
+    def lease(self, digest: str) -> str:
+        return f"{self.prefix}lease:{digest}"
+
 
 class _Retry(Exception):
     """A read saw a change in flight: run the unit again."""
@@ -112,9 +140,10 @@ LOST = _Lost()
 class RedisTx:
     """A ``Tx``: immediate reads on a watching pipeline, writes staged for MULTI/EXEC."""
 
-    def __init__(self, pipe: Pipeline, keys: Keys) -> None:
+    def __init__(self, pipe: Pipeline, keys: Keys, holds_blobs: bool = True) -> None:
         self._p = pipe
         self._k = keys
+        self._holds_blobs = holds_blobs
         self.ops: list[Op] = []
         self._details: dict[str, str] = {}  # detail documents read: unchanged ones aren't rewritten
 
@@ -213,13 +242,16 @@ class RedisTx:
         self._stage(lambda p: p.set(self._k.base, fingerprint))
 
     def require_blob(self, digest: str) -> None:
+        if not self._holds_blobs:
+            return  # written under this digest's lease, which this EXEC checks
         # watched: a sweep deleting the blob from now on aborts this unit's EXEC
         self._p.watch(self._k.blob(digest))  # type: ignore[no-untyped-call]
         if not self._p.exists(self._k.blob(digest)):
             raise BlobMissingError(f"blob {digest} vanished before its index entry was written")
 
     def drop_blob(self, digest: str) -> None:
-        self._stage(lambda p: p.delete(self._k.blob(digest)))
+        if self._holds_blobs:  # else the core deletes them after the EXEC, under the lease
+            self._stage(lambda p: p.delete(self._k.blob(digest)))
 
     def publish(self, message: str) -> None:
         self._stage(lambda p: p.publish(self._k.events, message))
@@ -236,10 +268,13 @@ def _storage_error(exc: redis.RedisError) -> StorageError:
 class RedisIndex:
     """An ``Index`` in Redis; owns the client it is given."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, holds_blobs: bool = True) -> None:
         self._client = client
         self.keys = keys
+        self.holds_blobs = holds_blobs
         self._snapshot_script = client.register_script(SNAPSHOT_LUA)
+        self._release_script = client.register_script(RELEASE_LUA)
+        self._leases = threading.local()  # digest -> token, the leases this thread holds
         self._schema_checked = False
 
     def _check_schema(self) -> None:
@@ -255,7 +290,8 @@ class RedisIndex:
     def _attempt(self, fn: Callable[[RedisTx], T]) -> T:
         with self._client.pipeline(transaction=True) as pipe:
             pipe.watch(self.keys.gen)  # type: ignore[no-untyped-call]
-            tx = RedisTx(pipe, self.keys)
+            self._check_leases(pipe)
+            tx = RedisTx(pipe, self.keys, self.holds_blobs)
             start = tx.generation()
             try:
                 result = fn(tx)
@@ -302,8 +338,73 @@ class RedisIndex:
         named = [composition_from_json(t) for t in comps]
         return SnapshotTx(int(gen), {r.id: r for r in records}, {c.name: c for c in named})
 
-    def mutation_lock(self) -> AbstractContextManager[None]:
-        return nullcontext()  # WATCH + require_blob make every unit safe on its own
+    def mutation_lock(self, digests: Sequence[str] = (), *,
+                      wait: bool = True) -> AbstractContextManager[None]:
+        """Bytes in Redis: nothing (WATCH + require_blob make every unit safe on its own).
+        Bytes elsewhere: a lease on each of ``digests`` (see the module docstring)."""
+        if self.holds_blobs or not digests:
+            return nullcontext()
+        return self._leased(sorted(set(digests)), wait)
+
+    def _held(self) -> dict[str, str]:
+        held: dict[str, str] | None = getattr(self._leases, "held", None)
+        if held is None:
+            held = self._leases.held = {}
+        return held
+
+    @contextmanager
+    def _leased(self, digests: list[str], wait: bool) -> Iterator[None]:
+        held = self._held()
+        taken: list[str] = []
+        try:
+            for digest in digests:
+                if digest not in held:
+                    held[digest] = self._acquire(digest, wait)
+                    taken.append(digest)
+            yield
+        finally:
+            for digest in taken:
+                self._release(digest, held.pop(digest))
+
+    def _acquire(self, digest: str, wait: bool) -> str:
+        """Take the lease on ``digest`` (waiting up to LEASE_WAIT_S if ``wait``)."""
+        token, key = secrets.token_hex(16), self.keys.lease(digest)
+        deadline = time.monotonic() + (LEASE_WAIT_S if wait else 0.0)
+        delay = 0.002
+        while True:
+            try:
+                if self._client.set(key, token, nx=True, px=int(LEASE_TTL_S * 1000)):
+                    return token
+            except redis.RedisError as exc:
+                raise _storage_error(exc) from exc
+            if time.monotonic() >= deadline:
+                raise BusyError(
+                    f"version {digest} is being written or deleted by another replica (lease "
+                    f"{key} held); retry in a moment (a dead holder's lease expires after "
+                    f"{LEASE_TTL_S:.0f} s)")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _release(self, digest: str, token: str) -> None:
+        try:
+            self._release_script(keys=[self.keys.lease(digest)], args=[token])
+        except redis.RedisError:  # it expires on its own; nothing was left half-done
+            log.warning("could not release the lease on %s; it expires in %.0f s",
+                        digest, LEASE_TTL_S)
+
+    def _check_leases(self, pipe: Pipeline) -> None:
+        """Fencing: WATCH this thread's leases and refuse to go on if one was lost."""
+        held = self._held()
+        if not held:
+            return
+        digests = sorted(held)
+        keys = [self.keys.lease(d) for d in digests]
+        pipe.watch(*keys)  # type: ignore[no-untyped-call]
+        for digest, value in zip(digests, pipe.mget(keys), strict=True):
+            if value is None or _text(value) != held[digest]:
+                raise StorageError(
+                    f"lost the lease on version {digest} (held longer than {LEASE_TTL_S:.0f} "
+                    "s, or Redis lost it): nothing was changed; retry")
 
     def listen(self, on_message: Callable[[str], None]) -> RedisListener:
         try:

@@ -9,9 +9,10 @@ opened, under the mutation lock, in one transaction.
 ``PRAGMA secure_delete`` zeroes deleted rows, and a ``wal_checkpoint(TRUNCATE)`` after
 every deletion empties the WAL, so forgotten metadata does not linger in the files (a
 reader in another process holding an old snapshot can defer the truncation to the next
-checkpoint). Component bytes are never in SQLite: they are blob files.
-Blob deletions staged by a transaction (``drop_blob``) run right after its commit; the
-core holds ``mutation_lock`` (a thread lock + ``flock`` on ``registry.lock``) around them.
+checkpoint). Component bytes are never in SQLite: they are in a blob store (files in the
+registry folder by default, or ``TMC_BLOB_URL``). The core deletes a forget's blobs right
+after its commit and writes an add's blob right before, holding ``mutation_lock`` (a thread
+lock + ``flock`` on ``registry.lock``: one lock for the whole registry) around both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from registry.errors import StorageError
-from registry.ports import BlobStore, Listener
+from registry.ports import Listener
 from registry.records import (
     ComponentHead,
     ComponentRecord,
@@ -60,7 +61,6 @@ class SqliteTx:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self.dropped: list[str] = []
         self.deleted = False
 
     def _value(self, sql: str, *args: object) -> Any:
@@ -161,7 +161,7 @@ class SqliteTx:
         """The core wrote the blob under the mutation lock; nothing can have removed it."""
 
     def drop_blob(self, digest: str) -> None:
-        self.dropped.append(digest)
+        """The core deletes the bytes after the commit, under the mutation lock."""
 
     def publish(self, message: str) -> None:
         """No push channel: other processes notice the generation change instead."""
@@ -204,11 +204,12 @@ def _migrate(conn: sqlite3.Connection) -> bool:
 
 
 class SqliteIndex:
-    """An ``Index`` in ``<dir>/index.sqlite3``, deleting blobs in ``blobs`` after commit."""
+    """An ``Index`` in ``<dir>/index.sqlite3``; the bytes live in a separate blob store."""
 
-    def __init__(self, directory: Path, blobs: BlobStore) -> None:
+    holds_blobs = False
+
+    def __init__(self, directory: Path) -> None:
         self.path = directory / "index.sqlite3"
-        self._blobs = blobs
         self._conn_lock = threading.RLock()
         self._write_lock = threading.Lock()
         try:
@@ -260,8 +261,6 @@ class SqliteIndex:
 
     def mutate(self, fn: Callable[[SqliteTx], T]) -> T:
         result, tx = self._run("BEGIN IMMEDIATE", fn)
-        for digest in tx.dropped:
-            self._blobs.delete(digest)
         if tx.deleted:
             self._checkpoint()
         return result
@@ -275,7 +274,9 @@ class SqliteIndex:
                     return
 
     @contextmanager
-    def mutation_lock(self) -> Iterator[None]:
+    def mutation_lock(self, digests: Sequence[str] = (), *, wait: bool = True
+                      ) -> Iterator[None]:
+        """One lock for the whole registry, whatever the digests (always waits)."""
         with self._write_lock:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
