@@ -7,29 +7,40 @@ measured here on torch 2.11 + CUDA: every composition answered exactly θ0's log
 On CUDA every kernel runs on the executor's own stream: inputs are copied from pinned host
 memory without blocking, each group's logits are copied back into pinned host memory
 without blocking (``tail_async``), and ``synchronize`` waits once for the whole batch.
+
+No storage I/O here: a component not in the device cache comes from the job's staged host
+tensors (fetched, verified and decoded at admission, app/fetch.py), which the device thread
+only casts and moves. The service builds its executor without a loader; a missing tensor is
+then ``NotStagedError`` (the service admits the request again with everything staged).
+Benches and tools that drive an executor directly may give it a ``load_tensors`` of their
+own (in-memory tensors) instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 
 from app.cache import DeltaLRU
+from app.fetch import HostTensors, NotStagedError, PurgeLog
 from app.plan import Plan
 from tangent import CompileMode, Delta, LinearizedNet, Term, compose
 from tangent.delta import cast_delta
 from tangent.errors import UnsupportedOpError
 
 LoadTensors = Callable[[str], dict[str, torch.Tensor]]
+NOTHING_STAGED: Mapping[str, HostTensors] = MappingProxyType({})
 
 
 class Executor:
     """Owns the device copies of θ0, component tangents and composed tangents."""
 
-    def __init__(self, net: LinearizedNet, load_tensors: LoadTensors, device: torch.device,
+    def __init__(self, net: LinearizedNet, load_tensors: LoadTensors | None,
+                 device: torch.device,
                  dtype: torch.dtype, cache_bytes: int, compile_mode: CompileMode = "none"
                  ) -> None:
         if device.type == "cuda" and dtype == torch.float32:
@@ -42,39 +53,47 @@ class Executor:
         self.device, self.dtype = device, dtype
         self.components = DeltaLRU(cache_bytes // 2)  # digest -> float32 Δ_k on device
         self.composed = DeltaLRU(cache_bytes // 2)  # composition digest -> Σ w_k Δ_k
+        self.purges = PurgeLog()  # what purge dropped, and when (app/fetch.py)
 
     def trunk(self, x: object) -> object:
         """The frozen part before the tangent region, once for a whole device batch."""
         with self.on_stream(), torch.no_grad():
             return self.net.trunk_forward(_to_device(x, self.device, self.dtype))
 
-    def tail(self, plan: Plan, h: object) -> torch.Tensor:
+    def tail(self, plan: Plan, h: object,
+             staged: Mapping[str, HostTensors] = NOTHING_STAGED) -> torch.Tensor:
         """Logits [B, C] (float32, CPU) of the tail under the plan's composition."""
-        y = self.tail_async(plan, h)
+        y = self.tail_async(plan, h, staged)
         self.synchronize()
         return y
 
-    def tail_async(self, plan: Plan, h: object) -> torch.Tensor:
+    def tail_async(self, plan: Plan, h: object,
+                   staged: Mapping[str, HostTensors] = NOTHING_STAGED) -> torch.Tensor:
         """Logits [B, C] (float32, host memory); on CUDA valid only after ``synchronize``."""
         with self.on_stream(), torch.no_grad():
-            delta = self.composed_delta(plan) if plan.terms else None
+            delta = self.composed_delta(plan, staged) if plan.terms else None
             return self._to_host(self.net.tail_forward(h, delta))
 
-    def explain_tail(self, plan: Plan, h: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def explain_tail(self, plan: Plan, h: object,
+                     staged: Mapping[str, HostTensors] = NOTHING_STAGED
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and each term's exact contribution w_k·J(x)Δ_k: [K, B, C]."""
-        y, contrib = self.explain_tail_async(plan, h)
+        y, contrib = self.explain_tail_async(plan, h, staged)
         self.synchronize()
         return y, contrib
 
-    def explain_tail_async(self, plan: Plan, h: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def explain_tail_async(self, plan: Plan, h: object,
+                           staged: Mapping[str, HostTensors] = NOTHING_STAGED
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.on_stream(), torch.no_grad():
             y0, parts = self.net.tail_forward(h), []
             for term in sorted(plan.terms, key=lambda t: t.digest):
                 scaled = {n: (t * term.weight).to(self.dtype)
-                          for n, t in self.component(term.digest).items()}
+                          for n, t in self.component(term.digest, staged).items()}
                 parts.append(self.net.tail_jvp(h, scaled)[1])
             contrib = torch.stack(parts) if parts else y0.new_zeros((0, *y0.shape))
-            y = self.net.tail_forward(h, self.composed_delta(plan)) if plan.terms else y0
+            y = (self.net.tail_forward(h, self.composed_delta(plan, staged)) if plan.terms
+                 else y0)
             return self._to_host(y), self._to_host(contrib)
 
     def check_linearization(self, x: object) -> None:
@@ -116,27 +135,58 @@ class Executor:
         out.copy_(y, non_blocking=True)
         return out
 
-    def run(self, plan: Plan, x: object) -> torch.Tensor:
-        return self.tail(plan, self.trunk(x))
+    def run(self, plan: Plan, x: object,
+            staged: Mapping[str, HostTensors] = NOTHING_STAGED) -> torch.Tensor:
+        return self.tail(plan, self.trunk(x), staged)
 
-    def explain(self, plan: Plan, x: object) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.explain_tail(plan, self.trunk(x))
+    def explain(self, plan: Plan, x: object,
+                staged: Mapping[str, HostTensors] = NOTHING_STAGED
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.explain_tail(plan, self.trunk(x), staged)
 
-    def composed_delta(self, plan: Plan) -> Delta:
-        return self.composed.get_or_build(plan.key, plan.digests, lambda: self._compose(plan))
+    def composed_delta(self, plan: Plan,
+                       staged: Mapping[str, HostTensors] = NOTHING_STAGED) -> Delta:
+        return self.composed.get_or_build(plan.key, plan.digests,
+                                          lambda: self._compose(plan, staged))
 
-    def _compose(self, plan: Plan) -> Delta:
-        terms = [Term(t.digest, t.weight, self.component(t.digest)) for t in plan.terms]
+    def _compose(self, plan: Plan, staged: Mapping[str, HostTensors]) -> Delta:
+        terms = [Term(t.digest, t.weight, self.component(t.digest, staged))
+                 for t in plan.terms]
         return cast_delta(compose(terms, "none"), self.device, self.dtype)
 
-    def component(self, digest: str) -> Delta:
+    def component(self, digest: str,
+                  staged: Mapping[str, HostTensors] = NOTHING_STAGED) -> Delta:
+        """Δ_k on the device (float32): cached, else cast from the job's staged host
+        tensors; never read from storage here (NotStagedError when neither has it)."""
         return self.components.get_or_build(
             digest, [digest],
-            lambda: cast_delta(self.load_tensors(digest), self.device, torch.float32))
+            lambda: cast_delta(self._host_tensors(digest, staged), self.device, torch.float32))
+
+    def _host_tensors(self, digest: str, staged: Mapping[str, HostTensors]) -> HostTensors:
+        tensors = staged.get(digest)
+        if tensors is not None:
+            return tensors
+        if self.load_tensors is not None:  # an executor driven directly (benches, tools)
+            return self.load_tensors(digest)
+        raise NotStagedError(f"component version {digest} left the device cache after the "
+                             "request was admitted; retry")
+
+    def to_stage(self, plan: Plan, everything: bool = False) -> list[str]:
+        """The component digests a job of this plan must bring (read at admission, off the
+        device thread): none when its composed Δ is cached (explain always needs every
+        component), else those not in the component cache; with ``everything``, all of
+        them (a retry after an eviction: the job then cannot miss again)."""
+        if everything:
+            return sorted(plan.digests)
+        if not plan.terms or (plan.key in self.composed and not plan.explain):
+            return []
+        return sorted(d for d in plan.digests if d not in self.components)
 
     def purge(self, digests: Iterable[str]) -> None:
-        """Forget: drop every cached tensor built from these component digests."""
+        """Forget: drop every cached tensor built from these component digests, and log the
+        purge so that no job admitted before it uses what it brought (app/fetch.py)."""
         gone = list(digests)
+        self.purges.record(gone)
         self.components.purge(gone)
         self.composed.purge(gone)
         if self.stream is not None:

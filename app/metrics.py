@@ -61,6 +61,16 @@ class Metrics:
         self.forget_seconds = Histogram("tmc_forget_duration_seconds",
                                         "Forget latency incl. cache purge",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.component_fetch_seconds = Histogram(
+            "tmc_component_fetch_duration_seconds",
+            "Fetch + sha256 + decode of one cold component version, off the device thread",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.component_fetches = Counter(
+            "tmc_component_fetches", "Cold component versions staged at admission: fetched, "
+            "failed, or shared (a request joined a fetch already on its way)", ["outcome"],
+            registry=r)
+        for outcome in ("fetched", "failed", "shared"):  # every series from the start
+            self.component_fetches.labels(outcome=outcome)
         self.rejected = Counter("tmc_rejected_requests", "Requests refused before the device",
                                 ["reason"], registry=r)
         self.build = Info("tmc_build", "Build and base model", registry=r)

@@ -25,11 +25,13 @@ from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Name
 from app.decode_pool import DecodePool
 from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
 from app.executor import Executor, select_rows
+from app.fetch import Fetcher, NotStagedError, Staged
 from app.metrics import Metrics
 from app.plan import Plan
 from app.settings import Settings
 from app.worker import DeviceWorker, Job
 from bases import Base, InputError, load_base
+from registry.redis_persistence import persistence_report
 from tangent import CompositionError, Normalize
 
 log = logging.getLogger("tmc.service")
@@ -61,8 +63,12 @@ class Service:
         self.settings, self.base, self.registry, self.metrics = settings, base, registry, metrics
         self.device = pick_device(settings.device)
         dtype = getattr(torch, settings.dtype)
-        self.executor = Executor(base.net, registry.load_tensors, self.device, dtype,
-                                 settings.cache_bytes, settings.compile)
+        # no loader: the device thread reads no storage; components come staged with each
+        # job, fetched at admission by the fetcher (app/fetch.py)
+        self.executor = Executor(base.net, None, self.device, dtype, settings.cache_bytes,
+                                 settings.compile)
+        self.fetcher = Fetcher.from_settings(settings, registry.load_tensors,
+                                             self.executor.purges, metrics)
         self.worker = DeviceWorker(self.executor, base.preprocessor.collate, metrics,
                                    settings.max_batch_size, settings.max_queue_delay_ms / 1000,
                                    settings.max_queue_size)
@@ -130,6 +136,7 @@ class Service:
             await asyncio.sleep(0.01)
         await run_in_threadpool(self.worker.stop, self.settings.drain_timeout_s)
         self.decode_pool.shutdown()
+        self.fetcher.shutdown()
         self.registry.close()
         log.info("drain finished", extra={"event": "drain_end", "pending": self.worker.pending,
                                           "drain_s": round(time.monotonic() - started, 3)})
@@ -158,7 +165,7 @@ class Service:
         self.worker.expect()
         try:
             items = await run_in_threadpool(self._encode, raw_inputs)
-            plan, future = await self._submit(items, spec, normalize, explain)
+            plan, future = await self._submit(items, spec, normalize, explain, expected=True)
         finally:
             self.worker.unexpect()
         for replans in range(MAX_REPLANS + 1):
@@ -175,17 +182,51 @@ class Service:
                          extra={"event": "replan", "replan": replans + 1,
                                 "generation": plan.generation})
                 plan, future = await self._submit(items, spec, normalize, explain)
+            except NotStagedError:
+                # A cached Δ this job counted on was evicted before it ran: admit it again,
+                # bringing every component (app/fetch.py); that job cannot miss again.
+                if replans == MAX_REPLANS:
+                    raise
+                log.info("a cached composition was evicted before the request ran; staging "
+                         "its components", extra={"event": "restage", "replan": replans + 1})
+                plan, future = await self._submit(items, spec, normalize, explain,
+                                                  everything=True)
         self.metrics.inference_items.inc(len(raw_inputs))
         return Prediction(logits, contrib, plan)
 
     async def _submit(self, items: list[Any], spec: CompositionSpec,
-                      normalize: Normalize | None, explain: bool
-                      ) -> tuple[Plan, asyncio.Future[Any]]:
+                      normalize: Normalize | None, explain: bool, *, expected: bool = False,
+                      everything: bool = False) -> tuple[Plan, asyncio.Future[Any]]:
+        """Resolve, stage the components the device lacks, queue the job. A version
+        forgotten between the resolve and its fetch comes back as the future's
+        NotFoundError, re-planned like one forgotten in the queue."""
+        epoch = self.executor.purges.epoch  # before the resolve (app/fetch.py)
         plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self.worker.submit(Job(items, plan, future, loop))
+        try:
+            staged = await self._stage(plan, epoch, expected=expected, everything=everything)
+        except reg.NotFoundError as exc:
+            future.set_exception(exc)
+            return plan, future
+        self.worker.submit(Job(items, plan, future, loop, staged))
         return plan, future
+
+    async def _stage(self, plan: Plan, epoch: int, *, expected: bool,
+                     everything: bool) -> Staged:
+        """Fetch the components the device lacks (none for a warm composition). While it
+        waits for storage the request is no job that will "arrive soon" (``expected``: it
+        was counted by ``worker.expect``), so the batcher does not hold batches for it."""
+        wanted = self.executor.to_stage(plan, everything)
+        if not wanted:
+            return Staged(epoch)
+        if expected:
+            self.worker.unexpect()
+        try:
+            return await self.fetcher.stage(wanted, epoch)
+        finally:
+            if expected:
+                self.worker.expect()
 
     def _check_count(self, raw_inputs: list[Any]) -> None:
         limit = self.settings.max_inputs_per_request
@@ -293,6 +334,11 @@ class Service:
             checks["registry_error"] = str(exc)
         checks["ready"] = bool(self.ready and checks["registry"] and not self.draining)
         return checks
+
+    def registry_persistence(self) -> dict[str, Any]:
+        """Whether every forget this replica made is out of the registry store's disk files:
+        the Redis AOF/RDB rewrite state (registry.redis_persistence), or what SQLite does."""
+        return persistence_report(self.registry)
 
 
 def _b64(index: int, value: str) -> bytes:

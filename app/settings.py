@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     max_component_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device LRU budget")
     blob_cache_dir: Path | None = Field(None, description="local byte cache (Redis mode)")
+    fetch_threads: int = Field(
+        4, ge=1, le=64,
+        description="threads that fetch, verify and decode cold component versions at "
+        "admission, off the device thread")
+    fetch_queue_size: int = Field(
+        16, ge=0, le=1024,
+        description="cold component fetches waiting for a fetch thread beyond which a request "
+        "needing a new one gets 503")
+    fetch_timeout_s: float = Field(
+        20.0, gt=0.0,
+        description="longest a request waits for its cold component fetches (then 503 naming "
+        "the version and the store)")
     drain_timeout_s: float = Field(20.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = Field(

@@ -7,8 +7,12 @@ resolve each job's future. A group that fails to launch fails alone; an asynchro
 device error, seen only at the wait, fails the batch.
 Control commands (purge on forget) run on the same thread, between batches, so no
 cache insert can race a purge; the caller gets the command's result or its exception (the
-thread logs it and keeps serving). A stop ends the loop after the batch being collected
-has run; whatever is still queued then is refused, and so is any later job or command.
+thread logs it and keeps serving). Just before a batch runs, a job one of whose component
+versions was purged since it was admitted fails with NotFoundError (the service re-plans
+it): it never uses tensors it brought from before the purge (app/fetch.py). The device
+thread reads no storage: components it lacks come with the job, staged at admission.
+A stop ends the loop after the batch being collected has run; whatever is still queued
+then is refused, and so is any later job or command.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import torch
 
 from app.errors import DeviceTimeoutError, NotReadyError, OverloadedError
 from app.executor import Executor, select_rows
+from app.fetch import HostTensors, Staged
 from app.logs import current_request_id
 from app.metrics import Metrics
 from app.plan import Plan
+from registry.errors import NotFoundError
 
 log = logging.getLogger("tmc.worker")
 T = TypeVar("T")
@@ -41,6 +47,9 @@ class Job:
     plan: Plan
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    # host tensors of the components the device lacked at admission, and the purge epoch
+    # they are valid from (the default, epoch 0, refuses any version purged so far)
+    staged: Staged = field(default_factory=Staged)
     admitted: float = field(default_factory=time.perf_counter)
     # the request's id (read from the context where the job is made), for the device
     # thread's log lines about it
@@ -142,13 +151,27 @@ class DeviceWorker:
             self._refuse_leftovers()
 
     def _run_jobs(self, batch: list[Job]) -> None:
-        live = [j for j in batch if not j.future.done()]  # timed-out requests are skipped
+        live = [j for j in batch if not j.future.done() and self._still_valid(j)]
         groups: dict[str, list[Job]] = {}
         for job in live:
             groups.setdefault(job.plan.group_key, []).append(job)
         if groups:
             self.metrics.observe_batch(sum(len(j.items) for j in live), len(groups))
             self._run_batch(list(groups.values()))
+
+    def _still_valid(self, job: Job) -> bool:
+        """False (and the job failed with NotFoundError, which the service re-plans) when a
+        version of its plan was purged after the job's epoch: what it brought, or a cached
+        Δ it counted on, predates a forget. Runs on this thread, where purges run too."""
+        gone = self.executor.purges.forgotten_since(job.plan.digests, job.staged.epoch)
+        if not gone:
+            return True
+        log.info("component version %s was forgotten after the request was admitted; "
+                 "it is resolved again", gone[0][:12],
+                 extra={"event": "purged_since_admission", "request_id": job.request_id})
+        _resolve(job, error=NotFoundError(
+            f"component version {gone[0]} was forgotten after this request was admitted"))
+        return False
 
     def _collect(self) -> tuple[list[Job], bool]:
         """Jobs for one batch, and whether a stop arrived (the batch runs, then the loop ends)."""
@@ -235,15 +258,15 @@ class DeviceWorker:
     def _launch_group(self, jobs: list[Job], h: object | None) -> Launched | None:
         """Queue the tail (or, with h None, the whole network) of one composition on the
         device; a group that fails to launch fails alone (None)."""
-        plan = jobs[0].plan
+        plan, staged = jobs[0].plan, _staged_tensors(jobs)
         started = time.perf_counter()
         try:
             if h is None:
                 h = self.executor.trunk(self.collate([i for j in jobs for i in j.items]))
             if plan.explain:
-                logits, contrib = self.executor.explain_tail_async(plan, h)
+                logits, contrib = self.executor.explain_tail_async(plan, h, staged)
             else:
-                logits, contrib = self.executor.tail_async(plan, h), None
+                logits, contrib = self.executor.tail_async(plan, h, staged), None
         except Exception as exc:  # this group fails alone
             log.warning("group %s failed: %s", plan.group_key[:12], exc,
                         extra={"group": plan.group_key[:12], "request_ids": _ids(jobs)})
@@ -290,6 +313,11 @@ class Launched:
     logits: torch.Tensor  # [B, C] host memory
     contrib: torch.Tensor | None  # [K, B, C] host memory (explain only)
     started: float
+
+
+def _staged_tensors(jobs: Iterable[Job]) -> dict[str, HostTensors]:
+    """Every host tensor the jobs of one group brought, by component digest."""
+    return {d: t for j in jobs for d, t in j.staged.tensors.items()}
 
 
 def _ids(jobs: Iterable[Job]) -> list[str | None]:

@@ -212,7 +212,8 @@ def test_a_local_forget_purges_the_device_cache_once(tiny_base_dir, tiny_base, t
     svc.start()
     try:
         added = svc.registry.add("once", component_bytes(tiny_base, fresh_seed()))
-        svc.worker.call(lambda: svc.executor.component(added.digest))  # on the device
+        staged = {added.digest: svc.registry.load_tensors(added.digest)}  # read here, and
+        svc.worker.call(lambda: svc.executor.component(added.digest, staged))  # cast there
         assert added.digest in svc.executor.components
         purges: list[list[str]] = []
         real_purge = svc.executor.purge
