@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -68,7 +69,18 @@ NON_TMC_ENV = {
     "JOB_COMPLETION_INDEX": "Indexed training Job: shard index",
     "SERVER_URL": "helm test: the server URL",
     "PREDICT_INPUT": "helm test: the input of tmc predict",
+    # Object storage, the KServe / boto3 convention (objectStorage.*).
+    "AWS_ACCESS_KEY_ID": "object storage access key id, from a Secret (secretKeyRef)",
+    "AWS_SECRET_ACCESS_KEY": "object storage secret key, from a Secret (secretKeyRef)",
+    "AWS_DEFAULT_REGION": "object storage region (boto3)",
+    "AWS_ENDPOINT_URL": "S3-compatible endpoint (boto3); empty = AWS S3",
+    "AWS_CA_BUNDLE": "PEM bundle for the endpoint's TLS, a read-only projected file",
 }
+# Env names that carry credentials: only ever from a Secret (valueFrom.secretKeyRef), never a
+# plain value and never a ConfigMap key.
+CREDENTIAL_ENV = ("TMC_ADMIN_TOKEN", "TMC_INFERENCE_TOKEN", "REDIS_PASSWORD",
+                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+S3_KEY_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 # Settings the server container must receive from the chart, and the writable paths it uses.
 REQUIRED_SERVER_ENV = ("TMC_HOST", "TMC_PORT", "TMC_BASE_DIR", "TMC_ADMIN_TOKEN", "TMC_HOME",
@@ -76,7 +88,7 @@ REQUIRED_SERVER_ENV = ("TMC_HOST", "TMC_PORT", "TMC_BASE_DIR", "TMC_ADMIN_TOKEN"
 WRITABLE_PATH_ENV = ("TMC_HOME", "TMC_REGISTRY_DIR", "TMC_BLOB_CACHE_DIR", "HOME")
 # Settings the chart sets from its own structure (not through values.config).
 STRUCTURAL_SETTINGS = {"base_dir", "registry_dir", "redis_url", "admin_token", "inference_token",
-                       "host", "port", "blob_cache_dir"}
+                       "host", "port", "blob_cache_dir", "blob_url"}
 ADMIN_PATH_PREFIXES = ("/v1/components", "/v1/compositions")
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "Pod", "DaemonSet"}
 SECRET_PLACEHOLDER = "x" * 32
@@ -93,6 +105,7 @@ class ValueSet:
     gpu: bool = False
     registry: str = "embedded"  # embedded | redis
     redis_persistent: bool = True
+    object_storage: bool = False  # component bytes in S3 (TMC_BLOB_URL=s3://...)
 
 
 @dataclass
@@ -100,6 +113,8 @@ class InvalidSet:
     name: str
     file: Path
     message: str  # substring expected in helm's error output
+    # Extra helm arguments: --skip-schema-validation proves the template's own `fail` guard.
+    args: tuple[str, ...] = ()
 
 
 BASE_KINDS = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "Pod"}
@@ -135,6 +150,18 @@ VALUE_SETS = [
                                         "PodDisruptionBudget", "ServiceMonitor", "Ingress",
                                         "NetworkPolicy"},
              external={"tmc-tokens"}, gpu=True, registry="redis"),
+    ValueSet("object-storage", [VALUES_DIR / "object-storage.yaml"],
+             expect_kinds=BASE_KINDS | {"Secret", "StatefulSet", "PodDisruptionBudget"},
+             forbid_kinds={"PersistentVolumeClaim"},
+             external={"tmc-s3", "storage-ca"}, registry="redis", object_storage=True),
+    ValueSet("object-storage-aws", [VALUES_DIR / "object-storage-aws.yaml"],
+             expect_kinds=BASE_KINDS | {"Secret", "PodDisruptionBudget"},
+             forbid_kinds={"PersistentVolumeClaim", "StatefulSet"},
+             external={"tmc-aws", "tmc-redis"}, registry="redis", object_storage=True),
+    ValueSet("object-storage-embedded", [VALUES_DIR / "object-storage-embedded.yaml"],
+             expect_kinds=BASE_KINDS | {"Secret", "PersistentVolumeClaim"},
+             forbid_kinds={"StatefulSet", "PodDisruptionBudget"},
+             external={"tmc-minio", "minio-ca"}, object_storage=True),
 ]
 INVALID_SETS = [
     InvalidSet("replicas-without-redis", INVALID_DIR / "replicas-without-redis.yaml",
@@ -151,6 +178,37 @@ INVALID_SETS = [
                "auth.adminToken.value"),
     InvalidSet("base-pvc-without-claim", INVALID_DIR / "base-pvc-without-claim.yaml",
                "base.pvc.existingClaim"),
+    InvalidSet("object-storage-missing-bucket",
+               INVALID_DIR / "object-storage-missing-bucket.yaml",
+               "objectStorage.bucket: String length must be greater than or equal to 3"),
+    InvalidSet("object-storage-missing-bucket-no-schema",
+               INVALID_DIR / "object-storage-missing-bucket.yaml",
+               "objectStorage.enabled=true needs objectStorage.bucket",
+               args=("--skip-schema-validation",)),
+    InvalidSet("object-storage-missing-secret",
+               INVALID_DIR / "object-storage-missing-secret.yaml",
+               "objectStorage.existingSecret: String length must be greater than or equal to 1"),
+    InvalidSet("object-storage-missing-secret-no-schema",
+               INVALID_DIR / "object-storage-missing-secret.yaml",
+               "objectStorage.enabled=true needs objectStorage.existingSecret",
+               args=("--skip-schema-validation",)),
+    InvalidSet("object-storage-bad-endpoint-scheme",
+               INVALID_DIR / "object-storage-bad-endpoint-scheme.yaml",
+               "objectStorage.endpoint: Does not match pattern"),
+    InvalidSet("object-storage-credentials-in-endpoint",
+               INVALID_DIR / "object-storage-credentials-in-endpoint.yaml",
+               "objectStorage.endpoint: Does not match pattern"),
+    InvalidSet("object-storage-credentials-inline",
+               INVALID_DIR / "object-storage-credentials-inline.yaml",
+               "Additional property secretAccessKey is not allowed"),
+    InvalidSet("object-storage-credentials-in-extra-env",
+               INVALID_DIR / "object-storage-credentials-in-extra-env.yaml",
+               "extraEnv.0: valueFrom is required"),
+    InvalidSet("object-storage-bad-prefix", INVALID_DIR / "object-storage-bad-prefix.yaml",
+               "objectStorage.prefix: Does not match pattern"),
+    InvalidSet("object-storage-two-ca-sources",
+               INVALID_DIR / "object-storage-two-ca-sources.yaml",
+               "objectStorage.caBundle.configMap or objectStorage.caBundle.secret, not both"),
 ]
 
 
@@ -458,17 +516,15 @@ def helm_lint(helm: str, vs: ValueSet) -> tuple[ValueSet, subprocess.CompletedPr
     return vs, helm_cmd(helm, "lint", "--strict", str(CHART), *values_args(vs.files))
 
 
-def helm_template(helm: str, files: list[Path]) -> subprocess.CompletedProcess[str]:
+def helm_template(helm: str, files: list[Path], *extra: str) -> subprocess.CompletedProcess[str]:
     return helm_cmd(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                    "--kube-version", K8S_VERSION, "--include-crds", *values_args(files))
+                    "--kube-version", K8S_VERSION, "--include-crds", *values_args(files), *extra)
 
 
 # ----------------------------------------------------------------------------- k8s schemas
 def _cache_k8s_schemas() -> None:
     """kubernetes-validate re-reads and re-parses its JSON schemas (incl. the large
     _definitions.json) on every call; cache them (read-only use, pinned 1.37.0)."""
-    import functools
-
     import kubernetes_validate.utils as kvu
 
     if not hasattr(kvu.schema_contents, "cache_info"):
@@ -653,6 +709,7 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
             if k.endswith("token") and len(base64.b64decode(v)) < 16:
                 rep.error(where0, f"Secret/{d['metadata']['name']} {k} shorter than 16 chars")
 
+    check_configmap_credentials(by_kind, where0, rep)
     workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
     servers = [d for d in by_kind.get("Deployment", [])
                if pod_labels(d).get("app.kubernetes.io/component") == "server"]
@@ -668,6 +725,7 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
         used: set[str] = set()
         if spec.get("automountServiceAccountToken") is not False:
             rep.error(wname, "automountServiceAccountToken must be false (no API access needed)")
+        check_volume_sources(spec, wname, set(configmaps) | vs.external, secrets, rep)
         for v in spec.get("volumes") or []:
             if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] not in pvcs:
                 rep.error(wname, f"volume {v['name']}: PVC "
@@ -746,6 +804,7 @@ def check_manifests(docs: list[dict[str, Any]], vs: ValueSet, settings: Any,
                 rep.error(wname, "Redis may evict registry keys (need noeviction)")
             if vs.redis_persistent and "data" not in vct:
                 rep.error(wname, "Redis data is not on a PersistentVolumeClaim template")
+            check_redis_memory(spec["containers"][0], wname, vs, rep)
         if w["kind"] == "Pod":
             ann = w["metadata"].get("annotations") or {}
             if ann.get("helm.sh/hook") != "test":
@@ -875,8 +934,9 @@ def check_server_container(w: dict[str, Any], spec: dict[str, Any], c: dict[str,
     else:
         if "TMC_REGISTRY_DIR" not in env:
             rep.error(cw, "embedded registry without TMC_REGISTRY_DIR")
-        if "TMC_BLOB_CACHE_DIR" in env:
-            rep.error(cw, "TMC_BLOB_CACHE_DIR is set without Redis, where the app ignores it")
+        if "TMC_BLOB_CACHE_DIR" in env and not vs.object_storage:
+            rep.error(cw, "TMC_BLOB_CACHE_DIR is set without Redis or object storage, where "
+                          "the app ignores it")
         replicas = w["spec"].get("replicas")
         if replicas is None or replicas > 1:
             rep.error(cw, f"embedded (per-pod) registry with replicas={replicas}: replicas "
@@ -933,9 +993,136 @@ def check_server_container(w: dict[str, Any], spec: dict[str, Any], c: dict[str,
             for e in c.get("env") or []):
         rep.error(cw, "TMC_ADMIN_TOKEN does not come from a Secret")
     for e in c.get("env") or []:
-        secret_names = ("TMC_ADMIN_TOKEN", "TMC_INFERENCE_TOKEN", "REDIS_PASSWORD")
-        if e["name"] in secret_names and "value" in e:
+        if e["name"] in CREDENTIAL_ENV and "value" in e:
             rep.error(cw, f"{e['name']} given as a plain value (use a Secret)")
+    check_object_storage(spec, c, env, vs, cw, rep)
+
+
+def check_object_storage(spec: dict[str, Any], c: dict[str, Any], env: dict[str, str],
+                         vs: ValueSet, cw: str, rep: Report) -> None:
+    """Bytes in object storage: TMC_BLOB_URL parses as the app parses it, the key pair comes
+    from a Secret, a region is set, the endpoint carries no credentials, the CA bundle is a
+    read-only projected file, a local byte cache exists. Without object storage: no AWS_*."""
+    blob_url = env.get("TMC_BLOB_URL", "")
+    aws = sorted(n for n in env if n.startswith("AWS_"))
+    if not vs.object_storage:
+        if blob_url.startswith("s3://") or aws:
+            rep.error(cw, f"object storage settings {aws or [blob_url]} in a value set without "
+                          "object storage")
+        return
+    if not blob_url.startswith("s3://"):
+        rep.error(cw, f"TMC_BLOB_URL={blob_url or '(unset)'}: expected s3://bucket[/prefix]")
+        return
+    try:
+        load_s3_url_parser()(blob_url)
+    except ValueError as exc:
+        rep.error(cw, f"TMC_BLOB_URL does not parse as registry.s3_blobs parses it: {exc}")
+    if "TMC_BLOB_CACHE_DIR" not in env:
+        rep.error(cw, "object storage without TMC_BLOB_CACHE_DIR (local byte cache)")
+    entries = {e["name"]: e for e in c.get("env") or []}
+    for name in S3_KEY_ENV:
+        if not ((entries.get(name) or {}).get("valueFrom") or {}).get("secretKeyRef"):
+            rep.error(cw, f"{name} does not come from a Secret (valueFrom.secretKeyRef)")
+    if not env.get("AWS_DEFAULT_REGION"):
+        rep.error(cw, "object storage without AWS_DEFAULT_REGION")
+    endpoint = env.get("AWS_ENDPOINT_URL")
+    if endpoint is not None and not re.fullmatch(r"https?://[^/@\s?#]+/?", endpoint):
+        rep.error(cw, f"AWS_ENDPOINT_URL={endpoint!r} is not http(s)://host[:port] (no user, "
+                      "path or query)")
+    check_ca_bundle(spec, c, env.get("AWS_CA_BUNDLE"), cw, rep)
+
+
+def check_ca_bundle(spec: dict[str, Any], c: dict[str, Any], path: str | None, cw: str,
+                    rep: Report) -> None:
+    """AWS_CA_BUNDLE names a file projected from a ConfigMap/Secret key on a read-only mount."""
+    if path is None:
+        return
+    mount = covering_mount(path, c.get("volumeMounts") or [])
+    if mount is None:
+        rep.error(cw, f"AWS_CA_BUNDLE={path} is not on a mounted volume")
+        return
+    if mount.get("readOnly") is not True:
+        rep.error(cw, f"the CA bundle volume {mount['name']!r} must be mounted read-only")
+    volume = next((v for v in spec.get("volumes") or [] if v["name"] == mount["name"]), {})
+    source = volume.get("configMap") or volume.get("secret")
+    if not source:
+        rep.error(cw, f"AWS_CA_BUNDLE: volume {mount['name']!r} is not a ConfigMap or Secret")
+        return
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    if relative not in {item["path"] for item in source.get("items") or []}:
+        rep.error(cw, f"AWS_CA_BUNDLE={path}: {relative!r} is not a projected item of volume "
+                      f"{mount['name']!r}")
+
+
+@functools.cache
+def load_s3_url_parser() -> Any:
+    """registry.s3_blobs.parse_s3_url: the chart's URL must be one the app accepts."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from registry.s3_blobs import parse_s3_url  # noqa: PLC0415 (the repo under test)
+    finally:
+        sys.path.pop(0)
+    return parse_s3_url
+
+
+def check_configmap_credentials(by_kind: dict[str, list[dict[str, Any]]], where: str,
+                                rep: Report) -> None:
+    """A ConfigMap is not a Secret: no credential may be one of its keys."""
+    for cm in by_kind.get("ConfigMap", []):
+        for key in (cm.get("data") or {}):
+            if key in CREDENTIAL_ENV:
+                rep.error(f"{where}: ConfigMap/{cm['metadata']['name']}",
+                          f"{key} is a credential in a ConfigMap (use a Secret)")
+
+
+def check_volume_sources(spec: dict[str, Any], wname: str, configmaps: set[str],
+                         secrets: set[str], rep: Report) -> None:
+    """ConfigMap and Secret volumes name objects that are rendered or declared external."""
+    for v in spec.get("volumes") or []:
+        if "configMap" in v and v["configMap"]["name"] not in configmaps \
+                and not v["configMap"].get("optional"):
+            rep.error(wname, f"volume {v['name']}: ConfigMap {v['configMap']['name']!r} is not "
+                             "rendered nor declared external")
+        if "secret" in v and v["secret"]["secretName"] not in secrets \
+                and not v["secret"].get("optional"):
+            rep.error(wname, f"volume {v['name']}: Secret {v['secret']['secretName']!r} is not "
+                             "rendered nor declared external")
+
+
+# Redis --maxmemory units (1k = 1000, 1kb = 1024) and Kubernetes memory quantities.
+REDIS_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9,
+               "gb": 2**30}
+K8S_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20,
+             "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_size(text: str, units: dict[str, int]) -> int | None:
+    """Bytes of "<number><unit>" (Kubernetes allows 1.5Gi; the schema keeps Redis integral)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(text).strip())
+    if not m or m.group(2) not in units:
+        return None
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def check_redis_memory(c: dict[str, Any], wname: str, vs: ValueSet, rep: Report) -> None:
+    """Redis refuses writes (--maxmemory, noeviction) before the kubelet OOM-kills it; an
+    index-only Redis (bytes in object storage) always has a cap."""
+    args = [str(a) for a in c.get("args") or []]
+    limit_text = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    limit = parse_size(limit_text, K8S_UNITS) if limit_text else None
+    if limit_text and limit is None:
+        rep.error(wname, f"memory limit {limit_text!r} is not a Kubernetes quantity")
+    if "--maxmemory" not in args:
+        if vs.object_storage:
+            rep.error(wname, "index-only Redis (bytes in object storage) without --maxmemory")
+        return
+    text = args[args.index("--maxmemory") + 1]
+    maxmemory = parse_size(text.lower(), REDIS_UNITS)
+    if maxmemory is None:
+        rep.error(wname, f"--maxmemory {text!r} is not a Redis memory size")
+    elif limit is not None and maxmemory >= limit:
+        rep.error(wname, f"--maxmemory {text} is not below the memory limit {limit_text}: the "
+                         "kubelet would OOM-kill Redis before it refuses a write")
 
 
 # -------------------------------------------------------------------------------- main flow
@@ -967,7 +1154,7 @@ def check_value_set(helm: str, vs: ValueSet, settings: Any) -> Report:
 
 def check_invalid_set(helm: str, inv: InvalidSet) -> Report:
     rep = Report()
-    proc = helm_template(helm, [inv.file])
+    proc = helm_template(helm, [inv.file], *inv.args)
     if proc.returncode == 0:
         rep.error(f"invalid:{inv.name}", "rendered although it must fail")
     elif inv.message not in proc.stderr:

@@ -74,6 +74,32 @@ def server(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return c
 
 
+def env_entry(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    entry: dict[str, Any] = next(e for e in server(docs)["env"] if e["name"] == name)
+    return entry
+
+
+def mount(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(m for m in server(docs)["volumeMounts"] if m["name"] == name)
+    return found
+
+
+def volume(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    spec = find(docs, "Deployment", "server")["spec"]["template"]["spec"]
+    found: dict[str, Any] = next(v for v in spec["volumes"] if v["name"] == name)
+    return found
+
+
+def redis_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    c: dict[str, Any] = find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    return c
+
+
+def drop_arg_pair(args: list[str], flag: str) -> None:
+    i = args.index(flag)
+    del args[i:i + 2]
+
+
 def assert_caught(errors: list[str], fragment: str) -> None:
     assert any(fragment in e for e in errors), f"{fragment!r} not in {errors}"
 
@@ -256,6 +282,60 @@ MUTATIONS = {
             0, find(d, "Pod")["spec"]["containers"][0]["args"][0].replace("while True:",
                                                                           "while True")),
         "embedded Python does not compile"),
+    "S3 secret key as a plain value": (
+        "object-storage",
+        lambda d: env_entry(d, "AWS_SECRET_ACCESS_KEY").update(
+            {"value": "wJalrXUtnFEMIexample", "valueFrom": None}),
+        "AWS_SECRET_ACCESS_KEY given as a plain value"),
+    "S3 access key id not from a Secret": (
+        "object-storage-aws",
+        lambda d: server(d)["env"].remove(env_entry(d, "AWS_ACCESS_KEY_ID")),
+        "AWS_ACCESS_KEY_ID does not come from a Secret"),
+    "S3 keys in the ConfigMap": (
+        "object-storage",
+        lambda d: find(d, "ConfigMap")["data"].update(AWS_SECRET_ACCESS_KEY="x" * 40),
+        "AWS_SECRET_ACCESS_KEY is a credential in a ConfigMap"),
+    "blob URL the app refuses": (
+        "object-storage",
+        lambda d: find(d, "ConfigMap")["data"].update(TMC_BLOB_URL="s3://Tmc_Components/x"),
+        "TMC_BLOB_URL does not parse as registry.s3_blobs parses it"),
+    "object storage without a region": (
+        "object-storage-embedded",
+        lambda d: find(d, "ConfigMap")["data"].pop("AWS_DEFAULT_REGION"),
+        "without AWS_DEFAULT_REGION"),
+    "credentials in the endpoint URL": (
+        "object-storage",
+        lambda d: find(d, "ConfigMap")["data"].update(
+            AWS_ENDPOINT_URL="https://AKIA:secret@s3.example.com"),
+        "AWS_ENDPOINT_URL='https://AKIA:secret@s3.example.com' is not http(s)://host[:port]"),
+    "object storage without a local byte cache": (
+        "object-storage-embedded",
+        lambda d: find(d, "ConfigMap")["data"].pop("TMC_BLOB_CACHE_DIR"),
+        "object storage without TMC_BLOB_CACHE_DIR"),
+    "CA bundle mounted writable": (
+        "object-storage",
+        lambda d: mount(d, "object-storage-ca").update(readOnly=False),
+        "must be mounted read-only"),
+    "CA bundle path not projected": (
+        "object-storage-embedded",
+        lambda d: volume(d, "object-storage-ca")["secret"]["items"][0].update(path="ca.crt"),
+        "'ca-bundle.pem' is not a projected item"),
+    "CA bundle ConfigMap that nobody provides": (
+        "object-storage",
+        lambda d: volume(d, "object-storage-ca")["configMap"].update(name="nope"),
+        "ConfigMap 'nope' is not rendered nor declared external"),
+    "AWS variables without object storage": (
+        "scale",
+        lambda d: find(d, "ConfigMap")["data"].update(AWS_ENDPOINT_URL="https://s3.example.com"),
+        "object storage settings ['AWS_ENDPOINT_URL'] in a value set without object storage"),
+    "index-only Redis without maxmemory": (
+        "object-storage",
+        lambda d: drop_arg_pair(redis_container(d)["args"], "--maxmemory"),
+        "index-only Redis (bytes in object storage) without --maxmemory"),
+    "Redis maxmemory not below its memory limit": (
+        "object-storage",
+        lambda d: redis_container(d)["resources"]["limits"].update(memory="128Mi"),
+        "--maxmemory 128mb is not below the memory limit 128Mi"),
     "privilege escalation allowed in a training Job": (
         "training",
         lambda d: find(d, "Job")["spec"]["template"]["spec"]["containers"][0][
@@ -279,3 +359,14 @@ def test_tools_are_not_from_shared() -> None:
     for path in (ROOT / "scripts" / "deploy-check.sh", ROOT / "scripts" / "deploy_check.py"):
         assert "shared/" not in path.read_text()
     assert shutil.which("bash")
+
+
+def test_memory_sizes_parse_in_each_convention() -> None:
+    assert dc.parse_size("128mb", dc.REDIS_UNITS) == 128 * 2**20
+    assert dc.parse_size("1k", dc.REDIS_UNITS) == 1000
+    assert dc.parse_size("1gb", dc.REDIS_UNITS) == 2**30
+    assert dc.parse_size("256Mi", dc.K8S_UNITS) == 256 * 2**20
+    assert dc.parse_size("1G", dc.K8S_UNITS) == 10**9
+    assert dc.parse_size("12xb", dc.REDIS_UNITS) is None
+    assert dc.parse_size("1.5Gi", dc.K8S_UNITS) == 3 * 2**29
+    assert dc.parse_size("64MiB", dc.K8S_UNITS) is None

@@ -67,6 +67,33 @@ app.kubernetes.io/component: server
 {{- if or .Values.redis.enabled .Values.externalRedis.host }}redis{{ else }}embedded{{ end }}
 {{- end }}
 
+{{/* "true" when component bytes live outside the registry volume (Redis or object storage):
+     each pod then keeps a local byte cache (TMC_BLOB_CACHE_DIR on an emptyDir). */}}
+{{- define "tmc.remoteBytes" -}}
+{{- if or (eq (include "tmc.registryMode" .) "redis") .Values.objectStorage.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Object storage: TMC_BLOB_URL, and where the CA bundle is mounted. */}}
+{{- define "tmc.blobUrl" -}}
+{{- with .Values.objectStorage }}
+{{- if .prefix }}{{ printf "s3://%s/%s" .bucket .prefix }}{{ else }}{{ printf "s3://%s" .bucket }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{- define "tmc.objectStorageCa" -}}
+{{- with .Values.objectStorage }}{{ if and .enabled (or .caBundle.configMap .caBundle.secret) }}true{{ end }}{{ end }}
+{{- end }}
+
+{{- define "tmc.objectStorageCaDir" -}}/etc/tmc/object-storage-ca{{- end }}
+{{- define "tmc.objectStorageCaFile" -}}{{ include "tmc.objectStorageCaDir" . }}/ca-bundle.pem{{- end }}
+
+{{/* In-chart Redis sizing: the index-only block when the bytes are in object storage. */}}
+{{- define "tmc.redisSizing" -}}
+{{- if .Values.objectStorage.enabled }}{{ toYaml .Values.redis.indexOnly }}
+{{- else }}{{ toYaml (dict "resources" .Values.redis.resources "maxmemory" .Values.redis.maxmemory) }}
+{{- end }}
+{{- end }}
+
 {{/* Secrets */}}
 {{- define "tmc.authSecretName" -}}
 {{- printf "%s-auth" (include "tmc.fullname" .) }}
@@ -227,6 +254,17 @@ app.kubernetes.io/component: server
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.customMetrics) }}
 {{- fail "tmc: autoscaling.enabled needs targetCPUUtilizationPercentage or customMetrics" }}
 {{- end }}
+{{- with .Values.objectStorage }}{{ if .enabled }}
+{{- if not .bucket }}
+{{- fail "tmc: objectStorage.enabled=true needs objectStorage.bucket, an existing bucket (component bytes go to s3://<bucket>/<prefix>)" }}
+{{- end }}
+{{- if not .existingSecret }}
+{{- fail "tmc: objectStorage.enabled=true needs objectStorage.existingSecret, a Secret holding the access key pair (keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or set accessKeyIdKey / secretAccessKeyKey); the chart never takes keys from values" }}
+{{- end }}
+{{- if and .caBundle.configMap .caBundle.secret }}
+{{- fail "tmc: set objectStorage.caBundle.configMap or objectStorage.caBundle.secret, not both" }}
+{{- end }}
+{{- end }}{{ end }}
 {{- if and .Values.training.enabled (not .Values.training.jobs) }}
 {{- fail "tmc: training.enabled=true needs at least one entry in training.jobs" }}
 {{- end }}
