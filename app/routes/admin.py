@@ -198,3 +198,15 @@ async def delete_composition(name: str, service: ServiceDep, request: Request
                     "generation": generation, "who": _who(request)})
     return {"deleted": name, "generation": generation}
 
+
+@router.get("/v1/admin/registry/persistence")
+async def registry_persistence(service: ServiceDep) -> dict[str, Any]:
+    """Whether every forget this replica made is out of the registry store's disk files.
+
+    Redis: ``state`` "purged" (``covered``: each forget's records and bytes are out of the
+    AOF/RDB files, rewritten by a rewrite that started after it), "rewriting", "failed",
+    "not-persisted" or "unknown"; ``files`` per kind (in progress, scheduled, rewrites).
+    Per replica: it covers the forgets this process made since it started.
+    SQLite: what the embedded index does with deleted rows (``detail``).
+    """
+    return await run_in_threadpool(service.registry_persistence)
