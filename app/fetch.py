@@ -143,11 +143,12 @@ class Fetcher:
         self._outstanding = 0  # fetches running or waiting for a thread
 
     @classmethod
-    def from_settings(cls, settings: Settings, load: LoadTensors, purges: PurgeLog,
+    def from_settings(cls, settings: Settings, load: LoadTensors, purges: PurgeLog, store: str,
                       metrics: Metrics | None = None) -> Fetcher:
+        """``store``: where the bytes come from, for messages (``Registry.blob_where``)."""
         return cls(load, purges, threads=settings.fetch_threads,
                    max_waiting=settings.fetch_queue_size, timeout_s=settings.fetch_timeout_s,
-                   store=store_name(settings), metrics=metrics)
+                   store=store, metrics=metrics)
 
     async def stage(self, digests: Collection[str], epoch: int) -> Staged:
         """Host tensors of ``digests`` and the epoch they are valid from (``epoch``: read by
@@ -228,15 +229,6 @@ class Fetcher:
     def shutdown(self) -> None:
         """Stop taking fetches; queued ones are cancelled (their requests get 503)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def store_name(settings: Settings) -> str:
-    """Where component bytes come from, for messages (never a URL with credentials)."""
-    if settings.blob_url is not None and settings.blob_url != "redis":
-        return settings.blob_url
-    if settings.redis_url or settings.blob_url == "redis":
-        return "the shared Redis registry"
-    return f"the registry folder {settings.registry_dir}"
 
 
 def _retrieve(future: asyncio.Future[HostTensors]) -> None:

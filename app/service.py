@@ -68,7 +68,7 @@ class Service:
         self.executor = Executor(base.net, None, self.device, dtype, settings.cache_bytes,
                                  settings.compile)
         self.fetcher = Fetcher.from_settings(settings, registry.load_tensors,
-                                             self.executor.purges, metrics)
+                                             self.executor.purges, registry.blob_where, metrics)
         self.worker = DeviceWorker(self.executor, base.preprocessor.collate, metrics,
                                    settings.max_batch_size, settings.max_queue_delay_ms / 1000,
                                    settings.max_queue_size)
