@@ -43,6 +43,7 @@ from botocore.exceptions import (
     ConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
     SSLError,
 )
 
@@ -53,9 +54,9 @@ T = TypeVar("T")
 
 BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 PREFIX_SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
-CONNECT_TIMEOUT_S = 3.0
-READ_TIMEOUT_S = 30.0  # per socket read, not per object
-MAX_ATTEMPTS = 3  # the first try and two retries
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 10.0  # per socket read (a stalled server), not per object
+MAX_ATTEMPTS = 3  # in all: the first try and two retries
 CONFLICT_RETRIES = 3  # a concurrent conditional write of the same key (409) is retried
 CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                               "InvalidToken", "ExpiredToken", "403"})
@@ -88,7 +89,7 @@ def _retry_settings() -> dict[str, Any]:
     """Few, fast retries unless the operator set AWS_MAX_ATTEMPTS / AWS_RETRY_MODE."""
     if "AWS_MAX_ATTEMPTS" in os.environ or "AWS_RETRY_MODE" in os.environ:
         return {}
-    return {"retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS}}
+    return {"retries": {"mode": "standard", "total_max_attempts": MAX_ATTEMPTS}}
 
 
 def client_config() -> Config:
@@ -155,6 +156,11 @@ class S3BlobStore:
         if isinstance(exc, SSLError):
             return StorageError(f"{where} failed: TLS error ({exc}); set AWS_CA_BUNDLE to the "
                                 "CA certificate that signed the endpoint's certificate")
+        if isinstance(exc, ReadTimeoutError):
+            timeout = self._client.meta.config.read_timeout
+            return StorageError(f"{where} failed: the endpoint accepted the connection but did "
+                                f"not answer within {timeout} s, on every try; check that the "
+                                "object store is healthy")
         if isinstance(exc, ConnectionError):
             return StorageError(f"{where} failed: the endpoint is unreachable ({exc}); check "
                                 "AWS_ENDPOINT_URL and that the object store is running")
@@ -209,7 +215,8 @@ class S3BlobStore:
         key = self.key(digest)
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
-            return bytes(response["Body"].read())
+            data: bytes = response["Body"].read()  # no copy: a blob can be 100s of MiB
+            return data
         except ClientError as exc:
             if _error_code(exc) in MISSING_KEY_CODES:
                 return None

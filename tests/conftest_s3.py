@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -138,18 +139,25 @@ def _weed_args(binary: str, workdir: Path, identities: Path, ports: dict[str, in
     return args
 
 
-def _start(binary: str, workdir: Path, secret_key: str,
-           log: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
+@dataclass
+class _Running:
+    proc: subprocess.Popen[bytes]
+    server: S3Server
+    grpc_ports: list[int]
+
+
+def _start(binary: str, workdir: Path, secret_key: str, log: Path) -> _Running:
     ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
     identities = workdir / "s3-identities.json"
     _write_identities(identities, secret_key)
     (workdir / "data").mkdir(exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(_weed_args(binary, workdir, identities, ports),
-                                stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
+                                env={**os.environ, "TMPDIR": str(workdir)})
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, secret_key,
                       REGION, log)
-    return proc, server
+    return _Running(proc, server, [p for flag, p in ports.items() if flag.endswith(".grpc")])
 
 
 def _serves_writes(server: S3Server) -> bool:
@@ -168,22 +176,26 @@ def _serves_writes(server: S3Server) -> bool:
         client.close()
 
 
-def _wait_ready(server: S3Server, proc: subprocess.Popen[bytes]) -> bool:
+def _wait_ready(weed: _Running) -> bool:
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _serves_writes(server):
+    while time.monotonic() < deadline and weed.proc.poll() is None:
+        if _serves_writes(weed.server):
             return True
         time.sleep(0.2)
     return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+def _stop(weed: _Running) -> None:
+    weed.proc.terminate()
     try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
+        weed.proc.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        weed.proc.kill()
+        weed.proc.wait()
+    for port in weed.grpc_ports:  # weed puts its local gRPC sockets in /tmp, whatever TMPDIR
+        for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -196,14 +208,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     log = workdir / "weed.log"
     secret_key = secrets.token_hex(20)
     for _ in range(3):  # another process may take a free port before weed binds it
-        proc, server = _start(binary, workdir, secret_key, log)
-        if _wait_ready(server, proc):
+        weed = _start(binary, workdir, secret_key, log)
+        if _wait_ready(weed):
             break
-        _stop(proc)
+        _stop(weed)
     else:
         pytest.fail(f"weed mini did not start serving S3 within {START_TIMEOUT_S:.0f} s; "
                     f"see {log}:\n{log.read_text(errors='replace')[-3000:]}", pytrace=False)
     try:
-        yield server
+        yield weed.server
     finally:
-        _stop(proc)
+        _stop(weed)

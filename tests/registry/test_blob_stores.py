@@ -8,21 +8,25 @@ read, so a forget that leaves a version, a delete marker or the bytes anywhere f
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import redis
+from botocore.config import Config
 
 from registry import Registry
 from registry.errors import StorageError
 from registry.file_blobs import FileBlobStore
 from registry.ports import BlobStore
 from registry.redis_backend import Keys, RedisBlobStore
-from registry.s3_blobs import S3BlobStore, open_s3_blobs, parse_s3_url
+from registry.s3_blobs import S3BlobStore, client_config, open_s3_blobs, parse_s3_url
 from registry.sqlite_index import SqliteIndex
 from tests.conftest_s3 import S3Server, s3_server  # noqa: F401
 from tests.registry.support import FP, MAX_BYTES, REGION, make_component
@@ -122,6 +126,32 @@ def test_digests_lists_exactly_what_was_put(store: BlobStore, seed: int) -> None
     assert sorted(store.digests()) == sorted(sha(d) for d in blobs)
 
 
+def test_large_blob_round_trip(store: BlobStore) -> None:
+    data = os.urandom(9 * 1024 * 1024 + 7)  # several of weed's 4 MiB chunks, odd length
+    store.put(sha(data), data)
+    assert store.get(sha(data)) == data
+
+
+def test_concurrent_puts_of_the_same_bytes_all_succeed(store: BlobStore) -> None:
+    data = os.urandom(1024 * 1024)
+    errors: list[Exception] = []
+
+    def put() -> None:
+        try:
+            store.put(sha(data), data)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.get(sha(data)) == data
+    assert list(store.digests()) == [sha(data)]
+
+
 @pytest.mark.parametrize("bad", BAD_DIGESTS)
 def test_invalid_digest_is_refused_before_any_io(store: BlobStore, bad: str,
                                                 request: pytest.FixtureRequest) -> None:
@@ -184,6 +214,21 @@ def test_versioned_bucket_delete_leaves_no_version(s3_env: S3Server, seed: int) 
     assert not any(made.tensor_pattern in body or made.provenance_pattern in body
                    for body in _every_version_body(raw, bucket))
     assert raw.get_object(Bucket=bucket, Key=neighbour)["Body"].read() == b"not ours"
+    store.close()
+    raw.close()
+
+
+def test_concurrent_puts_make_one_version(s3_env: S3Server) -> None:
+    bucket = s3_env.make_bucket(versioned=True)
+    store, raw = open_s3_blobs(f"s3://{bucket}"), s3_env.client()
+    data = os.urandom(2 * 1024 * 1024)
+    threads = [threading.Thread(target=store.put, args=(sha(data), data)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(_versions_of(raw, bucket, store.key(sha(data)))[0]) == 1
+    assert store.get(sha(data)) == data
     store.close()
     raw.close()
 
@@ -286,6 +331,19 @@ def test_wrong_credentials_are_a_clear_storage_error(s3_env: S3Server,
     store.close()
 
 
+def test_missing_credentials_are_a_clear_storage_error(
+        s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = open_s3_blobs(f"s3://{s3_env.make_bucket()}")
+    with pytest.raises(StorageError, match="no S3 credentials; set AWS_ACCESS_KEY_ID"):
+        store.ping()
+    store.close()
+
+
 def test_missing_bucket_is_a_clear_storage_error(s3_env: S3Server) -> None:
     store = open_s3_blobs("s3://tmc-no-such-bucket")
     for call in (store.ping, lambda: store.put(sha(b"x"), b"x")):
@@ -307,6 +365,22 @@ def test_unreachable_endpoint_is_a_storage_error(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ValueError, match="not a sha256"):  # validation first: no request
         store.get("../x")
     store.close()
+
+
+def test_a_stalled_endpoint_is_a_storage_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(8)  # accepts connections, never answers
+        endpoint = f"http://127.0.0.1:{stalled.getsockname()[1]}"
+        config = client_config().merge(Config(read_timeout=0.2,
+                                              retries={"total_max_attempts": 2}))
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="a", aws_secret_access_key="b", config=config)
+        store = S3BlobStore(client, "bucket")
+        with pytest.raises(StorageError, match="did not answer within 0.2 s") as info:
+            store.get("0" * 64)
+        assert endpoint in str(info.value)
+        store.close()
 
 
 @pytest.mark.parametrize("url", ["s3://", "s3:///prefix", "s3://Upper", "s3://ab",
