@@ -101,11 +101,15 @@ def client_config() -> Config:
 def open_s3_blobs(url: str) -> S3BlobStore:
     """The store for ``s3://bucket[/prefix]``, configured from the ``AWS_*`` environment.
 
-    Raises ValueError on a malformed URL; opens no connection (``ping`` checks the bucket).
+    Raises ValueError on a malformed URL or AWS_ENDPOINT_URL; opens no connection (``ping``
+    checks the bucket).
     """
     bucket, prefix = parse_s3_url(url)
     try:
         client = boto3.session.Session().client("s3", config=client_config())
+    except ValueError as exc:  # botocore: "Invalid endpoint: ..."
+        raise ValueError(f"cannot configure the S3 client for {url}: {exc}; AWS_ENDPOINT_URL "
+                         "must be http(s)://host[:port]") from exc
     except BotoCoreError as exc:
         raise StorageError(f"cannot configure the S3 client for {url}: {exc}; check "
                            "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION and AWS_CA_BUNDLE") from exc

@@ -5,7 +5,10 @@ One ``weed mini`` process (master, volume, filer, S3 gateway and its admin serve
 the whole test session, with its data in a temp folder; WebDAV, the admin UI, the Iceberg and
 Lance ports and telemetry are off, and every port it opens is a free one bound to 127.0.0.1,
 so several sessions can run side by side. S3 requests must be signed with the session's
-credentials (an identities file passed as ``-s3.config``): wrong keys are refused.
+credentials (an identities file passed as ``-s3.config``): wrong keys are refused. Buckets are
+not created on first upload (``-s3.autoCreateBucket=false``), as on AWS. Its logs stay in its
+work folder (``weed.log``, named in every failure), its unix sockets are removed on stop.
+Measured on the 2-core test VM: ready for writes in about 1 s, about 160 MiB resident.
 
 Tests get isolation by bucket, not by server: ``S3Server.make_bucket()`` creates a fresh
 bucket (optionally versioned). ``S3Server.env()`` is the ``AWS_*`` environment the code under

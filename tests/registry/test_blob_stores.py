@@ -393,6 +393,12 @@ def test_bad_s3_urls_are_refused(url: str) -> None:
         parse_s3_url(url)
 
 
+def test_a_malformed_endpoint_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:9000")
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL must be http"):
+        open_s3_blobs("s3://bucket")
+
+
 def test_s3_urls_parse() -> None:
     assert parse_s3_url("s3://bucket") == ("bucket", "")
     assert parse_s3_url("s3://bucket/") == ("bucket", "")
