@@ -110,6 +110,21 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="target scale κ of the rescaled square loss (default: 300 with "
                    "--classes, 5 otherwise)")
     p.add_argument("--l2", type=_nonneg_float, default=1e-5, help="weight of ‖Δ‖₂")
+    p.add_argument("--targets", choices=("all", "own"), default=None,
+                   help="square-loss targets: κ·one-hot on every output (all), or on the "
+                   "shard's own classes with J·Δ = 0 on the other outputs (own) (default: by "
+                   "rule, see training/README.md)")
+    p.add_argument("--quiet", type=_nonneg_float, default=None,
+                   help="weight of mean ‖J(x̃)·Δ‖² over off-distribution inputs x̃ made from "
+                   "the shard's own rows (--negatives); 0 turns it off (default: by rule)")
+    p.add_argument("--negatives", choices=("rot", "jigsaw", "mix", "rot+jigsaw"),
+                   default=None, help="how --quiet's inputs are made from the shard's rows: "
+                   "rotated, tile-shuffled or blended images (text and vectors: mix) "
+                   "(default: by rule)")
+    p.add_argument("--prototypes", type=_nonneg_float, default=None,
+                   help="α: add α·(unit mean of the output layer's inputs over each own "
+                   "class) to that class's output row of Δ (nearest-class-mean term); 0 "
+                   "turns it off (default: by rule)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.01,
                    help="AdamW decoupled weight decay")
     p.add_argument("--lr-step", type=_positive_int, default=None,
@@ -250,7 +265,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "wall_time_s": round(wall, 3),
     }
     if not args.nonlinear:
-        provenance.update(kappa=result.config.kappa, l2=args.l2)
+        cfg = result.config
+        provenance.update(kappa=cfg.kappa, l2=args.l2, targets=cfg.targets, quiet=cfg.quiet,
+                          negatives=cfg.negatives if cfg.quiet else None,
+                          prototypes=cfg.prototypes)
     if args.nonlinear:
         from training.nonlinear import FORMAT, encode_nonlinear
 
@@ -284,7 +302,13 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _fit(args: argparse.Namespace, base: Any, shard: Any, rule: str, progress: bool
          ) -> tuple[Any, str]:
     from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
-    from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
+    from training.tangent_train import (
+        TangentConfig,
+        default_kappa,
+        default_lr,
+        default_recipe,
+        train_tangent,
+    )
 
     lr = args.lr if args.lr is not None else (
         default_nonlinear_lr(base, rule) if args.nonlinear else default_lr(base, rule))
@@ -295,7 +319,11 @@ def _fit(args: argparse.Namespace, base: Any, shard: Any, rule: str, progress: b
         return train_nonlinear(base, shard, NonlinearConfig(**common), progress=progress,
                                desc="train (non-linear)"), "nonlinear"
     kappa = args.kappa if args.kappa is not None else default_kappa(rule)
-    config = TangentConfig(kappa=kappa, l2=args.l2, **common)
+    recipe = default_recipe(rule)
+    for key in recipe:
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    config = TangentConfig(kappa=kappa, l2=args.l2, **recipe, **common)
     return train_tangent(base, shard, config, progress=progress, desc="train"), "tangent"
 
 

@@ -1,0 +1,140 @@
+"""The class-incremental options of the tangent trainer: negatives made from the shard's own
+rows, the quiet penalty, own-class targets and prototypes. Each keeps the component a plain
+Δ (composition linear, zero Δ = θ0) and uses nothing but the shard."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bases import Base, load_base
+from tests.training.conftest import JIT_WARNING
+from training.data import Dataset, Splits, shard_by_classes
+from training.errors import UsageError
+from training.evaluate import Evaluator, compose_deltas
+from training.features import trunk_features
+from training.negatives import make_negatives
+from training.prototypes import penultimate, prototype_rows
+from training.tangent_train import TangentConfig, train_tangent
+
+pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
+
+
+def fake_images(n: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    y = np.arange(n, dtype=np.int64) % 2
+    return Dataset("image", x, y, ["a", "b"], "fake", np.arange(n, dtype=np.int64))
+
+
+@pytest.mark.parametrize("kind", ["rot", "jigsaw", "mix", "rot+jigsaw"])
+def test_image_negatives_are_seeded_functions_of_the_rows(kind: str, seed: int) -> None:
+    ds = fake_images(12, seed)
+    a, b = make_negatives(ds, kind, seed), make_negatives(ds, kind, seed)
+    other = make_negatives(ds, kind, seed + 1)
+    assert a.inputs.shape == ds.inputs.shape and a.inputs.dtype == np.uint8
+    assert np.array_equal(a.inputs, b.inputs)
+    assert not np.array_equal(a.inputs, other.inputs)
+    assert (a.labels == -1).all() and np.array_equal(a.index, ds.index)
+    changed = [not np.array_equal(x, y) for x, y in zip(a.inputs, ds.inputs, strict=True)]
+    assert all(changed), "every negative must differ from its source row"
+    if kind in ("rot", "jigsaw"):  # a permutation of the row's own pixels
+        for x, y in zip(a.inputs, ds.inputs, strict=True):
+            assert np.array_equal(np.sort(x, axis=None), np.sort(y, axis=None))
+
+
+def test_mix_blends_rows_of_another_class(seed: int) -> None:
+    ds = fake_images(10, seed)
+    neg = make_negatives(ds, "mix", seed)
+    for i, row in enumerate(neg.inputs):
+        partners = [j for j in range(len(ds)) if np.array_equal(
+            row, ((ds.inputs[i].astype(np.uint16) + ds.inputs[j]) // 2).astype(np.uint8))]
+        assert any(ds.labels[j] != ds.labels[i] for j in partners)
+
+
+def test_image_only_negatives_refused_for_vectors(tiny: Base, digit_splits: Splits) -> None:
+    shard = shard_by_classes(digit_splits.train, [0, 1])
+    with pytest.raises(UsageError, match="need image inputs"):
+        train_tangent(tiny, shard, TangentConfig(epochs=1, quiet=1.0, negatives="rot"))
+
+
+def test_quiet_shrinks_the_tangent_term_on_negatives(tiny: Base, digit_splits: Splits,
+                                                     seed: int) -> None:
+    shard = shard_by_classes(digit_splits.train, [seed % 10, (seed + 1) % 10])
+    cfg = TangentConfig(epochs=4, lr=1e-2, kappa=15.0, seed=seed % 1000, negatives="mix")
+    loud = train_tangent(tiny, shard, cfg)
+    quiet = train_tangent(tiny, shard, replace(cfg, quiet=3.0))
+    neg = Evaluator(tiny, make_negatives(shard, "mix", cfg.seed))
+    f0 = neg.tangent_logits(None)
+
+    def energy(delta: dict[str, torch.Tensor]) -> float:
+        return float((neg.tangent_logits(delta) - f0).pow(2).mean())
+
+    assert energy(quiet.delta) < 0.7 * energy(loud.delta)
+    own = Evaluator(tiny, shard)
+    assert own.tangent(quiet.delta) > 0.9  # it still fits its own classes
+
+
+def test_own_targets_leave_other_outputs_nearly_alone(tiny: Base, digit_splits: Splits,
+                                                      seed: int) -> None:
+    classes = [seed % 10, (seed + 5) % 10]
+    shard = shard_by_classes(digit_splits.train, classes)
+    cfg = TangentConfig(epochs=4, lr=1e-2, kappa=15.0, seed=seed % 1000)
+    own = train_tangent(tiny, shard, replace(cfg, targets="own"))
+    everything = train_tangent(tiny, shard, cfg)
+    ev = Evaluator(tiny, shard)
+    others = [c for c in range(10) if c not in classes]
+
+    def off_class(delta: dict[str, torch.Tensor]) -> float:
+        return float((ev.tangent_logits(delta) - ev.tangent_logits(None))[:, others].abs()
+                     .mean())
+
+    assert off_class(own.delta) < 0.25 * off_class(everything.delta)
+    assert ev.tangent(own.delta) > 0.9
+
+
+def test_prototypes_add_exactly_the_cosine_class_mean_score(tiny: Base, digit_splits: Splits,
+                                                           seed: int) -> None:
+    classes = [seed % 10, (seed + 3) % 10]
+    shard = shard_by_classes(digit_splits.train, classes)
+    alpha = 7.0
+    cfg = TangentConfig(epochs=1, lr=1e-2, kappa=5.0, seed=seed % 1000)
+    plain = train_tangent(tiny, shard, cfg)
+    with_p = train_tangent(tiny, shard, replace(cfg, prototypes=alpha))
+    ev = Evaluator(tiny, digit_splits.test)
+    phi = penultimate(tiny.net, ev.features)  # [N, D]
+    expected = ev.tangent_logits(plain.delta).clone()
+    for c, mu in prototype_rows(tiny.net, shard, trunk_features(tiny, shard)).items():
+        assert c in classes and abs(float(mu.norm()) - 1) < 1e-5
+        expected[:, c] += alpha * phi @ mu
+    torch.testing.assert_close(ev.tangent_logits(with_p.delta), expected, rtol=1e-5,
+                               atol=1e-4)
+    # only the output layer's rows of the shard's own classes changed
+    for name in plain.delta:
+        diff = (with_p.delta[name] - plain.delta[name]).abs()
+        if name.endswith("classifier.weight"):
+            assert set(torch.nonzero(diff.sum(1)).flatten().tolist()) == set(classes)
+        else:
+            assert torch.equal(with_p.delta[name], plain.delta[name])
+
+
+def test_recipe_components_compose_linearly_and_zero_is_theta0(effnet_dir: object,
+                                                               seed: int) -> None:
+    base = load_base(effnet_dir)  # type: ignore[arg-type]
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8)
+    ds = Dataset("image", x, np.arange(24) % 4, list(base.labels), "fake",
+                 np.arange(24, dtype=np.int64))
+    cfg = TangentConfig(epochs=1, batch_size=8, lr=1e-3, kappa=50.0, quiet=1.0,
+                        negatives="rot+jigsaw", prototypes=5.0, seed=seed % 1000)
+    deltas = [train_tangent(base, ds.subset(np.flatnonzero(ds.labels // 2 == k)), cfg).delta
+              for k in range(2)]
+    ev = Evaluator(base, ds)
+    composed = ev.tangent_logits(compose_deltas(deltas, normalize="mean"))
+    alone = torch.stack([ev.tangent_logits(d) for d in deltas]).mean(0)
+    torch.testing.assert_close(composed, alone, rtol=1e-4, atol=1e-3)
+    zero = {n: torch.zeros_like(t) for n, t in deltas[0].items()}
+    assert torch.equal(ev.tangent_logits(zero), ev.tangent_logits(None))
