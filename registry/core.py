@@ -266,6 +266,7 @@ class Registry:
                 with self._index.mutation_lock(digests):
                     receipt = self._index.mutate(partial(ops.forget, cid=cid, locked=digests))
                     self._watch.changed(receipt.generation)
+                    crash_point("after_forget_index")
                     try:
                         blobs = self._delete_forgotten_bytes(cid, receipt.digests_removed)
                     finally:  # the id is gone from the index: purge this process anyway

@@ -1,6 +1,6 @@
 """A registry client in its own process, for the crash and concurrency tests.
 
-python -m tests.registry.proc KIND ROOT URL ID:SEED [ID:SEED ...]   (URL "-" for none)
+python -m tests.registry.proc KIND ROOT URL BLOB_URL ID:SEED [ID:SEED ...]   ("-": none)
 
 Prints "ready" once the registry is open, then waits for a line on stdin before adding,
 so the test can start its own adds at the same moment.
@@ -15,8 +15,9 @@ from tests.registry.support import Store, make_component
 
 
 def main(argv: list[str]) -> None:
-    kind, root, url, *items = argv
-    store = Store(kind, Path(root), None if url == "-" else url)
+    kind, root, url, blob_url, *items = argv
+    store = Store(kind, Path(root), None if url == "-" else url,
+                  None if blob_url == "-" else blob_url)
     reg = store.open(cache=f"cache-{kind}-proc")
     try:
         payloads = [(cid, make_component(int(seed)).data)

@@ -150,7 +150,7 @@ def byte_counter(store: Store, reg: Registry,
                  monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], object]], int]:
     """``count(fn)``: bytes the backend returned while ``fn`` ran (Redis replies, SQLite rows)."""
     tally: list[int] = []
-    if store.kind == "redis":
+    if store.index == "redis":
         real = redis.connection.AbstractConnection.read_response
 
         def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -10,7 +10,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import redis
+
 from registry import Registry
+from registry.redis_backend import LEASE_TTL_S
 from tests.registry.support import Store, make_component
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +25,7 @@ def _proc(store: Store, *items: str, crash: str | None = None) -> subprocess.Pop
     if crash:
         env["TMC_TEST_CRASH_POINT"] = crash
     args = [sys.executable, "-m", "tests.registry.proc", store.kind, str(store.root),
-            store.url or "-", *items]
+            store.url or "-", store.blob_url or "-", *items]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
@@ -40,14 +43,31 @@ def test_a_crash_between_blob_and_index_leaves_the_registry_as_it_was(
     before, generation, listed = store.state(), reg.generation(), reg.list()
     rc, err = _finish(_proc(store, "crashed:2", crash="after_blob"))
     assert rc == -signal.SIGKILL, err
-    files, keys = store.state()  # the blob was written, and nothing else
-    grown = (len(files) - len(before[0]), len(keys - before[1]), len(before[1] - keys))
-    assert grown == ((0, 1, 0) if store.kind == "redis" else (1, 0, 0))
+    blobs, keys = store.state()  # the blob was written, and nothing else (but a lease)
+    leases = {k for k in keys - before[1] if k.startswith(b"tmc:lease:")}
+    grown = (len(blobs) - len(before[0]), len(keys - before[1] - leases),
+             len(before[1] - keys))
+    assert grown == (1, 0, 0)
     assert reg.list() == listed and reg.generation() == generation
+    if store.index == "redis" and store.blobs != "redis":
+        _lease_expires(store, leases, blobs)
+    else:
+        assert leases == set()
     reopened = store.open(cache="cache-after-crash")
     assert store.state() == before  # the orphan blob was swept on open
     assert reopened.list() == listed and reopened.generation() == generation
     assert reopened.add("crashed", make_component(2).data).created_version
+
+
+def _lease_expires(store: Store, leases: set[bytes], blobs: list[str]) -> None:
+    """The dead adder's lease keeps sweeps off its digest until it expires; then it goes."""
+    assert len(leases) == 1 and store.url is not None
+    with redis.Redis.from_url(store.url) as client:
+        (lease,) = leases
+        assert 0 < client.pttl(lease) <= LEASE_TTL_S * 1000
+        store.open(cache="cache-while-leased")  # sweeps, and must skip the leased digest
+        assert store.state()[0] == blobs
+        client.delete(lease)  # what its expiry does
 
 
 def test_two_processes_adding_at_once(store: Store, reg: Registry) -> None:
@@ -66,11 +86,7 @@ def test_two_processes_adding_at_once(store: Store, reg: Registry) -> None:
     assert len(infos) == 25 and len(infos["both"].versions) == 2
     assert reg.generation() == 26
     digests = {d for c in infos.values() for d in c.versions}
-    if store.kind == "sqlite":
-        assert set(store.blob_files()) == digests
-    else:
-        assert {k for k in store.redis_keys() if k.startswith(b"tmc:blob:")} == {
-            b"tmc:blob:" + d.encode() for d in digests}
+    assert set(store.blob_digests()) == digests
     for digest in digests:
         assert hashlib.sha256(reg.load_bytes(digest)).hexdigest() == digest
 
