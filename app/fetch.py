@@ -193,7 +193,7 @@ class Fetcher:
                     "after a short delay")
             started = {d: self._start(d) for d in new}
         if self.metrics is not None and joined:
-            self.metrics.component_fetches.labels(outcome="shared").inc(len(joined))
+            self.metrics.component_fetches.labels(kind="shared").inc(len(joined))
         return [joined.get(d) or started[d] for d in digests]
 
     def _start(self, digest: str) -> _Flight:
@@ -220,7 +220,7 @@ class Fetcher:
         if self.metrics is not None:
             failed = flight.future.cancelled() or flight.future.exception() is not None
             self.metrics.component_fetches.labels(
-                outcome="failed" if failed else "fetched").inc()
+                kind="failed" if failed else "fetched").inc()
 
     @property
     def in_flight(self) -> int:

@@ -66,11 +66,11 @@ class Metrics:
             "Fetch + sha256 + decode of one cold component version, off the device thread",
             buckets=LATENCY_BUCKETS, registry=r)
         self.component_fetches = Counter(
-            "tmc_component_fetches", "Cold component versions staged at admission: fetched, "
-            "failed, or shared (a request joined a fetch already on its way)", ["outcome"],
-            registry=r)
-        for outcome in ("fetched", "failed", "shared"):  # every series from the start
-            self.component_fetches.labels(outcome=outcome)
+            "tmc_component_fetches", "Cold component versions staged at admission, by kind: "
+            "fetched, failed, or shared (a request joined a fetch already on its way)",
+            ["kind"], registry=r)
+        for kind in ("fetched", "failed", "shared"):  # every series from the start
+            self.component_fetches.labels(kind=kind)
         self.rejected = Counter("tmc_rejected_requests", "Requests refused before the device",
                                 ["reason"], registry=r)
         self.build = Info("tmc_build", "Build and base model", registry=r)

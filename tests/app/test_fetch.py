@@ -273,7 +273,7 @@ def test_concurrent_requests_for_one_cold_version_share_one_fetch(tiny_base_dir,
         results = asyncio.run(burst(6))
         assert gate.reads_of(cold) == 2  # the failure was not cached; again one read for six
         shared = svc.metrics.registry.get_sample_value("tmc_component_fetches_total",
-                                                       {"outcome": "shared"})
+                                                       {"kind": "shared"})
         assert shared == 10.0
     for i, got in enumerate(results):
         want = offline(tiny_base, x, {seed: 1.0 if i % 2 else -0.5})
