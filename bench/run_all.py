@@ -54,8 +54,8 @@ STEPS = (
     Step("compose_bandwidth", "bench.compose_bandwidth", limit_s=600, quick_limit_s=180),
     Step("serving", "bench.serving", limit_s=600, quick_limit_s=300),
     Step("memory", "bench.memory", limit_s=600, quick_limit_s=300),
-    Step("registry_latency", "bench.registry_latency", quick_args=("--repeats", "3"),
-         limit_s=600, quick_limit_s=300),
+    # the registry at 10,000 + 200 components on Redis+S3 and SQLite+files (~6 min full)
+    Step("scale", "bench.scale", limit_s=1200, quick_limit_s=300),
     # BBC's minilm tail is compute-bound (one tangent epoch: 10.3 s on 1 thread, 5.7 s on 2):
     # it runs alone on every core; the Fashion-MNIST tails (a conv head on 2×2 maps) are
     # op-overhead bound (a component trains in 9.4–11.7 s on 1 thread vs 12.9–15.5 s on 2),
