@@ -48,6 +48,7 @@ PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grp
               "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
               "admin.port", "admin.port.grpc")
 UNIX_SOCKET_MAX = 100  # sun_path holds 108 bytes
+MAX_VOLUMES = 1000
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,10 @@ def _weed_args(binary: str, workdir: Path, identities: Path, ports: dict[str, in
     args = [binary, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.config={identities}", "-admin.ui=false", "-webdav=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-            "-s3.autoCreateBucket=false"]  # like S3: a put to a missing bucket fails
+            "-s3.autoCreateBucket=false",  # like S3: a put to a missing bucket fails
+            # Each bucket gets volumes of its own, and mini's volume count is free disk / 1 GiB
+            # (66 buckets here); volumes are sparse files, so allow many more.
+            f"-volume.max={MAX_VOLUMES}"]
     args += [f"-{flag}={port}" for flag, port in ports.items()]
     for name in ("filer", "s3"):  # keep their unix sockets out of /tmp when the path fits
         sock = workdir / f"{name}.sock"

@@ -28,7 +28,7 @@ from registry.ports import BlobStore
 from registry.redis_backend import Keys, RedisBlobStore
 from registry.s3_blobs import S3BlobStore, client_config, open_s3_blobs, parse_s3_url
 from registry.sqlite_index import SqliteIndex
-from tests.conftest_s3 import S3Server, s3_server  # noqa: F401
+from tests.conftest_s3 import S3Server
 from tests.registry.support import FP, MAX_BYTES, REGION, make_component
 
 BAD_DIGESTS = ["", "abc", "A" * 64, "g" * 64, "0" * 63, "0" * 65, "../" + "0" * 61,
@@ -49,16 +49,32 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:  # noqa: F811
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """The session's S3 server, with the AWS_* environment pointing at it for this test."""
     s3_server.apply_env(monkeypatch)
     return s3_server
 
 
+@pytest.fixture(scope="module")
+def bucket(s3_server: S3Server) -> str:
+    """One plain bucket for the module: SeaweedFS gives each bucket volumes of its own."""
+    return s3_server.make_bucket()
+
+
+@pytest.fixture(scope="module")
+def versioned_bucket(s3_server: S3Server) -> str:
+    return s3_server.make_bucket(versioned=True)
+
+
+def fresh_url(bucket: str) -> str:
+    """``s3://bucket/<a prefix no other test uses>``."""
+    return f"s3://{bucket}/tmc/{secrets.token_hex(6)}"
+
+
 @pytest.fixture
-def s3_store(s3_env: S3Server) -> Iterator[S3BlobStore]:
-    """A store on a fresh bucket, opened the way the service opens it (URL + environment)."""
-    store = open_s3_blobs(f"s3://{s3_env.make_bucket()}/tmc/test")
+def s3_store(s3_env: S3Server, bucket: str) -> Iterator[S3BlobStore]:
+    """A store on a fresh prefix, opened the way the service opens it (URL + environment)."""
+    store = open_s3_blobs(fresh_url(bucket))
     yield store
     store.close()
 
@@ -74,8 +90,9 @@ def _redis_store(url: str) -> Iterator[RedisBlobStore]:
         client.close()
 
 
-@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.redis), "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
+@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("s3", marks=pytest.mark.s3)])
+def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     if request.param == "file":
         yield FileBlobStore(tmp_path / "blobs")
     elif request.param == "redis":
@@ -87,58 +104,58 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]
 # -- the contract, over every store ------------------------------------------------------------
 
 
-def test_round_trip_of_real_component_bytes(store: BlobStore, seed: int) -> None:
+def test_round_trip_of_real_component_bytes(blob_store: BlobStore, seed: int) -> None:
     data = make_component(seed).data
-    store.put(sha(data), data)
-    assert store.get(sha(data)) == data
-    assert store.exists(sha(data))
+    blob_store.put(sha(data), data)
+    assert blob_store.get(sha(data)) == data
+    assert blob_store.exists(sha(data))
 
 
-def test_put_is_idempotent(store: BlobStore, seed: int) -> None:
+def test_put_is_idempotent(blob_store: BlobStore, seed: int) -> None:
     data = make_component(seed).data
-    store.put(sha(data), data)
-    store.put(sha(data), data)
-    assert store.get(sha(data)) == data
-    assert list(store.digests()) == [sha(data)]
+    blob_store.put(sha(data), data)
+    blob_store.put(sha(data), data)
+    assert blob_store.get(sha(data)) == data
+    assert list(blob_store.digests()) == [sha(data)]
 
 
-def test_missing_digest_reads_as_none(store: BlobStore) -> None:
-    assert store.get("0" * 64) is None
-    assert not store.exists("0" * 64)
-    store.delete("0" * 64)  # deleting what is not there is fine
+def test_missing_digest_reads_as_none(blob_store: BlobStore) -> None:
+    assert blob_store.get("0" * 64) is None
+    assert not blob_store.exists("0" * 64)
+    blob_store.delete("0" * 64)  # deleting what is not there is fine
 
 
-def test_delete_removes_the_bytes(store: BlobStore, seed: int) -> None:
+def test_delete_removes_the_bytes(blob_store: BlobStore, seed: int) -> None:
     kept, gone = make_component(seed).data, make_component(seed + 1).data
-    store.put(sha(kept), kept)
-    store.put(sha(gone), gone)
-    store.delete(sha(gone))
-    assert store.get(sha(gone)) is None
-    assert not store.exists(sha(gone))
-    assert list(store.digests()) == [sha(kept)]
-    assert store.get(sha(kept)) == kept
+    blob_store.put(sha(kept), kept)
+    blob_store.put(sha(gone), gone)
+    blob_store.delete(sha(gone))
+    assert blob_store.get(sha(gone)) is None
+    assert not blob_store.exists(sha(gone))
+    assert list(blob_store.digests()) == [sha(kept)]
+    assert blob_store.get(sha(kept)) == kept
 
 
-def test_digests_lists_exactly_what_was_put(store: BlobStore, seed: int) -> None:
+def test_digests_lists_exactly_what_was_put(blob_store: BlobStore, seed: int) -> None:
     blobs = [make_component(seed + i).data for i in range(5)]
     for data in blobs:
-        store.put(sha(data), data)
-    assert sorted(store.digests()) == sorted(sha(d) for d in blobs)
+        blob_store.put(sha(data), data)
+    assert sorted(blob_store.digests()) == sorted(sha(d) for d in blobs)
 
 
-def test_large_blob_round_trip(store: BlobStore) -> None:
+def test_large_blob_round_trip(blob_store: BlobStore) -> None:
     data = os.urandom(9 * 1024 * 1024 + 7)  # several of weed's 4 MiB chunks, odd length
-    store.put(sha(data), data)
-    assert store.get(sha(data)) == data
+    blob_store.put(sha(data), data)
+    assert blob_store.get(sha(data)) == data
 
 
-def test_concurrent_puts_of_the_same_bytes_all_succeed(store: BlobStore) -> None:
+def test_concurrent_puts_of_the_same_bytes_all_succeed(blob_store: BlobStore) -> None:
     data = os.urandom(1024 * 1024)
     errors: list[Exception] = []
 
     def put() -> None:
         try:
-            store.put(sha(data), data)
+            blob_store.put(sha(data), data)
         except Exception as exc:  # reported below
             errors.append(exc)
 
@@ -148,28 +165,28 @@ def test_concurrent_puts_of_the_same_bytes_all_succeed(store: BlobStore) -> None
     for t in threads:
         t.join()
     assert errors == []
-    assert store.get(sha(data)) == data
-    assert list(store.digests()) == [sha(data)]
+    assert blob_store.get(sha(data)) == data
+    assert list(blob_store.digests()) == [sha(data)]
 
 
 @pytest.mark.parametrize("bad", BAD_DIGESTS)
-def test_invalid_digest_is_refused_before_any_io(store: BlobStore, bad: str,
+def test_invalid_digest_is_refused_before_any_io(blob_store: BlobStore, bad: str,
                                                 request: pytest.FixtureRequest) -> None:
-    if isinstance(store, RedisBlobStore):
+    if isinstance(blob_store, RedisBlobStore):
         request.applymarker(pytest.mark.xfail(
             strict=True, reason="RedisBlobStore builds keys from unvalidated digests"))
-    for call in (lambda: store.put(bad, b"x"), lambda: store.get(bad),
-                 lambda: store.delete(bad), lambda: store.exists(bad)):
+    for call in (lambda: blob_store.put(bad, b"x"), lambda: blob_store.get(bad),
+                 lambda: blob_store.delete(bad), lambda: blob_store.exists(bad)):
         with pytest.raises(ValueError, match="not a sha256 hex digest"):
             call()
-    assert list(store.digests()) == []
+    assert list(blob_store.digests()) == []
 
 
-def test_discard_partial_keeps_whole_blobs(store: BlobStore, seed: int) -> None:
+def test_discard_partial_keeps_whole_blobs(blob_store: BlobStore, seed: int) -> None:
     data = make_component(seed).data
-    store.put(sha(data), data)
-    store.discard_partial()
-    assert store.get(sha(data)) == data
+    blob_store.put(sha(data), data)
+    blob_store.discard_partial()
+    assert blob_store.get(sha(data)) == data
 
 
 # -- S3 only -----------------------------------------------------------------------------------
@@ -195,9 +212,11 @@ def _every_version_body(raw: Any, bucket: str) -> list[bytes]:
     return bodies
 
 
-def test_versioned_bucket_delete_leaves_no_version(s3_env: S3Server, seed: int) -> None:
-    bucket = s3_env.make_bucket(versioned=True)
-    store, raw = open_s3_blobs(f"s3://{bucket}/p"), s3_env.client()
+@pytest.mark.s3
+def test_versioned_bucket_delete_leaves_no_version(s3_env: S3Server, versioned_bucket: str,
+                                                    seed: int) -> None:
+    bucket = versioned_bucket
+    store, raw = open_s3_blobs(fresh_url(bucket)), s3_env.client()
     made = make_component(seed)
     digest, key = sha(made.data), store.key(sha(made.data))
     store.put(digest, made.data)
@@ -218,9 +237,10 @@ def test_versioned_bucket_delete_leaves_no_version(s3_env: S3Server, seed: int) 
     raw.close()
 
 
-def test_concurrent_puts_make_one_version(s3_env: S3Server) -> None:
-    bucket = s3_env.make_bucket(versioned=True)
-    store, raw = open_s3_blobs(f"s3://{bucket}"), s3_env.client()
+@pytest.mark.s3
+def test_concurrent_puts_make_one_version(s3_env: S3Server, versioned_bucket: str) -> None:
+    bucket = versioned_bucket
+    store, raw = open_s3_blobs(fresh_url(bucket)), s3_env.client()
     data = os.urandom(2 * 1024 * 1024)
     threads = [threading.Thread(target=store.put, args=(sha(data), data)) for _ in range(6)]
     for t in threads:
@@ -233,6 +253,7 @@ def test_concurrent_puts_make_one_version(s3_env: S3Server) -> None:
     raw.close()
 
 
+@pytest.mark.s3
 def test_put_is_write_once(s3_env: S3Server, s3_store: S3BlobStore, seed: int) -> None:
     first, other = make_component(seed).data, make_component(seed + 1).data
     digest = sha(first)
@@ -248,6 +269,7 @@ def test_put_is_write_once(s3_env: S3Server, s3_store: S3BlobStore, seed: int) -
     raw.close()
 
 
+@pytest.mark.s3
 def test_corrupt_object_is_returned_as_stored(s3_env: S3Server, s3_store: S3BlobStore,
                                               seed: int) -> None:
     data = make_component(seed).data
@@ -260,9 +282,10 @@ def test_corrupt_object_is_returned_as_stored(s3_env: S3Server, s3_store: S3Blob
     raw.close()
 
 
-def test_loader_refuses_a_corrupt_s3_object(s3_env: S3Server, tmp_path: Path,
+@pytest.mark.s3
+def test_loader_refuses_a_corrupt_s3_object(s3_env: S3Server, bucket: str, tmp_path: Path,
                                             seed: int) -> None:
-    store = open_s3_blobs(f"s3://{s3_env.make_bucket()}")
+    store = open_s3_blobs(fresh_url(bucket))
     reg = Registry(SqliteIndex(tmp_path / "registry"), store, base_fingerprint=FP,
                    region=REGION, max_component_bytes=MAX_BYTES, backend="sqlite+s3")
     data = make_component(seed).data
@@ -278,6 +301,7 @@ def test_loader_refuses_a_corrupt_s3_object(s3_env: S3Server, tmp_path: Path,
     raw.close()
 
 
+@pytest.mark.s3
 def test_digests_ignore_keys_that_are_not_content_addresses(s3_env: S3Server,
                                                             seed: int) -> None:
     bucket = s3_env.make_bucket()
@@ -295,13 +319,14 @@ def test_digests_ignore_keys_that_are_not_content_addresses(s3_env: S3Server,
     raw.close()
 
 
-def test_keys_are_content_addresses_under_the_prefix(s3_env: S3Server) -> None:
+def test_keys_are_content_addresses_under_the_prefix() -> None:
     d = "ab" + "0" * 62
     assert open_s3_blobs("s3://bkt/models/tmc/").key(d) == f"models/tmc/blobs/ab/{d}"
     assert open_s3_blobs("s3://bkt").key(d) == f"blobs/ab/{d}"
     assert open_s3_blobs("s3://bkt/models").describe() == "s3://bkt/models"
 
 
+@pytest.mark.s3
 def test_discard_partial_aborts_multipart_uploads(s3_env: S3Server,
                                                   s3_store: S3BlobStore) -> None:
     raw = s3_env.client()
@@ -313,13 +338,14 @@ def test_discard_partial_aborts_multipart_uploads(s3_env: S3Server,
     raw.close()
 
 
+@pytest.mark.s3
 def test_ping_accepts_a_reachable_bucket(s3_store: S3BlobStore) -> None:
     s3_store.ping()
 
 
-def test_wrong_credentials_are_a_clear_storage_error(s3_env: S3Server,
+@pytest.mark.s3
+def test_wrong_credentials_are_a_clear_storage_error(s3_env: S3Server, bucket: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    bucket = s3_env.make_bucket()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     store = open_s3_blobs(f"s3://{bucket}")
     for call in (store.ping, lambda: store.get("0" * 64), lambda: store.put(sha(b"x"), b"x"),
@@ -331,19 +357,21 @@ def test_wrong_credentials_are_a_clear_storage_error(s3_env: S3Server,
     store.close()
 
 
+@pytest.mark.s3
 def test_missing_credentials_are_a_clear_storage_error(
-        s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        s3_env: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    store = open_s3_blobs(f"s3://{s3_env.make_bucket()}")
+    store = open_s3_blobs(fresh_url(bucket))
     with pytest.raises(StorageError, match="no S3 credentials; set AWS_ACCESS_KEY_ID"):
         store.ping()
     store.close()
 
 
+@pytest.mark.s3
 def test_missing_bucket_is_a_clear_storage_error(s3_env: S3Server) -> None:
     store = open_s3_blobs("s3://tmc-no-such-bucket")
     for call in (store.ping, lambda: store.put(sha(b"x"), b"x")):
@@ -352,10 +380,11 @@ def test_missing_bucket_is_a_clear_storage_error(s3_env: S3Server) -> None:
     store.close()
 
 
-def test_unreachable_endpoint_is_a_storage_error(monkeypatch: pytest.MonkeyPatch,
-                                                 s3_env: S3Server) -> None:
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+def test_unreachable_endpoint_is_a_storage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "key"),
+                        ("AWS_SECRET_ACCESS_KEY", "secret")):
+        monkeypatch.setenv(name, value)
     store = open_s3_blobs("s3://bucket/prefix")
     for call in (store.ping, lambda: store.get("0" * 64), lambda: store.put(sha(b"x"), b"x"),
                  lambda: store.delete("0" * 64), lambda: list(store.digests())):
