@@ -205,15 +205,23 @@ class RedisPersistence:
         try:
             probe = read_probe(self._client)
         except redis.RedisError as exc:
-            with self._cond:
-                self._blind, self._forgets, self._last_forget = True, self._forgets + 1, time.time()
-                self._start_pump()
-            return StorePurge(STORE, "unknown", "unknown",
-                              f"could not read Redis INFO after the forget ({exc}); a rewrite "
-                              "is asked for once Redis answers", CHECK)
+            return self._blind_forget(exc)
         ticket = self._register(probe)
         outcomes = self._await(ticket)
         return _receipt(probe, outcomes)
+
+    def _blind_forget(self, exc: redis.RedisError) -> StorePurge:
+        """A forget after which INFO could not be read: a rewrite is asked for once it can."""
+        refused = isinstance(exc, redis.ResponseError)
+        with self._cond:
+            self._forgets, self._last_forget = self._forgets + 1, time.time()
+            if not refused:
+                self._blind = True
+                self._start_pump()
+        then = ("if Redis persists, run BGREWRITEAOF / BGSAVE after forgetting" if refused
+                else "a rewrite is asked for once Redis answers")
+        return StorePurge(STORE, "unknown", "unknown",
+                          f"could not read Redis INFO after the forget ({exc}): {then}", CHECK)
 
     def _register(self, probe: Probe) -> _Ticket:
         with self._cond:
@@ -229,24 +237,31 @@ class RedisPersistence:
                 self._cond.notify_all()
             return _Ticket(self._epoch, needs)
 
-    def _outcomes(self, ticket: _Ticket) -> dict[str, str]:
+    def _needs(self, ticket: _Ticket) -> dict[str, int]:
         restarted = ticket.epoch != self._epoch  # then any rewrite of the new run covers it
-        return {name: self._progress[name].outcome(1 if restarted else need)
-                for name, need in ticket.needs.items()}
+        return {name: 1 if restarted else need for name, need in ticket.needs.items()}
 
-    def _await(self, ticket: _Ticket) -> dict[str, str]:
+    def _await(self, ticket: _Ticket) -> dict[str, tuple[str, str]]:
+        """Each kind's (state, note) once none is "rewriting" or the wait is over."""
         deadline = time.monotonic() + self._wait_s
         with self._cond:
             while True:
-                outcomes = self._outcomes(ticket)
+                needs = self._needs(ticket)
+                states = {k: self._progress[k].outcome(n) for k, n in needs.items()}
                 left = deadline - time.monotonic()
-                if "rewriting" not in outcomes.values() or left <= 0:
-                    return {k: self._describe_outcome(k, v) for k, v in outcomes.items()}
+                if "rewriting" not in states.values() or left <= 0:
+                    return {k: (state, self._note(k, state, needs[k]))
+                            for k, state in states.items()}
                 self._cond.wait(left)
 
-    def _describe_outcome(self, name: str, outcome: str) -> str:
-        error = self._progress[name].error
-        return f"{outcome}:{error}" if outcome == "failed" else outcome
+    def _note(self, name: str, state: str, need: int) -> str:
+        progress = self._progress[name]
+        if state == "failed":
+            return progress.error
+        if state == "rewriting" and progress.asked < need:
+            return ("a rewrite that started before the delete still runs; this replica asks "
+                    "for another when it ends")
+        return ""
 
     # -- what Redis says -------------------------------------------------------------
 
@@ -300,6 +315,9 @@ class RedisPersistence:
                     return
             try:
                 probe = read_probe(self._client)
+            except redis.ResponseError as exc:  # INFO refused: polling cannot tell anything
+                self._stop_pump(f"Redis refuses INFO: {exc}")
+                return
             except redis.RedisError as exc:
                 failing_since = failing_since or time.monotonic()
                 if not self._note_unreachable(str(exc), failing_since):
@@ -315,6 +333,10 @@ class RedisPersistence:
             with self._cond:
                 if not self._closed:
                     self._cond.wait(self._poll_s)
+
+    def _stop_pump(self, error: str) -> None:
+        with self._cond:
+            self._unreachable, self._pump = error, None
 
     def _note_unreachable(self, error: str, since: float) -> bool:
         """Remember why Redis did not answer; False (pump ended) after GIVE_UP_S of it."""
@@ -332,8 +354,9 @@ class RedisPersistence:
         for kind in probe.on():
             progress = self._progress[kind.name]
             covering_runs = probe.running(kind) and probe.number(kind) >= progress.need
-            if (progress.pending() and progress.asked < progress.need and not covering_runs
-                    and not probe.scheduled(kind)):
+            if covering_runs or probe.scheduled(kind):  # Redis will run one that covers it
+                progress.asked = max(progress.asked, progress.need)
+            elif progress.pending() and progress.asked < progress.need:
                 asks.append((kind, progress.need))
         return asks
 
@@ -416,17 +439,19 @@ def _state_of(probe: Probe, kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "detail": _replica_note(probe)}
 
 
-def _receipt(probe: Probe, outcomes: Mapping[str, str]) -> StorePurge:
-    """The StorePurge of one forget from each kind's outcome (failed > unknown > rewriting)."""
+def _receipt(probe: Probe, outcomes: Mapping[str, tuple[str, str]]) -> StorePurge:
+    """The StorePurge of one forget from each kind's (state, note): failed > unknown >
+    rewriting > purged."""
     names = "+".join(outcomes) or "none"
-    notes = [_outcome_note(kind, outcomes[kind.name]) for kind in KINDS if kind.name in outcomes]
+    notes = [_outcome_note(kind, *outcomes[kind.name]) for kind in KINDS
+             if kind.name in outcomes]
     notes += [f"{k.label}: unknown: {probe.why.get(k.name, '')}" for k in probe.undecided()]
     if not outcomes and not probe.undecided():
         notes.append("Redis keeps no files: AOF is off, no RDB save rule, and no snapshot was "
                      "written since it started")
     notes.append(_replica_note(probe))
     detail = "; ".join(n for n in notes if n)
-    states = [v.split(":", 1)[0] for v in outcomes.values()]
+    states = [state for state, _ in outcomes.values()]
     if "failed" in states:
         return StorePurge(STORE, names, "failed", detail, CHECK)
     if probe.undecided():
@@ -437,13 +462,13 @@ def _receipt(probe: Probe, outcomes: Mapping[str, str]) -> StorePurge:
     return StorePurge(STORE, names, "purged" if outcomes else "not-persisted", detail)
 
 
-def _outcome_note(kind: FileKind, outcome: str) -> str:
-    state, _, error = outcome.partition(":")
+def _outcome_note(kind: FileKind, state: str, note: str) -> str:
     if state == "purged":
         return f"{kind.label}: rewritten by a rewrite that started after the delete"
     if state == "failed":
-        return f"{kind.label}: rewrite failed: {error}"
-    return f"{kind.label}: rewrite running or scheduled, not finished after {PURGE_WAIT_S:g} s"
+        return f"{kind.label}: rewrite failed: {note}"
+    return (f"{kind.label}: not rewritten yet after {PURGE_WAIT_S:g} s: "
+            + (note or "a rewrite that started after the delete runs or is scheduled"))
 
 
 def _replica_note(probe: Probe) -> str:

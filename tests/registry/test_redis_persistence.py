@@ -27,7 +27,7 @@ import pytest
 import redis
 
 from bases import load_base
-from registry import ForgetReceipt, Registry, StorePurge
+from registry import ForgetReceipt, Registry, StorageError, StorePurge
 from registry.redis_persistence import CHECK, ROUTE, persistence_report
 from tangent import encode_component
 from tests.app.conftest import (
@@ -51,7 +51,19 @@ class PersistentRedis:
     url: str
     data: Path
     proc: subprocess.Popen[bytes]
+    args: list[str]
+    log: Path
     clients: list[redis.Redis] = field(default_factory=list)
+
+    def restart(self) -> None:
+        """Stop it (SHUTDOWN: the AOF is flushed, a running rewrite is killed) and start it
+        again on the same port and directory."""
+        with redis.Redis.from_url(self.url) as client:
+            client.shutdown(nosave=True)
+        self.proc.wait(timeout=30)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        assert _wait_for_ping(self.url, self.proc), self.log.read_text()[-2000:]
 
     def client(self) -> redis.Redis:
         self.clients.append(redis.Redis.from_url(self.url))
@@ -95,7 +107,7 @@ def _launch(binary: str, data: Path, log: Path, options: list[str]) -> Persisten
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         url = f"redis://127.0.0.1:{port}/0"
         if _wait_for_ping(url, proc):
-            return PersistentRedis(url, data, proc)
+            return PersistentRedis(url, data, proc, args, log)
         _stop(proc)
     pytest.fail(f"redis-server did not start; see {log}:\n{log.read_text()[-2000:]}",
                 pytrace=False)
@@ -253,7 +265,7 @@ def test_a_rewrite_running_before_the_forget_does_not_count(start_redis, open_st
     entry = persistence_entry(reg.forget("c6"))
 
     assert (entry.kind, entry.state) == ("aof", "rewriting"), entry
-    assert entry.check == CHECK
+    assert "started before the delete" in entry.detail and entry.check == CHECK
     report = persistence_report(reg)
     assert (report["state"], report["covered"], report["rewrite_in_progress"]) == (
         "rewriting", False, True), report
@@ -338,6 +350,47 @@ def test_managed_redis_without_config_says_unknown_and_still_rewrites_the_aof(st
                       "the AOF rewrite")
     assert report["state"] == "unknown" and report["files"]["rdb"]["on"] is None
     assert_gone(server, [victim])
+
+
+def test_a_redis_that_refuses_info_gives_unknown(start_redis, open_store):
+    server = start_redis(appendonly=True, save="", extra=("--rename-command", "INFO", ""))
+    reg = open_store(server).open()
+    reg.add("c12", make_component(12).data)
+
+    entry = persistence_entry(reg.forget("c12"))
+
+    assert (entry.state, entry.check) == ("unknown", CHECK), entry
+    assert "BGREWRITEAOF" in entry.detail
+    report = persistence_report(reg)
+    assert (report["state"], report["forgets"]) == ("unknown", 1), report
+
+
+def test_the_report_of_an_unreachable_redis_is_a_storage_error(start_redis, open_store):
+    server = start_redis(appendonly=True, save="")
+    reg = open_store(server).open()
+    with redis.Redis.from_url(server.url) as client:
+        client.shutdown(nosave=True)
+    server.proc.wait()
+
+    with pytest.raises(StorageError, match="unreachable"):
+        persistence_report(reg)
+
+
+def test_a_redis_restart_before_the_rewrite_still_ends_purged(start_redis, open_store):
+    """Redis restarts (its rewrite counters start again) while the forget waits for a rewrite:
+    a rewrite of the new run is asked for and covers it."""
+    server = start_redis(appendonly=True, save="")
+    reg = open_store(server).open()
+    victim, bystander = add_and_persist(server, reg, [13, 14], snapshot=False)
+    slow_rewrite(server, 300_000)  # started before the delete, killed by the restart
+
+    entry = persistence_entry(reg.forget("c13"))
+    assert entry.state == "rewriting", entry
+    server.restart()
+
+    wait_covered(reg)
+    assert_gone(server, [victim])
+    assert server.holding(bystander.provenance_pattern)
 
 
 # -- the admin route, through the app over real HTTP --------------------------------------
