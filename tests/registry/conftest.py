@@ -26,6 +26,19 @@ COMBOS = [
     pytest.param("sqlite+s3", marks=pytest.mark.s3),
     pytest.param("redis+file", marks=pytest.mark.redis),
 ]
+# Every combination for the contracts that depend on where the bytes are (forgetting,
+# compositions, crashes and concurrency, and TMC_BLOB_URL itself); the two defaults for the
+# rest (ids, validation, bounds: decided before any byte is stored), which would otherwise
+# cost ~2.5x the suite's time on 2 cores for checks that cannot differ between stores.
+FULL_MATRIX = {"test_forget", "test_compositions", "test_processes", "test_blob_url"}
+DEFAULTS = COMBOS[:2]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rsplit(".", 1)[-1]
+        combos = COMBOS if module in FULL_MATRIX else DEFAULTS
+        metafunc.parametrize("store", combos, indirect=True)
 
 
 @pytest.fixture
@@ -57,7 +70,7 @@ def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Sto
     return Store(kind, tmp_path, url, blob_url)
 
 
-@pytest.fixture(params=COMBOS)
+@pytest.fixture
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s = make_store(request.param, request, tmp_path)
     yield s
