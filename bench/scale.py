@@ -672,7 +672,7 @@ def _plot_memory(ax: Any, memory: dict[str, Any]) -> None:
         ax.text(i, kb, f"keys {kb / 1024:,.1f} KiB\nused_memory {ub / 1024:,.1f} KiB",
                 ha="center", va="bottom", fontsize=6)
     ax.set(ylabel="Redis bytes per component (MEMORY USAGE)", yscale="log",
-           title="4. Redis memory per component")
+           ylim=(100, max(keys) * 20), title="4. Redis memory per component")
 
 
 def draw(png: Path, results: dict[str, Any], quick: bool) -> None:

@@ -304,6 +304,31 @@ def _scale_memory(memory: Doc) -> str:
                   "MEMORY USAGE B/component"], rows)
 
 
+def _scale_reading(setups: Doc) -> str:
+    """The curves in words, from the figures (no number typed in by hand)."""
+    lines = []
+    for name, res in setups.items():
+        star = res["star"]
+        forgets = {r["persistence"]: r for r in res["forget"]
+                   if r["kind"] == "small" and r["registry_size"] == star[-1]["registry_size"]}
+        growth = star[-1]["registry_size"] / star[0]["registry_size"]
+        line = (f"- {name}: registry {num(growth)}× larger → explicit resolve at k=100 "
+                f"{num(res['o_k'].get('100', {}).get('largest_over_smallest'), 2)}× (O(k)), "
+                f'"*" {num(star[-1]["median_ms"] / star[0]["median_ms"], 2)}× (reads every '
+                "head: O(registry size))")
+        if "aof" in forgets and "none" in forgets:
+            line += (f"; forget at {star[-1]['registry_size']} components "
+                     f"{num(forgets['aof']['median_ms'])} ms with the AOF rewrite it waits for, "
+                     f"{num(forgets['none']['median_ms'])} ms without")
+        lines.append(line + ".")
+    cache = next(iter(setups.values()))["device_cache"]["large_if_all_active"]
+    lines.append(f"- \"*\" over {cache['active']} components of 8 MiB would need "
+                 f"{num(cache['component_delta_bytes'] / 2**30)} GiB of component Δ's; the "
+                 f"default component cache holds {cache['components_that_fit']}: every change "
+                 "of the active set re-stages them all from storage.")
+    return "\n".join(lines)
+
+
 def scale_section(doc: Doc, path: Path) -> str:
     """bench.scale: the registry at 10,000 small + 200 large components, two setups."""
     res, st = doc["results"], doc["settings"]
@@ -321,7 +346,8 @@ def scale_section(doc: Doc, path: Path) -> str:
         '"*" (`resolve_all_active`) and the composition of every active component:',
         _scale_star(setups),
         "Redis memory per component (INFO used_memory growth / count, and MEMORY USAGE "
-        "summed over the keys):", _scale_memory(res["redis_memory"])])
+        "summed over the keys):", _scale_memory(res["redis_memory"]),
+        "Reading:", _scale_reading(setups)])
 
 
 def compose_bandwidth_section(doc: Doc, path: Path) -> str:
