@@ -190,13 +190,6 @@ class RedisPersistence:
         self._blind = False  # a forget happened while INFO could not be read
         self._pump: threading.Thread | None = None
         self._unreachable = ""  # the pump's last connection error ("" when it reached Redis)
-        self._closed = False
-
-    def close(self) -> None:
-        """Stop the pump (forgets not yet covered stay so; nothing is rolled back)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
     # -- the forget stage ------------------------------------------------------------
 
@@ -291,14 +284,15 @@ class RedisPersistence:
         if self._run_id:
             self._epoch += 1
             for name, progress in self._progress.items():
-                self._progress[name] = _Progress(need=1 if progress.pending() else 0)
+                uncovered = progress.need > progress.ok_through  # pending or failed
+                self._progress[name] = _Progress(need=1 if uncovered else 0)
         self._run_id = run_id
 
     # -- the pump --------------------------------------------------------------------
 
     def _start_pump(self) -> None:
         """Start the pump unless it runs (lock held)."""
-        if self._pump is None and not self._closed:
+        if self._pump is None:
             self._pump = threading.Thread(target=self._pump_loop, daemon=True,
                                           name="tmc-redis-persistence")
             self._pump.start()
@@ -310,7 +304,7 @@ class RedisPersistence:
         failing_since: float | None = None
         while True:
             with self._cond:
-                if self._closed or not self._wanted():
+                if not self._wanted():
                     self._pump = None
                     return
             try:
@@ -331,8 +325,7 @@ class RedisPersistence:
             for kind, need in asks:
                 self._ask(kind, need)
             with self._cond:
-                if not self._closed:
-                    self._cond.wait(self._poll_s)
+                self._cond.wait(self._poll_s)  # a new forget wakes it early
 
     def _stop_pump(self, error: str) -> None:
         with self._cond:
@@ -342,7 +335,7 @@ class RedisPersistence:
         """Remember why Redis did not answer; False (pump ended) after GIVE_UP_S of it."""
         with self._cond:
             self._unreachable = error
-            if time.monotonic() - since > GIVE_UP_S or self._closed:
+            if time.monotonic() - since > GIVE_UP_S:
                 self._pump = None
                 return False
             self._cond.wait(min(1.0, 10 * self._poll_s))
