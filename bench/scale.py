@@ -32,9 +32,12 @@ results outside bench/results):
 4. Redis ``used_memory`` per component with bytes in S3, against a fresh Redis holding the
    bytes too (``TMC_BLOB_URL=redis``);
 5. ``"*"`` (``resolve_all_active``) at every size, and with 1,000 active components: staging
-   their tensors cold through the service's real fetch pool (``app.fetch.Fetcher``, default
-   4 threads) and warm, the CPU compose Σ w_k Δ_k (``tangent.compose``), and what the composed
-   Δ and the component tensors weigh against the device cache budget (``TMC_CACHE_BYTES``).
+   their tensors through the service's real fetch pool (``app.fetch.Fetcher``, default
+   4 threads) cold (S3: fetched from the object store; files: read from the OS page cache)
+   and warm (the replica's local byte cache), after asking the pool at its default size (it
+   refuses more than threads + queue cold versions at once); the CPU compose Σ w_k Δ_k
+   (``tangent.compose``), and what the composed Δ and the component tensors weigh against the
+   device cache budget (``TMC_CACHE_BYTES``).
 
 Writes bench/results/scale[_quick].json and scale[_quick].png (``--out`` elsewhere).
 """
