@@ -44,8 +44,9 @@ class StorePurge(_JsonMixin):
 
     ``state``: "purged" (nothing of the id is left there), "rewriting" (the live store is
     purged; its persistence files are being rewritten — ``check`` says how to tell when
-    that is done), "not-persisted" (the store keeps no files), or "unknown" (the store
-    does not let us tell; ``detail`` says why).
+    that is done), "failed" (the rewrite failed or was refused: the old files may still hold
+    the data; ``detail`` says what to do), "not-persisted" (the store keeps no files), or
+    "unknown" (the store does not let us tell; ``detail`` says why).
     """
 
     store: str  # "index", "blobs", "local-cache", "device-cache", "redis-persistence"
