@@ -177,11 +177,9 @@ class Registry:
         elsewhere holds its lock (that one decides; the next sweep looks again)."""
         try:
             with self._index.mutation_lock([digest], wait=False):
-                if not self._index.mutate(partial(ops.drop_orphans, candidates=[digest])):
-                    return False
-                if not self._index.holds_blobs:
-                    self._blobs.delete(digest)
-                return True
+                dropped = self._index.mutate(partial(ops.drop_orphans, candidates=[digest]),
+                                             then=self._delete_after_commit)
+                return bool(dropped)
         except BusyError:
             return False
 
@@ -264,13 +262,7 @@ class Registry:
             digests = self._index.read(partial(ops.versions, cid=cid))
             try:
                 with self._index.mutation_lock(digests):
-                    receipt = self._index.mutate(partial(ops.forget, cid=cid, locked=digests))
-                    self._watch.changed(receipt.generation)
-                    crash_point("after_forget_index")
-                    try:
-                        blobs = self._delete_forgotten_bytes(cid, receipt.digests_removed)
-                    finally:  # the id is gone from the index: purge this process anyway
-                        self._loader.purge(receipt.digests_removed, own=True)
+                    receipt, blobs = self._forget_locked(cid, digests)
                 break
             except ops.VersionsChanged:
                 continue  # a version was added meanwhile: lock it too
@@ -281,6 +273,24 @@ class Registry:
             purged.append(self._cache.purge_record(receipt.digests_removed))
         purged += [stage(receipt.digests_removed) for stage in self._forget_stages]
         return dataclasses.replace(receipt, purged=purged)
+
+    def _forget_locked(self, cid: str, digests: builtins.list[str]
+                       ) -> tuple[ForgetReceipt, StorePurge]:
+        """The index change, then (right after its commit) the bytes and this process's
+        caches; under the digests' mutation lock."""
+        blobs: builtins.list[StorePurge] = []
+
+        def after_commit(receipt: ForgetReceipt) -> None:
+            self._watch.changed(receipt.generation)
+            crash_point("after_forget_index")
+            try:
+                blobs.append(self._delete_forgotten_bytes(cid, receipt.digests_removed))
+            finally:  # the id is gone from the index: purge this process anyway
+                self._loader.purge(receipt.digests_removed, own=True)
+
+        receipt = self._index.mutate(partial(ops.forget, cid=cid, locked=digests),
+                                     then=after_commit)
+        return receipt, blobs[0]
 
     def _delete_forgotten_bytes(self, cid: str, digests: builtins.list[str]) -> StorePurge:
         """After the index change: delete the bytes (unless the change did) or fail loudly."""
@@ -302,6 +312,11 @@ class Registry:
         unit = "object version(s)" if self.blob_kind == "s3" else "blob(s)"
         return StorePurge("blobs", self.blob_kind, "purged",
                           f"{removed} {unit} deleted from {self.blob_where}")
+
+    def _delete_after_commit(self, digests: builtins.list[str]) -> None:
+        if not self._index.holds_blobs:  # else the index change deleted them
+            for digest in digests:
+                self._blobs.delete(digest)
 
     def _delete_blob(self, digest: str) -> int:
         """Delete every copy of ``digest``; how many there were (S3: object versions)."""

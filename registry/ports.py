@@ -78,7 +78,10 @@ class Index(Protocol):
     holds_blobs: bool  # the bytes live in the index's own store (one atomic unit)
 
     def read(self, fn: Callable[[Tx], T]) -> T: ...
-    def mutate(self, fn: Callable[[Tx], T]) -> T: ...
+    def mutate(self, fn: Callable[[Tx], T], then: Callable[[T], object] | None = None) -> T:
+        """Apply ``fn`` atomically; then ``then(result)`` (the core's blob deletes), right
+        after the commit and before the index's own housekeeping (SQLite's WAL checkpoint,
+        which needs the disk space the deletes free); its error propagates."""
     def mutation_lock(self, digests: Sequence[str] = (), *,
                       wait: bool = True) -> AbstractContextManager[None]:
         """Held around blob write + index change (and index change + blob delete) of

@@ -323,10 +323,13 @@ class RedisIndex:
         result = self._run(fn, OPTIMISTIC_READS)
         return fn(self._snapshot()) if isinstance(result, _Lost) else result
 
-    def mutate(self, fn: Callable[[RedisTx], T]) -> T:
+    def mutate(self, fn: Callable[[RedisTx], T],
+               then: Callable[[T], object] | None = None) -> T:
         result = self._run(fn, MAX_ATTEMPTS)
         if isinstance(result, _Lost):
             raise StorageError(f"Redis registry too busy: {MAX_ATTEMPTS} attempts lost")
+        if then is not None:
+            then(result)
         return result
 
     def _snapshot(self) -> SnapshotTx:

@@ -259,19 +259,29 @@ class SqliteIndex:
     def read(self, fn: Callable[[SqliteTx], T]) -> T:
         return self._run("BEGIN", fn)[0]
 
-    def mutate(self, fn: Callable[[SqliteTx], T]) -> T:
+    def mutate(self, fn: Callable[[SqliteTx], T],
+               then: Callable[[T], object] | None = None) -> T:
         result, tx = self._run("BEGIN IMMEDIATE", fn)
-        if tx.deleted:
-            self._checkpoint()
+        try:
+            if then is not None:
+                then(result)  # e.g. the blob deletes, which free disk space first
+        finally:
+            if tx.deleted:
+                self._checkpoint()
         return result
 
     def _checkpoint(self) -> None:
-        """Move the WAL into the (secure-deleted) main file and truncate it; best effort."""
+        """Move the WAL into the (secure-deleted) main file and truncate it; a reader in
+        another process may make it wait for the next one (busy)."""
         with self._conn_lock:
-            for _ in range(5):
-                busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-                if not busy:
-                    return
+            try:
+                for _ in range(5):
+                    busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    if not busy:
+                        return
+            except sqlite3.Error as exc:
+                raise StorageError(f"registry index {self.path}: the change is committed, but "
+                                   f"its WAL could not be checkpointed: {exc}") from exc
 
     @contextmanager
     def mutation_lock(self, digests: Sequence[str] = (), *, wait: bool = True
