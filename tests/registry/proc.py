@@ -1,17 +1,28 @@
 """A registry client in its own process, for the crash and concurrency tests.
 
-python -m tests.registry.proc KIND ROOT URL BLOB_URL ID:SEED [ID:SEED ...]   ("-": none)
+python -m tests.registry.proc KIND ROOT URL BLOB_URL ITEM [ITEM ...]   ("-": none)
 
-Prints "ready" once the registry is open, then waits for a line on stdin before adding,
-so the test can start its own adds at the same moment.
+An ITEM is ID:SEED (add ``make_component(SEED)`` as ID) or forget:ID. Prints "ready" once
+the registry is open, then waits for a line on stdin before acting, so the test can start
+its own adds at the same moment.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+from registry import Registry
 from tests.registry.support import Store, make_component
+
+
+def _action(reg: Registry, item: str) -> Callable[[], object]:
+    first, second = item.split(":")
+    if first == "forget":
+        return partial(reg.forget, second)
+    return partial(reg.add, first, make_component(int(second)).data)
 
 
 def main(argv: list[str]) -> None:
@@ -20,12 +31,11 @@ def main(argv: list[str]) -> None:
                   None if blob_url == "-" else blob_url)
     reg = store.open(cache=f"cache-{kind}-proc")
     try:
-        payloads = [(cid, make_component(int(seed)).data)
-                    for cid, seed in (item.split(":") for item in items)]
+        actions = [_action(reg, item) for item in items]
         print("ready", flush=True)
         sys.stdin.readline()
-        for cid, data in payloads:
-            reg.add(cid, data)
+        for action in actions:
+            action()
     finally:
         reg.close()
 

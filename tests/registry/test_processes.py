@@ -10,9 +10,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import redis
 
-from registry import Registry
+from registry import NotFoundError, Registry
 from registry.redis_backend import LEASE_TTL_S
 from tests.registry.support import Store, make_component
 
@@ -68,6 +69,29 @@ def _lease_expires(store: Store, leases: set[bytes], blobs: list[str]) -> None:
         store.open(cache="cache-while-leased")  # sweeps, and must skip the leased digest
         assert store.state()[0] == blobs
         client.delete(lease)  # what its expiry does
+
+
+def test_a_crash_between_forget_index_and_blob_delete_is_finished_by_the_sweep(
+        store: Store, reg: Registry) -> None:
+    """Killed after the index change of a forget, before the bytes went: the id is gone for
+    everyone, and the next sweep deletes the bytes (once a dead holder's lease expired)."""
+    made = make_component(9)
+    digest = reg.add("doomed", made.data).digest
+    rc, err = _finish(_proc(store, "forget:doomed", crash="after_forget_index"))
+    assert rc == -signal.SIGKILL, err
+    with pytest.raises(NotFoundError):
+        reg.get("doomed")
+    with pytest.raises(NotFoundError):
+        reg.load_bytes(digest)
+    if store.blobs == "redis":  # the bytes went in the index change itself
+        assert store.blob_digests() == []
+    else:
+        assert store.blob_digests() == [digest]
+        leases = {k for k in store.redis_keys() if k.startswith(b"tmc:lease:")}
+        if store.index == "redis":
+            _lease_expires(store, leases, [digest])
+        store.open(cache="cache-sweeper")
+    assert store.blob_digests() == [] and store.find(made.tensor_pattern) == []
 
 
 def test_two_processes_adding_at_once(store: Store, reg: Registry) -> None:
