@@ -25,7 +25,7 @@ from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Name
 from app.decode_pool import DecodePool
 from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
 from app.executor import Executor, select_rows
-from app.fetch import Fetcher, NotStagedError, Staged
+from app.fetch import Fetcher, NotStagedError, Staged, verified_tensors
 from app.metrics import Metrics
 from app.plan import Plan
 from app.settings import Settings
@@ -67,7 +67,7 @@ class Service:
         # job, fetched at admission by the fetcher (app/fetch.py)
         self.executor = Executor(base.net, None, self.device, dtype, settings.cache_bytes,
                                  settings.compile)
-        self.fetcher = Fetcher.from_settings(settings, registry.load_tensors,
+        self.fetcher = Fetcher.from_settings(settings, verified_tensors(registry.load_bytes),
                                              self.executor.purges, registry.blob_where, metrics)
         self.worker = DeviceWorker(self.executor, base.preprocessor.collate, metrics,
                                    settings.max_batch_size, settings.max_queue_delay_ms / 1000,

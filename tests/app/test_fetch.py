@@ -27,7 +27,7 @@ import uvicorn
 import registry as reg
 from app.composition import AllActive, Explicit
 from app.errors import status_for
-from app.fetch import PurgeLog
+from app.fetch import PurgeLog, decode_tensors
 from app.main import create_app
 from app.service import Service
 from app.worker import Control, _name
@@ -425,3 +425,39 @@ def test_purge_log_refuses_what_predates_a_purge_and_serves_a_version_added_agai
     assert log.forgotten_since({"d9"}, before) == ["d9"]
     assert log.forgotten_since({"d9"}, after) == []  # newer than the dropped tombstone
     assert log.forgotten_since(set(), before) == []
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+def test_decode_tensors_matches_safetensors_and_gives_tensors_of_their_own(tiny_base):
+    """Components as the registry stores them, and every dtype decode_tensors copies itself
+    (0-d and empty tensors too): the same tensors as safetensors.torch.load, writable and not
+    sharing memory with the bytes; a dtype it does not copy goes through the library."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    odd = {"f16": torch.randn(3, 5, generator=g).half(),
+           "bf16": torch.randn(7, generator=g).bfloat16(),
+           "f64": torch.randn(2, 2, generator=g).double(), "i64": torch.arange(-3, 9),
+           "i32": torch.arange(4, dtype=torch.int32), "i16": torch.arange(5, dtype=torch.int16),
+           "i8": torch.arange(-2, 2, dtype=torch.int8), "u8": torch.arange(6, dtype=torch.uint8),
+           "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+           "empty": torch.zeros(0, 4)}
+    files = [component_bytes(tiny_base, fresh_seed()), st_save(odd, {"k": "v"}),
+             st_save({"f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+                      "f32": torch.randn(3, generator=g)})]
+    for data in files:
+        want, got = st_load(data), decode_tensors(data)
+        assert sorted(got) == sorted(want)
+        for name, tensor in want.items():
+            assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+            assert torch.equal(_bytes_of(got[name]), _bytes_of(tensor)), name  # bit for bit
+    decoded = decode_tensors(files[0])
+    first = next(iter(decoded.values()))
+    first.add_(1.0)  # its own writable memory: the bytes are untouched
+    assert torch.equal(decode_tensors(files[0])[next(iter(decoded))] + 1.0, first)
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
