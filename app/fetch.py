@@ -21,6 +21,10 @@ device thread only casts and moves them (``cast_delta``).
   GIL released: ``safetensors.torch.load`` copies holding it, ~0.1 s per 100 MB measured here,
   and every Python step of the device thread and of the event loop waited for it.
 
+Measured (bench/cold_fetch.py: 105 MB components, embedded registry, 2-core VM): the p99 of
+a warm composition while another client keeps asking for cold components went from 1142 ms
+(cold bytes read, hashed and parsed on the device thread) to 243 ms; its idle p99 is 42 ms.
+
 Forgetting stays exact (``PurgeLog``). A forget purges the device caches with a control
 command on the device thread, and its receipt returns after that purge. Every purge
 advances the purge epoch and records, per digest, the epoch of its last purge. A request reads

@@ -123,9 +123,10 @@ class DeviceWorker:
         The action's exception is raised here. ``DeviceTimeoutError`` when it has not
         finished within ``timeout`` (it may still run later); ``NotReadyError`` at once
         when the device thread is not running (never started, or stopped).
-        Called on the device thread itself — a registry forget hook fires while a group
-        loads a component that was just forgotten — it runs at once: queueing it there
-        would wait for this very thread (the whole device stalled for ``timeout``).
+        Called on the device thread itself — a registry forget hook fired by an executor
+        that loads components itself (benches, tools; the service's stages them at
+        admission) — it runs at once: queueing it there would wait for this very thread
+        (the whole device stalled for ``timeout``).
         """
         control = Control(action)
         if threading.current_thread() is self._thread:
