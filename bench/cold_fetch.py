@@ -251,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             before = measure("before", before_code, base_dir, files, cache_bytes, cfg, work)
         with checkout(args.after) if args.after else contextlib.nullcontext() as after_code:
             after = measure("after", after_code, base_dir, files, cache_bytes, cfg, work)
-    results = {"before": {**before, "ref": ref}, "after": {**after, "ref": args.after},
-               "component_bytes": size, "cache_bytes": cache_bytes,
-               "warm_p99_ms_under_cold_load": {
-                   "before": before["cold_load"]["warm"]["p99_ms"],
-                   "after": after["cold_load"]["warm"]["p99_ms"]},
-               "warm_p99_ms_idle": {"before": before["idle"]["warm"]["p99_ms"],
-                                    "after": after["idle"]["warm"]["p99_ms"]}}
+    results: dict[str, Any] = {
+        "before": {**before, "ref": ref}, "after": {**after, "ref": args.after},
+        "component_bytes": size, "cache_bytes": cache_bytes,
+        "warm_p99_ms_under_cold_load": {"before": before["cold_load"]["warm"]["p99_ms"],
+                                        "after": after["cold_load"]["warm"]["p99_ms"]},
+        "warm_p99_ms_idle": {"before": before["idle"]["warm"]["p99_ms"],
+                             "after": after["idle"]["warm"]["p99_ms"]}}
     if before["has_fetch_pool"] or not after["has_fetch_pool"]:
         raise SystemExit("the 'before' server already has the fetch pool (or 'after' lacks "
                          "it): --before must name a commit without app/fetch.py")
