@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 
 from registry.core import Registry
+from registry.errors import RegistryError
 from registry.file_blobs import FileBlobStore
 from registry.local_cache import LocalCache, MemoryBlobStore
 from registry.ports import BlobStore, Index
@@ -37,21 +38,27 @@ DEFAULT_MAX_COMPONENT_BYTES = 512 * 1024 * 1024
 BLOB_URL_FORMS = "file:///absolute/path, redis, or s3://bucket[/prefix]"
 
 
+class BlobPlaceError(RegistryError, ValueError):
+    """A malformed ``TMC_BLOB_URL`` or one that cannot go with the index settings (a
+    ValueError; a RegistryError too, so ``tmc serve`` says the registry cannot be opened)."""
+
+
 def blob_place(blob_url: str | None, registry_dir: Path | None,
                redis_url: str | None) -> tuple[str, str]:
     """Where the bytes live: ("file", "/abs/path"), ("redis", ""), or ("s3", "s3://…").
 
-    Raises ValueError, saying what to set, for a malformed URL or an impossible combination.
+    Raises BlobPlaceError (a ValueError), saying what to set, for a malformed URL or an
+    impossible combination.
     """
     if not redis_url and registry_dir is None:
-        raise ValueError("open_registry needs registry_dir (embedded) or redis_url (shared)")
+        raise BlobPlaceError("open_registry needs registry_dir (embedded) or redis_url (shared)")
     if blob_url is None:
         if redis_url or registry_dir is None:
             return "redis", ""
         return "file", str(registry_dir / "blobs")
     if blob_url == "redis":
         if not redis_url:
-            raise ValueError("TMC_BLOB_URL=redis keeps component bytes in the shared Redis, "
+            raise BlobPlaceError("TMC_BLOB_URL=redis keeps component bytes in the shared Redis, "
                              "but TMC_REDIS_URL is not set: set it, or pick file:///path or "
                              "s3://bucket/prefix for the bytes")
         return "redis", ""
@@ -59,7 +66,7 @@ def blob_place(blob_url: str | None, registry_dir: Path | None,
         return "s3", blob_url
     if blob_url.startswith("file:"):
         return "file", _file_path(blob_url)
-    raise ValueError(f"TMC_BLOB_URL {blob_url!r} is not a blob store: use {BLOB_URL_FORMS}")
+    raise BlobPlaceError(f"TMC_BLOB_URL {blob_url!r} is not a blob store: use {BLOB_URL_FORMS}")
 
 
 def _file_path(url: str) -> str:
@@ -67,7 +74,7 @@ def _file_path(url: str) -> str:
     path = unquote(parts.path)
     if parts.netloc not in ("", "localhost") or not path.startswith("/") or (
             parts.query or parts.fragment):
-        raise ValueError(f"TMC_BLOB_URL {url!r}: a file URL is file:///absolute/path "
+        raise BlobPlaceError(f"TMC_BLOB_URL {url!r}: a file URL is file:///absolute/path "
                          "(three slashes, no host, query or fragment)")
     return path
 
@@ -86,7 +93,10 @@ def _open_blobs(kind: str, location: str, client: redis.Redis | None,
     if kind == "s3":
         from registry.s3_blobs import open_s3_blobs  # boto3 is imported only when used
 
-        store = open_s3_blobs(location)
+        try:
+            store = open_s3_blobs(location)
+        except ValueError as exc:  # a malformed URL or AWS_ENDPOINT_URL: say so at open
+            raise BlobPlaceError(str(exc)) from exc
         return store, store.describe()
     return FileBlobStore(Path(location)), f"file://{location}"
 

@@ -17,9 +17,9 @@ import redis
 
 import registry.core as core
 import registry.redis_backend as redis_backend
-from registry import NotFoundError, Registry, StorageError, open_registry
+from registry import NotFoundError, Registry, RegistryError, StorageError, open_registry
 from registry.errors import BusyError
-from registry.factory import blob_place
+from registry.factory import BlobPlaceError, blob_place
 from tests.conftest_s3 import S3Server
 from tests.registry.conftest import make_store
 from tests.registry.support import FP, REGION, Store, make_component
@@ -249,12 +249,13 @@ def test_blob_places() -> None:
 ])
 def test_impossible_blob_places_are_refused(url: str, registry_dir: Path | None,
                                             redis_url: str | None, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         blob_place(url, registry_dir, redis_url)
+    assert isinstance(refused.value, RegistryError)  # tmc serve: "cannot open the registry"
 
 
 def test_a_bad_s3_url_is_refused_before_anything_is_opened(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="bucket"):
+    with pytest.raises(BlobPlaceError, match="bucket"):  # a ValueError and a RegistryError
         open_registry(registry_dir=tmp_path / "reg", redis_url=None, base_fingerprint=FP,
                       region=REGION, blob_url="s3://UPPER/p")
     assert not (tmp_path / "reg").exists()
