@@ -59,12 +59,18 @@ class Settings(BaseSettings):
         "admission, off the device thread")
     fetch_queue_size: int = Field(
         16, ge=0, le=1024,
-        description="cold component fetches waiting for a fetch thread beyond which a request "
-        "needing a new one gets 503")
+        description="requests waiting for cold component fetches of their own (each with any "
+        "number of versions), beyond TMC_FETCH_THREADS, after which a request needing a new "
+        "fetch gets 503")
     fetch_timeout_s: float = Field(
         20.0, gt=0.0,
-        description="longest a request waits for its cold component fetches (then 503 naming "
-        "the version and the store)")
+        description="longest one cold component fetch may run, from when a fetch thread takes "
+        "it (then 503 naming the version and the store); waiting for a thread counts against "
+        "TMC_REQUEST_TIMEOUT_S only")
+    fetch_max_request_bytes: int = Field(
+        2 * 1024**3, ge=1024, le=2**44,
+        description="host memory one request's cold component tensors may take while staged "
+        "(413 beyond)")
     drain_timeout_s: float = Field(20.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = Field(

@@ -26,8 +26,8 @@ import uvicorn
 
 import registry as reg
 from app.composition import AllActive, Explicit
-from app.errors import status_for
-from app.fetch import PurgeLog, decode_tensors
+from app.errors import OverloadedError, status_for
+from app.fetch import PurgeLog, StagingTooLargeError, decode_tensors
 from app.main import create_app
 from app.service import Service
 from app.worker import Control, _name
@@ -341,18 +341,146 @@ def test_pool_saturation_and_a_fetch_timeout_are_clear_503s(tiny_base_dir, tiny_
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         error = r.json()["error"]
         assert f"fetching component version {slow}" in error, error
-        assert "did not finish within 1 s (TMC_FETCH_TIMEOUT_S)" in error
+        assert "did not finish within 1 s (TMC_FETCH_TIMEOUT_S, counted from when a fetch " \
+            "thread took it)" in error
         assert svc.registry.blob_where in error, error
         assert gate.entered.is_set() and not gate.release.is_set()  # the read still hangs
         r = ask("other")
         assert r.status_code == 503, r.text
-        assert "component fetching is saturated (1 fetching, 0 waiting" in r.json()["error"]
-        assert "TMC_FETCH_THREADS" in r.json()["error"]
+        assert ("component fetching is saturated (1 requests waiting for cold versions, the "
+                "most allowed: 1 + 0, TMC_FETCH_THREADS + TMC_FETCH_QUEUE_SIZE): this one "
+                "needs 1 more version(s)") in r.json()["error"], r.text
         assert ask("warm").status_code == 200
         assert gate.reads_of(other) == 0
         gate.release.set()
         assert ask("slow").status_code == 200  # joins the stuck fetch, or fetches again
         assert ask("other").status_code == 200  # the pool is free again
+
+
+# -- large compositions, fair turns, the bound on waiting requests, the byte budget ---------------
+
+def test_many_cold_components_are_served_with_the_default_fetch_settings(
+        tiny_base_dir, tiny_base, tmp_path, gate):
+    """Default TMC_FETCH_* settings (4 threads + 16), real HTTP: "*" over 60 active cold
+    components, then an explicit composition of 60 other cold ones: both answered as computed
+    here, each version read once, on fetch threads only. The old bound counted versions
+    (4 + 16) and refused both with 503, however often they were retried."""
+    settings = settings_for(tiny_base_dir, tmp_path / "r")
+    assert (settings.fetch_threads, settings.fetch_queue_size) == (4, 16)
+    svc = Service.build(settings)
+    star = {f"s{i:02d}": fresh_seed() for i in range(60)}
+    explicit = {f"e{i:02d}": fresh_seed() for i in range(60)}
+    digests = {cid: add(svc, cid, seed) for cid, seed in star.items()}
+    for cid, seed in explicit.items():
+        digests[cid] = svc.registry.add(cid, component_bytes(tiny_base, seed),
+                                        active=False).digest
+    weights = {cid: (-1.0) ** i / 30 for i, cid in enumerate(explicit)}
+    x = torch.randn(2, 64).tolist()
+    with live_app(settings, svc) as c:
+        r = c.post("/v1/predict", json={"inputs": x, "components": "*"})
+        assert r.status_code == 200, r.text
+        got_star = torch.tensor([o["logits"] for o in r.json()["outputs"]])
+        r = c.post("/v1/predict", json={"inputs": x, "components": weights})
+        assert r.status_code == 200, r.text
+        got_explicit = torch.tensor([o["logits"] for o in r.json()["outputs"]])
+    want_star = offline(tiny_base, x, {seed: 1.0 for seed in star.values()})
+    torch.testing.assert_close(got_star, want_star, rtol=1e-4, atol=1e-4)
+    want = offline(tiny_base, x, {explicit[cid]: w for cid, w in weights.items()})
+    torch.testing.assert_close(got_explicit, want, rtol=1e-4, atol=1e-4)
+    assert sorted(d for d, _ in gate.reads) == sorted(digests.values())  # once each
+    assert DEVICE_THREAD not in gate.threads()
+    assert {t.rsplit("_", 1)[0] for t in gate.threads()} == {"tmc-fetch"}
+
+
+@contextmanager
+def live_app(settings: Any, svc: Service) -> Iterator[httpx.Client]:
+    port = free_port()
+    config = uvicorn.Config(create_app(settings, svc), host="127.0.0.1", port=port,
+                            log_level="warning", lifespan="on")
+    with uvicorn_in_thread(config), httpx.Client(base_url=f"http://127.0.0.1:{port}",
+                                                 timeout=60) as c:
+        yield c
+
+
+def test_cold_requests_take_turns_and_too_many_waiting_requests_get_503(
+        tiny_base_dir, tiny_base, tmp_path, gate, monkeypatch):
+    """One fetch thread, room for two requests with fetches of their own. A composition of 8
+    cold versions holds the thread (its first read hangs in the store); a small cold request
+    queues behind it; a third request needing a new version is refused (503, saturated), while
+    a fourth that only joins the small one's fetch is admitted. Once the store answers, the
+    small request's version is read after one more of the big one, before its other 6 (turns,
+    not arrival order), and every admitted request is answered as computed here."""
+    big = {f"g{i}": fresh_seed() for i in range(8)}
+    small, other = fresh_seed(), fresh_seed()
+    x = torch.randn(1, 64).tolist()
+    with running(tiny_base_dir, tmp_path / "r", fetch_threads=1, fetch_queue_size=1) as svc:
+        digests = {cid: add(svc, cid, seed) for cid, seed in big.items()}
+        small_digest = add(svc, "small", small)
+        add(svc, "other", other)
+        gate.held.add(min(digests.values()))  # the big batch's first fetch
+        admitted = signal_after(svc.fetcher, "_join_or_start", monkeypatch)
+
+        async def scenario() -> tuple[list[Any], BaseException]:
+            first = asyncio.create_task(predict(svc, x, dict.fromkeys(big, 0.25)))
+            await wait_for(gate.entered)
+            admitted.clear()
+            second = asyncio.create_task(predict(svc, x, {"small": 1.0}))
+            await wait_for(admitted)
+            with pytest.raises(OverloadedError) as refused:
+                await predict(svc, x, {"other": 1.0})
+            admitted.clear()
+            joiner = asyncio.create_task(predict(svc, x, {"small": -1.0}))
+            await wait_for(admitted)
+            gate.release.set()
+            return await asyncio.gather(first, second, joiner), refused.value
+
+        (got_big, got_small, got_joiner), error = asyncio.run(scenario())
+    assert status_for(error) == 503
+    assert "saturated (2 requests waiting for cold versions, the most allowed: 1 + 1" in \
+        str(error)
+    order = [d for d, _ in gate.reads]
+    firsts = sorted(digests.values())[:2]  # the big batch had its turn before small came
+    assert order[:3] == [*firsts, small_digest], order
+    assert sorted(order) == sorted([*digests.values(), small_digest])  # one read each
+    want = offline(tiny_base, x, dict.fromkeys(big.values(), 0.25))
+    torch.testing.assert_close(got_big.logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_small.logits, offline(tiny_base, x, {small: 1.0}),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_joiner.logits, offline(tiny_base, x, {small: -1.0}),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_request_past_the_host_byte_budget_gets_413_and_its_queued_fetches_are_dropped(
+        tiny_base_dir, tiny_base, tmp_path, gate):
+    """TMC_FETCH_MAX_REQUEST_BYTES of 1.5 components, one fetch thread, a composition of 5
+    cold versions: the second one to land passes the budget, the request gets 413 naming the
+    setting (while the third read hangs in the store), and the two versions it queued that no
+    thread took are never read. A composition within the budget is served."""
+    seeds = {f"c{i}": fresh_seed() for i in range(5)}
+    one = sum(t.nbytes for t in decode_tensors(component_bytes(tiny_base, 1)).values())
+    x = torch.randn(1, 64).tolist()
+    with running(tiny_base_dir, tmp_path / "r", fetch_threads=1,
+                 fetch_max_request_bytes=one * 3 // 2) as svc:
+        order = sorted((add(svc, cid, seed), cid) for cid, seed in seeds.items())
+        gate.held.add(order[2][0])
+
+        async def scenario() -> BaseException:
+            with pytest.raises(StagingTooLargeError) as refused:
+                await predict(svc, x, dict.fromkeys(seeds, 1.0))
+            third = svc.fetcher._flights[order[2][0]].future
+            gate.release.set()
+            await asyncio.wrap_future(third)
+            return refused.value
+
+        error = asyncio.run(scenario())
+        assert svc.fetcher.in_flight == 0
+        got = asyncio.run(predict(svc, x, {order[4][1]: 1.0}))
+    assert status_for(error) == 413
+    assert f"more than {one * 3 // 2} bytes" in str(error)
+    assert "TMC_FETCH_MAX_REQUEST_BYTES" in str(error)
+    assert [d for d, _ in gate.reads] == [d for d, _ in order[:3]] + [order[4][0]]
+    torch.testing.assert_close(got.logits, offline(tiny_base, x, {seeds[order[4][1]]: 1.0}),
+                               rtol=1e-5, atol=1e-6)
 
 
 # -- forgetting stays exact -------------------------------------------------------------------
