@@ -323,15 +323,25 @@ class Service:
                      extra={"event": "registry_restored", "generation": generation})
 
     def readiness(self) -> dict[str, Any]:
+        """Ready = warm, not draining, and the registry index answers. A blob store that
+        does not answer (S3 down) is reported (``blob_store``, ``blob_store_error``) but does
+        not make the replica unready: every replica shares it, so failing readiness would take
+        them all out of service, while base-only requests and compositions whose tensors are
+        cached still work; requests that need cold bytes get a 503 that names the store."""
         checks: dict[str, Any] = {"base_loaded": True, "warm_forward": self.ready,
                                   "draining": self.draining}
         try:
-            self.registry.ping()  # the index and the blob store (S3: the bucket answers)
             checks["registry_generation"] = self.registry.generation()
             checks["registry"] = True
         except reg.StorageError as exc:  # unreachable, or lost its data (RegistryLostError)
             checks["registry"] = False
             checks["registry_error"] = str(exc)
+        try:
+            self.registry.ping_blobs()
+            checks["blob_store"] = True
+        except reg.StorageError as exc:
+            checks["blob_store"] = False
+            checks["blob_store_error"] = str(exc)
         checks["ready"] = bool(self.ready and checks["registry"] and not self.draining)
         return checks
 

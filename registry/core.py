@@ -157,6 +157,11 @@ class Registry:
     def ping(self) -> None:
         """Raise StorageError unless the index and the blob store (if it can tell) answer."""
         self._index.ping()
+        self.ping_blobs()
+
+    def ping_blobs(self) -> None:
+        """Raise StorageError unless the blob store answers (S3: the bucket; a store that
+        cannot tell is taken as answering)."""
         ping: Callable[[], None] | None = getattr(self._blobs, "ping", None)
         if ping is not None:
             ping()

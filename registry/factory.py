@@ -26,7 +26,7 @@ import redis
 
 from registry.core import Registry
 from registry.errors import RegistryError
-from registry.file_blobs import FileBlobStore
+from registry.file_blobs import SHARED_PARTIAL_GRACE_S, FileBlobStore
 from registry.local_cache import LocalCache, MemoryBlobStore
 from registry.ports import BlobStore, Index
 from registry.redis_backend import Keys, RedisBlobStore, RedisIndex
@@ -89,7 +89,7 @@ def _open_blobs(kind: str, location: str, client: redis.Redis | None,
     """The blob store and how errors and receipts name it."""
     if kind == "redis":
         assert client is not None  # blob_place refused redis bytes without a Redis
-        return RedisBlobStore(client, keys), f"Redis ({keys.blob('*')})"
+        return RedisBlobStore(client, keys), f"Redis ({keys.blob_pattern()})"
     if kind == "s3":
         from registry.s3_blobs import open_s3_blobs  # boto3 is imported only when used
 
@@ -98,7 +98,10 @@ def _open_blobs(kind: str, location: str, client: redis.Redis | None,
         except ValueError as exc:  # a malformed URL or AWS_ENDPOINT_URL: say so at open
             raise BlobPlaceError(str(exc)) from exc
         return store, store.describe()
-    return FileBlobStore(Path(location)), f"file://{location}"
+    # With a Redis index no lock spans replicas' puts (SQLite's file lock does): keep young
+    # temp files, they may be another replica's put in flight
+    grace = SHARED_PARTIAL_GRACE_S if client is not None else 0.0
+    return FileBlobStore(Path(location), partial_grace_s=grace), f"file://{location}"
 
 
 def _local_cache(cache_dir: Path | None) -> LocalCache:

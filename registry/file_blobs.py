@@ -7,8 +7,10 @@ from validated hex digests only, never from ids.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,10 @@ from registry.errors import StorageError
 from registry.validate import DIGEST_PATTERN
 
 TEMP_SUFFIX = ".tmp"
+# On a volume shared by replicas (TMC_BLOB_URL=file://…) a temp file younger than this may be
+# another replica's put in flight (no lock spans replicas' puts): the sweep leaves it; the first
+# open after it has aged removes it.
+SHARED_PARTIAL_GRACE_S = 300.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -29,9 +35,13 @@ def _fsync_dir(path: Path) -> None:
 class FileBlobStore:
     """A ``BlobStore`` over a local folder."""
 
-    def __init__(self, root: Path, *, durable: bool = True) -> None:
+    def __init__(self, root: Path, *, durable: bool = True, partial_grace_s: float = 0.0
+                 ) -> None:
         self.root = root
         self.durable = durable  # fsync; a cache verified on every load can skip it
+        # discard_partial keeps temp files younger than this: 0 where one lock (the embedded
+        # registry's) spans every put and the sweep; SHARED_PARTIAL_GRACE_S on a shared volume
+        self.partial_grace_s = partial_grace_s
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -87,8 +97,13 @@ class FileBlobStore:
                         yield f.name
 
     def discard_partial(self) -> None:
+        """Delete temp files of interrupted puts older than ``partial_grace_s`` (see
+        ``__init__``)."""
+        cutoff = time.time() - self.partial_grace_s
         for temp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if temp.stat().st_mtime < cutoff:
+                    temp.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Nothing to release."""

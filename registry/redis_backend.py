@@ -120,7 +120,15 @@ class Keys:
         return f"{self.prefix}owner:{digest}"
 
     def blob(self, digest: str) -> str:
+        """The key of a digest's bytes; the digest is checked first (ValueError), so no key is
+        ever built from anything but 64 lowercase hex characters."""
+        if not DIGEST_PATTERN.fullmatch(digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return f"{self.prefix}blob:{digest}"
+
+    def blob_pattern(self) -> str:
+        """The SCAN pattern of every blob key."""
+        return f"{self.prefix}blob:*"
 
     def lease(self, digest: str) -> str:
         return f"{self.prefix}lease:{digest}"
@@ -463,8 +471,8 @@ class RedisBlobStore:
         return bool(self._call(lambda: self._client.exists(self._keys.blob(digest))))
 
     def digests(self) -> Iterator[str]:
-        start = len(self._keys.blob(""))
-        keys = self._call(lambda: list(self._client.scan_iter(self._keys.blob("*"), 1000)))
+        start = len(self._keys.blob_pattern()) - 1
+        keys = self._call(lambda: list(self._client.scan_iter(self._keys.blob_pattern(), 1000)))
         for key in keys:
             digest = bytes(key)[start:].decode()
             if DIGEST_PATTERN.fullmatch(digest):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +99,9 @@ def test_redis_key_layout() -> None:
     keys = Keys("tmc:")
     assert (keys.gen, keys.ids, keys.comps, keys.events) == (
         "tmc:gen", "tmc:ids", "tmc:comps", "tmc:events")
-    assert keys.blob("ab") == "tmc:blob:ab" and keys.component("x") == "tmc:c:x"
+    assert keys.blob("ab" * 32) == f"tmc:blob:{'ab' * 32}" and keys.component("x") == "tmc:c:x"
+    with pytest.raises(ValueError, match="not a sha256"):
+        keys.blob("../x")
 
 
 @pytest.mark.redis
@@ -124,3 +128,16 @@ def test_open_registry_needs_a_location() -> None:
     with pytest.raises(ValueError, match="registry_dir"):
         open_registry(registry_dir=None, redis_url=None, base_fingerprint=FP, region=REGION,
                       max_component_bytes=1000)
+
+
+def test_a_shared_file_store_keeps_young_partial_writes(tmp_path: Path) -> None:
+    """On a shared volume a young temp file may be another replica's put in flight."""
+    blobs = FileBlobStore(tmp_path, partial_grace_s=300.0)
+    young = tmp_path / "ab" / f".{'ab' * 32}.young.tmp"
+    old = tmp_path / "cd" / f".{'cd' * 32}.old.tmp"
+    for temp in (young, old):
+        temp.parent.mkdir()
+        temp.write_bytes(b"partial")
+    os.utime(old, (time.time() - 301, time.time() - 301))
+    blobs.discard_partial()
+    assert young.exists() and not old.exists()
