@@ -382,7 +382,18 @@ def cmd_reweight(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     r = _client(args).forget(args.id)
     return _emit(args, r, f"forgot {r['id']}: {len(r['digests_removed'])} version(s) removed, "
-                 f"generation {r['generation']}")
+                 f"generation {r['generation']}{_unfinished_purges(r)}")
+
+
+def _unfinished_purges(receipt: dict[str, Any]) -> str:
+    """One line per store the forget has not (yet) purged for sure: a Redis rewrite still
+    running, failed, or a store that cannot tell; with what to do."""
+    lines = [f"\n  {p['store']} ({p['kind']}): {p['state']}"
+             + (f" — {p['detail']}" if p.get("detail") else "")
+             + (f"; check: {p['check']}" if p.get("check") else "")
+             for p in receipt.get("purged", [])
+             if p.get("state") not in ("purged", "not-persisted")]
+    return "".join(lines)
 
 
 def cmd_compose(args: argparse.Namespace) -> int:

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
         description="image requests waiting for a decode thread beyond which new ones get 503")
     max_component_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device LRU budget")
-    blob_cache_dir: Path | None = Field(None, description="local byte cache (Redis mode)")
+    blob_cache_dir: Path | None = Field(
+        None, description="this replica's byte cache when the bytes are shared (a Redis index, "
+        "or s3:// bytes); None: in memory")
     fetch_threads: int = Field(
         4, ge=1, le=64,
         description="threads that fetch, verify and decode cold component versions at "

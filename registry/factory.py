@@ -101,7 +101,8 @@ def _open_blobs(kind: str, location: str, client: redis.Redis | None,
     # With a Redis index no lock spans replicas' puts (SQLite's file lock does): keep young
     # temp files, they may be another replica's put in flight
     grace = SHARED_PARTIAL_GRACE_S if client is not None else 0.0
-    return FileBlobStore(Path(location), partial_grace_s=grace), f"file://{location}"
+    return (FileBlobStore(Path(location), partial_grace_s=grace),
+            f"file://{Path(location).absolute()}")
 
 
 def _local_cache(cache_dir: Path | None) -> LocalCache:

@@ -1,4 +1,5 @@
-"""A replica's local byte cache by digest (Redis mode), verified by sha256 on every hit.
+"""A replica's local byte cache by digest (shared bytes: a Redis index or s3:// bytes), verified
+by sha256 on every hit.
 
 Backed by a folder (``FileBlobStore``, atomic writes) or by memory (``MemoryBlobStore``,
 LRU-bounded). The registry purges it on forget, on a forget announced by another replica,

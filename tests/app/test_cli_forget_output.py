@@ -1,0 +1,22 @@
+"""`tmc forget` (without --json) names every store the forget has not purged for sure."""
+
+from __future__ import annotations
+
+from app.cli import _unfinished_purges
+
+
+def test_only_stores_not_surely_purged_are_named_with_what_to_do() -> None:
+    receipt = {"purged": [
+        {"store": "index", "kind": "redis", "state": "purged", "detail": "", "check": ""},
+        {"store": "blobs", "kind": "s3", "state": "purged", "detail": "2 object version(s)",
+         "check": ""},
+        {"store": "redis-persistence", "kind": "aof", "state": "rewriting",
+         "detail": "BGREWRITEAOF running", "check": "GET /v1/admin/registry/persistence"},
+        {"store": "redis-persistence", "kind": "rdb", "state": "not-persisted", "detail": "",
+         "check": ""},
+    ]}
+    assert _unfinished_purges(receipt) == (
+        "\n  redis-persistence (aof): rewriting — BGREWRITEAOF running; "
+        "check: GET /v1/admin/registry/persistence")
+    assert _unfinished_purges({"purged": receipt["purged"][:2]}) == ""
+    assert _unfinished_purges({}) == ""  # an older server's receipt
