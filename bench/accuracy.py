@@ -74,9 +74,17 @@ from training.data import (
 )
 from training.evaluate import Evaluator
 from training.features import Features, trunk_features
+from training.negatives import make_negatives
 from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
 from training.probe import train_linear_probe
-from training.tangent_train import TangentConfig, default_kappa, default_lr, train_tangent
+from training.prototypes import PoolWhitening, add_prototypes, pool_whitening
+from training.tangent_train import (
+    TangentConfig,
+    default_kappa,
+    default_lr,
+    default_recipe,
+    train_tangent,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Trunk features are a pure function of (base fingerprint, rows): kept on disk between runs
@@ -118,6 +126,14 @@ class Experiment:
     # --select grids: (kappa, lr) pairs for TMC, lrs for the NL fine-tunes
     tmc_grid: list[tuple[float, float]] = field(default_factory=list)
     nl_grid: list[float] = field(default_factory=list)
+    labels: tuple[str, ...] | None = None  # the base's labels (None: the preset's)
+    # unlabeled pool for whitened prototypes: up to this many training rows outside every
+    # task (seeded, the same for every component and seed); None: no pool variant
+    pool_rows: int | None = None
+    pool_shrinkage: float = 0.3
+    recipe: dict[str, Any] = field(default_factory=dict)  # TangentConfig overrides
+    # --select --recipes: option sets (TangentConfig overrides) scored on validation
+    recipe_grid: list[dict[str, Any]] = field(default_factory=list)
 
 
 FMNIST_DATA_IL_TMC_GRID = [(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
@@ -127,7 +143,7 @@ EXPERIMENTS = {
         "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
         selected_on="accuracy_fmnist-class-il_select*.json",
         tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)]
-        + [(300.0, 1e-4), (1000.0, 1e-4)], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
+        + [(300.0, 1e-4), (1000.0, 1e-4)], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3], pool_rows=2000),
     # data-incremental: one fixed pool of 10,000 training images cut into 5 or 10 shards
     # (2,000 or 1,000 images each); the shard assignment changes with the seed
     "fmnist-data-il": Experiment(
@@ -142,9 +158,20 @@ EXPERIMENTS = {
         "bbc-data-il", "minilm", "bbc", "shard", epochs=5,
         selected_on="accuracy_bbc-data-il_select.json",
         tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (15.0, 1e-3), (5.0, 3e-4)], nl_grid=[1e-4, 1e-3]),
+    # a second class-incremental dataset: scikit-learn's 8×8 digits as images, 5 tasks × 2
+    # digits, 150 training rows per task; the ~330 training rows left form the unlabeled
+    # pool; 20% validation, 20% test (359 rows each)
+    "digits-class-il": Experiment(
+        "digits-class-il", "effnet-lite0", "digits-images", "classes", per_task=150,
+        epochs=10, pool_rows=1000, kappa=50.0, lr=1e-3, nl_lr=3e-4,
+        recipe={"prototypes": 0.3},
+        labels=tuple(str(i) for i in range(10)), val_fraction=0.2,
+        selected_on="accuracy_digits-class-il_select.json",
+        tmc_grid=[], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
 }
 
-DEFAULT_RUN = ("fmnist-class-il", "fmnist-data-il", "fmnist-data-il-10", "bbc-data-il")
+DEFAULT_RUN = ("fmnist-class-il", "digits-class-il", "fmnist-data-il", "fmnist-data-il-10",
+               "bbc-data-il")
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -162,6 +189,7 @@ class Prepared:
     union: Dataset  # every training row any task can use
     union_features: Features
     class_tasks: list[tuple[str, Dataset]]  # "classes" rule: the fixed tasks
+    pool: PoolWhitening | None  # the unlabeled pool's statistics (exp.pool_rows)
     val: Evaluator
     test: Evaluator
     seconds: dict[str, float]
@@ -241,7 +269,8 @@ def draw_class_tasks(exp: Experiment, train: Dataset, labels: list[str]
 
 def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
     t0 = time.perf_counter()
-    init_base(base_dir, make_spec(exp.preset, options=exp.options), force=True)
+    init_base(base_dir, make_spec(exp.preset, options=exp.options,
+                                  labels=list(exp.labels) if exp.labels else None), force=True)
     base = load_base(base_dir)
     pool, fixed_test = load_source(exp.data)
     pool = align_labels(pool, base.labels)
@@ -268,20 +297,49 @@ def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
                "trunk_val": val_ev.features.seconds, "trunk_test": test_ev.features.seconds}
     log(f"trunk features: train {seconds['trunk_train']:.1f}s, val {seconds['trunk_val']:.1f}s,"
         f" test {seconds['trunk_test']:.1f}s")
-    return Prepared(exp, base, union, union_features, class_tasks, val_ev, test_ev, seconds)
+    pool = unlabeled_pool(exp, base, splits.train, union, progress)
+    return Prepared(exp, base, union, union_features, class_tasks, pool, val_ev, test_ev,
+                    seconds)
+
+
+def unlabeled_pool(exp: Experiment, base: Any, train: Dataset, union: Dataset,
+                   progress: bool) -> PoolWhitening | None:
+    """Whitening statistics of up to exp.pool_rows training rows that no task holds (labels
+    dropped): fixed before any task, the same for every component."""
+    if not exp.pool_rows:
+        return None
+    rest = np.flatnonzero(~np.isin(train.index, union.index))
+    pool = take(train.subset(rest), exp.pool_rows, seed=exp.split_seed + 1)
+    pool = replace(pool, labels=np.full(len(pool), -1, dtype=np.int64),
+                   source=f"{pool.source} | unlabeled pool")
+    log(f"unlabeled pool: {len(pool)} training rows outside every task")
+    return pool_whitening(base.net, cached_features(base, pool, "pool features", progress),
+                          exp.pool_shrinkage)
 
 
 def tangent_config(p: Prepared, **overrides: Any) -> TangentConfig:
+    """The tangent settings of an experiment: `tmc train`'s defaults for its shard rule
+    (κ, lr, recipe), then the experiment's own, then ``overrides``."""
     cfg = TangentConfig(epochs=p.exp.epochs, kappa=p.exp.kappa or default_kappa(p.exp.rule),
-                        lr=p.exp.lr or default_lr(p.base, p.exp.rule), seed=p.exp.seed)
-    return replace(cfg, **overrides)
+                        lr=p.exp.lr or default_lr(p.base, p.exp.rule), seed=p.exp.seed,
+                        **default_recipe(p.exp.rule))
+    return replace(cfg, **{**p.exp.recipe, **overrides})
+
+
+def negatives_for(p: Prepared, ds: Dataset, cfg: TangentConfig) -> Features | None:
+    """Trunk features of a shard's negatives (cached on disk like every trunk output)."""
+    if not cfg.quiet:
+        return None
+    return cached_features(p.base, make_negatives(ds, cfg.negatives, cfg.seed), "negatives",
+                           False)
 
 
 def train_components(p: Prepared, tasks: list[Task], cfg: TangentConfig, progress: bool
                      ) -> list[tuple[str, Any]]:
     out = []
     for k, (label, ds, feats) in enumerate(tasks):
-        r = train_tangent(p.base, ds, replace(cfg, seed=cfg.seed * 1000 + k), features=feats,
+        c = replace(cfg, seed=cfg.seed * 1000 + k)
+        r = train_tangent(p.base, ds, c, features=feats, negatives=negatives_for(p, ds, c),
                           progress=progress, desc=f"tangent {k}")
         log(f"  tangent {label}: {len(ds)} rows, {r.train_seconds:.1f}s, "
             f"loss {r.epoch_losses[0]:.4g} -> {r.epoch_losses[-1]:.4g}")
@@ -360,7 +418,8 @@ def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool 
         cfg = tangent_config(p)
         nl_cfg = NonlinearConfig(epochs=exp.epochs,
                                  lr=exp.nl_lr or default_nonlinear_lr(p.base, exp.rule))
-        joint_cfg = replace(cfg, kappa=default_kappa("all"), lr=default_lr(p.base, "all"))
+        joint_cfg = replace(cfg, kappa=default_kappa("all"), lr=default_lr(p.base, "all"),
+                            **default_recipe("all"))
         probe, probe_val, probe_s = best_probe(p)
         per_seed = []
         for i, seed in enumerate(seeds):
@@ -406,21 +465,47 @@ def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool 
         }
 
 
+def with_prototypes(p: Prepared, tasks: list[Task], plain: list[dict[str, torch.Tensor]],
+                    cfg: TangentConfig, pool: PoolWhitening | None
+                    ) -> list[dict[str, torch.Tensor]]:
+    """The components with cfg's prototype term (p·κ, cosine or pool-whitened) added."""
+    if not cfg.prototypes:
+        return plain
+    return [add_prototypes(d, p.base.net, ds, feats, cfg.prototypes * cfg.kappa, pool)
+            for (_, ds, feats), d in zip(tasks, plain, strict=True)]
+
+
+def prototype_variants(p: Prepared, tasks: list[Task], plain: list[dict[str, torch.Tensor]],
+                       cfg: TangentConfig) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Side-by-side compositions: without prototypes (the pre-issue-16 recipe) and with
+    pool-whitened prototypes (when the experiment has an unlabeled pool)."""
+    out = {}
+    if cfg.prototypes:
+        out["tmc_no_prototypes"] = plain
+    if cfg.prototypes and p.pool is not None:
+        out["tmc_pool_prototypes"] = with_prototypes(p, tasks, plain, cfg, p.pool)
+    return out
+
+
 def run_seed(p: Prepared, seed: int, cfg: TangentConfig, nl_cfg: NonlinearConfig,
              joint_cfg: TangentConfig | None, probe: Any, progress: bool,
              forget_dir: Path | None) -> dict[str, Any]:
     tasks = p.tasks_for(seed)
-    comps = train_components(p, tasks, cfg, progress)
+    # the tangent part is trained once; the prototype term is added after training (exactly
+    # what train_tangent does), so the components without it are scored side by side
+    comps = train_components(p, tasks, replace(cfg, prototypes=0.0), progress)
     nls = train_nl_components(p, tasks, nl_cfg, progress)
     joint = joint_tangent(p, joint_cfg, progress) if joint_cfg is not None else None
     log("  evaluating")
-    deltas = [r.delta for _, r in comps]
+    plain = [r.delta for _, r in comps]
+    deltas = with_prototypes(p, tasks, plain, cfg, None)
+    variants = prototype_variants(p, tasks, plain, cfg)
     models = [r.params for _, r in nls]
     labels = [lab for lab, _ in comps]
     t = time.perf_counter()
     # validation: only what is chosen there (TMC normalization, NL combination)
     scores = {split: method_scores(ev, deltas, models, joint.delta if joint else None, probe,
-                                   selection_only=split == "val")
+                                   selection_only=split == "val", variants=variants)
               for split, ev in (("test", p.test), ("val", p.val))}
     accuracy = {split: summarize_scores(ev, s, labels)
                 for (split, s), ev in zip(scores.items(), (p.test, p.val), strict=True)}
@@ -465,6 +550,9 @@ def select(exp: Experiment, progress: bool) -> dict[str, Any]:
                          "seconds": [r.train_seconds for _, r in comps]})
             log(f"  -> val TMC {grid[-1]['val_tmc_mean']:.4f}")
             _checkpoint(exp, grid)
+        for options in exp.recipe_grid:
+            grid.append(select_recipe(p, tasks, options, progress))
+            _checkpoint(exp, grid)
         for lr in exp.nl_grid:
             log(f"select: non-linear lr={lr}")
             nls = train_nl_components(p, tasks, NonlinearConfig(epochs=exp.epochs, lr=lr),
@@ -482,6 +570,35 @@ def select(exp: Experiment, progress: bool) -> dict[str, Any]:
         return {"experiment": exp.name, "mode": "select (validation split only)",
                 "settings": {k: v for k, v in exp.__dict__.items()}, "grid": grid,
                 "machine": machine()}
+
+
+PROTOTYPE_GRID = (0.0, 0.03, 0.1, 0.3, 1.0)  # p of --prototypes, scored after training
+
+
+def select_recipe(p: Prepared, tasks: list[Task], options: dict[str, Any], progress: bool
+                  ) -> dict[str, Any]:
+    """Validation accuracy of TMC (mean and sum) with one set of tangent options, for every
+    prototype weight p of PROTOTYPE_GRID (cosine, and pool-whitened when there is a pool):
+    the prototype term is added after training, so one training serves the whole grid."""
+    log(f"select: tangent {options}")
+    cfg = tangent_config(p, **options)
+    comps = train_components(p, tasks, replace(cfg, prototypes=0.0), progress)
+    plain = [r.delta for _, r in comps]
+    by_p: dict[str, Any] = {}
+    for weight in PROTOTYPE_GRID:
+        c = replace(cfg, prototypes=weight)
+        for name, pool in (("cosine", None), ("pool", p.pool)):
+            if pool is None and name == "pool":
+                continue
+            deltas = with_prototypes(p, tasks, plain, c, pool)
+            by_p[f"{name} p={weight:g}"] = {
+                "val_tmc_mean": p.val.tmc(deltas),
+                "val_tmc_sum": p.val.tmc(deltas, normalize="none")}
+    log("  -> val TMC mean " + ", ".join(f"{k}: {v['val_tmc_mean']:.4f}"
+                                          for k, v in by_p.items()))
+    return {"method": "tmc", "options": options, "config": cfg.as_dict(),
+            "by_prototypes": by_p, "val_alone": [p.val.tangent(d) for d in plain],
+            "seconds": [r.train_seconds for _, r in comps]}
 
 
 def _checkpoint(exp: Experiment, grid: list[dict[str, Any]]) -> None:
@@ -507,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="override the experiment's epochs")
     ap.add_argument("--tmc-grid", help="--select: (κ, lr) grid, e.g. 300:1e-4,1000:1e-4")
     ap.add_argument("--nl-grid", help="--select: NL lr grid, e.g. 1e-4,1e-3 ('' for none)")
+    ap.add_argument("--recipes", help="--select: JSON list of tangent option sets, e.g. "
+                    "'[{\"quiet\": 1, \"prototypes\": 100}]' ('[]' for none)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     ap.add_argument("--out", type=Path, help="result file (default bench/results/...)")
@@ -542,6 +661,9 @@ def run_one(exp: Experiment, args: argparse.Namespace) -> None:
         exp = replace(exp, tmc_grid=[(float(k), float(lr)) for k, lr in pairs])
     if args.nl_grid is not None:
         exp = replace(exp, nl_grid=[float(x) for x in args.nl_grid.split(",") if x])
+    if args.recipes is not None:
+        exp = replace(exp, recipe_grid=list(json.loads(args.recipes)))
+
     torch.manual_seed(0)
     started = time.perf_counter()
     result = select(exp, args.progress) if args.select else run(

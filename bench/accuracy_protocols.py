@@ -27,17 +27,23 @@ def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
-                  joint: Delta | None, probe: Any, selection_only: bool = False
-                  ) -> dict[str, Any]:
+                  joint: Delta | None, probe: Any, selection_only: bool = False,
+                  variants: Mapping[str, Sequence[Delta]] | None = None) -> dict[str, Any]:
     """Logits [N, C] of every method on ``ev``'s split (each tail runs once); no joint
     tangent entry when ``joint`` is None. ``selection_only`` (the validation split): only
-    what is chosen on validation — TMC's normalization and the non-linear combination."""
+    what is chosen on validation — TMC's normalization and the non-linear combination.
+    ``variants``: other sets of components (e.g. without prototypes), composed the same
+    way, as ``<name>_mean`` / ``<name>_sum``."""
     scores: dict[str, Any] = {
         "tmc_mean": ev.tangent_logits(compose_deltas(deltas, normalize="mean")),
         "tmc_sum": ev.tangent_logits(compose_deltas(deltas, normalize="none")),
         "nl": [ev.params_logits(m) for m in models],
         "nl_weight_average": ev.params_logits(weight_average(models)),
+        "variants": list(variants or {}),
     }
+    for name, ds in (variants or {}).items():
+        for norm, mode in (("mean", "mean"), ("sum", "none")):
+            scores[f"{name}_{norm}"] = ev.tangent_logits(compose_deltas(ds, normalize=mode))
     if selection_only:
         return scores
     scores["alone"] = [ev.tangent_logits(d) for d in deltas]
@@ -63,6 +69,9 @@ def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str
         "nl_weight_average": acc(scores["nl_weight_average"]),
         "rows": len(ev),
     }
+    for name in scores["variants"]:
+        for norm in ("mean", "sum"):
+            out[f"{name}_{norm}"] = acc(scores[f"{name}_{norm}"])
     if "alone" in scores:
         alone = [acc(lg) for lg in scores["alone"]]
         out["components_alone"] = dict(zip(labels, alone, strict=True))

@@ -50,6 +50,13 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _shrinkage(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within (0, 1], got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _float(text)
     if not 0.0 <= value < 1.0:
@@ -80,8 +87,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="base directory (default: $TMC_BASE_DIR, else $TMC_HOME/base, "
                    "else .tmc/base)")
     p.add_argument("--data", required=True,
-                   help="fashion-mnist | bbc | digits | imagefolder:PATH | jsonl:PATH | "
-                   "csv:PATH (text,label columns)")
+                   help="fashion-mnist | bbc | digits | digits-images | imagefolder:PATH | "
+                   "jsonl:PATH | csv:PATH (text,label columns)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where fashion-mnist's idx files are (default "
                    "/usr/share/datasets/fashion-mnist) or bbc's class folders")
@@ -114,17 +121,28 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="square-loss targets: κ·one-hot on every output (all), or on the "
                    "shard's own classes with J·Δ = 0 on the other outputs (own) (default: by "
                    "rule, see training/README.md)")
-    p.add_argument("--quiet", type=_nonneg_float, default=None,
+    p.add_argument("--quieting", type=_nonneg_float, default=None, dest="quiet_weight",
                    help="weight of mean ‖J(x̃)·Δ‖² over off-distribution inputs x̃ made from "
                    "the shard's own rows (--negatives); 0 turns it off (default: by rule)")
     p.add_argument("--negatives", choices=("rot", "jigsaw", "mix", "rot+jigsaw"),
-                   default=None, help="how --quiet's inputs are made from the shard's rows: "
+                   default=None, help="how --quieting's inputs are made from the shard's rows: "
                    "rotated, tile-shuffled or blended images (text and vectors: mix) "
                    "(default: by rule)")
     p.add_argument("--prototypes", type=_nonneg_float, default=None,
-                   help="α: add α·(unit mean of the output layer's inputs over each own "
-                   "class) to that class's output row of Δ (nearest-class-mean term); 0 "
-                   "turns it off (default: by rule)")
+                   help="p: add p·κ·(unit mean of the output layer's inputs over each own "
+                   "class) to that class's output row of Δ (nearest-class-mean term; with "
+                   "--pool, whitened by the pool's covariance); 0 turns it off (default: by "
+                   "rule)")
+    p.add_argument("--pool", default=None,
+                   help="unlabeled pool that whitens the prototypes: a --data value whose "
+                   "labels are ignored (the same value as --data: its training split); "
+                   "fixed with the base, the same rows for every component; its "
+                   "fingerprint goes into the metadata")
+    p.add_argument("--pool-dir", type=Path, default=None, help="--data-dir of the pool")
+    p.add_argument("--pool-limit", type=_positive_int, default=2000,
+                   help="rows of the pool (a subset fixed by --split-seed)")
+    p.add_argument("--shrinkage", type=_shrinkage, default=0.3,
+                   help="shrinkage of the pool covariance towards a multiple of the identity")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.01,
                    help="AdamW decoupled weight decay")
     p.add_argument("--lr-step", type=_positive_int, default=None,
@@ -231,7 +249,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory")
 
-    result, kind = _fit(args, base, shard, rule, progress)
+    pool, pool_meta = _pool(args, base, splits, progress)
+    result, kind = _fit(args, base, shard, rule, progress, pool)
     val_acc = None
     if len(val):
         ev = Evaluator(base, val, progress=progress, desc="validation")
@@ -268,7 +287,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = result.config
         provenance.update(kappa=cfg.kappa, l2=args.l2, targets=cfg.targets, quiet=cfg.quiet,
                           negatives=cfg.negatives if cfg.quiet else None,
-                          prototypes=cfg.prototypes)
+                          prototypes=cfg.prototypes, **pool_meta)
     if args.nonlinear:
         from training.nonlinear import FORMAT, encode_nonlinear
 
@@ -299,8 +318,33 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _fit(args: argparse.Namespace, base: Any, shard: Any, rule: str, progress: bool
-         ) -> tuple[Any, str]:
+def _pool(args: argparse.Namespace, base: Any, splits: Any, progress: bool
+          ) -> tuple[Any, dict[str, Any]]:
+    """The pool's whitening statistics and its provenance (None, {} without --pool)."""
+    if args.pool is None:
+        return None, {}
+    from training import data as D
+    from training.errors import UsageError
+    from training.features import InputEncoder, trunk_features
+    from training.prototypes import dataset_fingerprint, pool_whitening
+
+    if args.nonlinear:
+        raise UsageError("--pool is for tangent components (prototypes), not --nonlinear")
+    if args.pool == args.data and args.pool_dir in (None, args.data_dir):
+        rows = splits.train  # never the validation or test rows
+    else:
+        rows, _ = D.load_source(args.pool, args.pool_dir)
+    InputEncoder(base).check(rows)
+    rows = D.take(rows, args.pool_limit, seed=args.split_seed + 1)
+    feats = trunk_features(base, rows, progress=progress, desc="pool features")
+    meta = {"pool": args.pool, "pool_rows": len(rows), "pool_shrinkage": args.shrinkage,
+            "pool_fingerprint": dataset_fingerprint(rows)}
+    return pool_whitening(base.net, feats, args.shrinkage), meta
+
+
+def _fit(args: argparse.Namespace, base: Any, shard: Any, rule: str, progress: bool,
+         pool: Any = None) -> tuple[Any, str]:
+    from training.negatives import IMAGE_ONLY
     from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
     from training.tangent_train import (
         TangentConfig,
@@ -320,11 +364,18 @@ def _fit(args: argparse.Namespace, base: Any, shard: Any, rule: str, progress: b
                                desc="train (non-linear)"), "nonlinear"
     kappa = args.kappa if args.kappa is not None else default_kappa(rule)
     recipe = default_recipe(rule)
-    for key in recipe:
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
+    given = {"targets": args.targets, "quiet": args.quiet_weight,
+             "negatives": args.negatives, "prototypes": args.prototypes}
+    recipe.update({k: v for k, v in given.items() if v is not None})
+    if recipe["negatives"] in IMAGE_ONLY and base.spec.input_kind != "image":
+        recipe["negatives"] = "mix"
     config = TangentConfig(kappa=kappa, l2=args.l2, **recipe, **common)
-    return train_tangent(base, shard, config, progress=progress, desc="train"), "tangent"
+    if pool is not None and not config.prototypes:
+        from training.errors import UsageError
+
+        raise UsageError("--pool whitens the prototypes: give --prototypes > 0 with it")
+    return train_tangent(base, shard, config, pool=pool, progress=progress,
+                         desc="train"), "tangent"
 
 
 def _data_name(data: str) -> str:

@@ -36,7 +36,8 @@ FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal
 BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 BBC_ALIASES = {"sports": "sport"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DATA_CHOICES = "fashion-mnist | bbc | digits | imagefolder:PATH | jsonl:PATH | csv:PATH"
+DATA_CHOICES = ("fashion-mnist | bbc | digits | digits-images | imagefolder:PATH | jsonl:PATH "
+                "| csv:PATH")
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,20 @@ def load_digits() -> Dataset:
     return _make("tensor", x, d.target, [str(i) for i in range(10)], "digits:sklearn")
 
 
+def load_digits_images() -> Dataset:
+    """scikit-learn's 8×8 digits as grey uint8 images (0..16 scaled to 0..255), labels 0..9:
+    a small second image dataset for image bases (upsampled by the base's preprocessor)."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DatasetMissingError(
+            "the digits dataset needs scikit-learn: `pip install scikit-learn`") from None
+    d = sk_digits()
+    images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
+    return _make("image", images, d.target, [str(i) for i in range(10)],
+                 "digits-images:sklearn")
+
+
 def load_source(data: str, data_dir: Path | str | None = None) -> tuple[Dataset, Dataset | None]:
     """(pool, fixed test set or None) for a --data value."""
     kind, _, arg = data.partition(":")
@@ -264,6 +279,8 @@ def load_source(data: str, data_dir: Path | str | None = None) -> tuple[Dataset,
         return load_bbc(data_dir), None
     if kind == "digits" and not arg:
         return load_digits(), None
+    if kind == "digits-images" and not arg:
+        return load_digits_images(), None
     if kind == "imagefolder" and arg:
         return load_image_folder(arg), None
     if kind in ("jsonl", "csv") and arg:

@@ -9,6 +9,12 @@ classes share (argmax unchanged). It needs the rows of class c only, so it respe
 isolation, and it is part of Δ: composition stays exactly linear, forgetting exact, and
 nothing new travels to the server.
 
+With an unlabeled pool (``--pool``, fixed with the base: the same rows for every component)
+the prototypes are whitened by the pool's feature covariance Σ (shrunk towards a multiple of
+the identity): row c gains α·Σ⁻¹μ_c and the output layer's bias −α/2·μ_cᵀΣ⁻¹μ_c — linear
+discriminant analysis with a covariance nobody's task owns. Σ of the pool's φ is a total
+(not within-class) covariance, which gives Fisher's discriminant directions all the same.
+
 Why it helps class-incremental composition: a tangent component trained on two classes
 learns to tell THOSE apart and is unconstrained elsewhere; its evidence is not comparable
 with another component's. Prototype scores are: every class is scored by the same rule
@@ -19,6 +25,7 @@ CVPR 2017; Janson et al., 2022; Zhou et al., SimpleCIL, IJCV 2024).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,12 +76,69 @@ def prototype_rows(net: Any, ds: Dataset, features: Features) -> dict[int, torch
     return out
 
 
+def class_means(net: Any, ds: Dataset, features: Features) -> dict[int, torch.Tensor]:
+    """{class: μ_c [D]}: the mean of φ over the shard's rows of each of its classes."""
+    phi = penultimate(net, features).to(torch.float64)  # [N, D]
+    labels = torch.from_numpy(ds.labels)
+    return {int(c): phi[labels == int(c)].mean(0) for c in np.unique(ds.labels)}
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """sha256 over a dataset's rows (inputs and source positions): which pool was used."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(ds.index).tobytes())
+    if isinstance(ds.inputs, np.ndarray):
+        h.update(np.ascontiguousarray(ds.inputs).tobytes())
+    else:
+        for row in ds.inputs:
+            h.update(row.encode() if isinstance(row, str) else np.ascontiguousarray(row)
+                     .tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PoolWhitening:
+    """Σ⁻¹ of φ over an unlabeled pool, Σ shrunk: (1−s)·Σ + s·mean(diag Σ)·I."""
+
+    precision: torch.Tensor  # float64 [D, D]
+    rows: int
+    shrinkage: float
+
+
+def pool_whitening(net: Any, pool_features: Features, shrinkage: float) -> PoolWhitening:
+    if not 0.0 < shrinkage <= 1.0:
+        raise UsageError(f"shrinkage must be within (0, 1], got {shrinkage}")
+    phi = penultimate(net, pool_features).to(torch.float64)  # [P, D]
+    if phi.shape[0] < 2:
+        raise UsageError("the pool needs at least 2 rows")
+    centred = phi - phi.mean(0)
+    cov = centred.T @ centred / phi.shape[0]  # [D, D]
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    shrunk = (1.0 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * eye
+    return PoolWhitening(torch.linalg.inv(shrunk), phi.shape[0], shrinkage)
+
+
 def add_prototypes(delta: dict[str, torch.Tensor], net: Any, ds: Dataset,
-                   features: Features, scale: float) -> dict[str, torch.Tensor]:
-    """Δ with scale·μ̂_c added to row c of the output layer's weight, for the shard's classes."""
+                   features: Features, scale: float, pool: PoolWhitening | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Δ plus the prototype term for the shard's classes: scale·μ̂_c on row c of the output
+    layer's weight (no pool), or scale·Σ⁻¹μ_c there and −scale/2·μ_cᵀΣ⁻¹μ_c on its bias."""
     prefix, _ = output_layer(net)
-    name = f"{prefix}.weight"
-    weight = delta[name].clone()  # [C, D]
-    for c, proto in prototype_rows(net, ds, features).items():
-        weight[c] += scale * proto.to(weight.dtype)
-    return {**delta, name: weight}
+    w_name, b_name = f"{prefix}.weight", f"{prefix}.bias"
+    weight = delta[w_name].clone()  # [C, D]
+    out = dict(delta)
+    if pool is None:
+        for c, proto in prototype_rows(net, ds, features).items():
+            weight[c] += scale * proto.to(weight.dtype)
+        out[w_name] = weight
+        return out
+    if b_name not in delta:
+        raise UsageError("--pool prototypes need the output layer's bias in the tangent region")
+    bias = delta[b_name].clone()  # [C]
+    for c, mean in class_means(net, ds, features).items():
+        row = pool.precision @ mean  # [D]
+        weight[c] += (scale * row).to(weight.dtype)
+        bias[c] += float(-0.5 * scale * (mean @ row))
+    out[w_name], out[b_name] = weight, bias
+    return out

@@ -42,7 +42,7 @@ LR_CLASSES, LR_SMALL_REGION, LR_LARGE_REGION, SMALL_REGION_PARAMS = 1e-4, 1e-3, 
 # The off-distribution / composition options per shard rule (see training/README.md):
 # class shards are where components must be made comparable with one another.
 RECIPE_BY_RULE: dict[str, dict[str, Any]] = {
-    "classes": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.0},
+    "classes": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.1},
     "shard": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.0},
     "all": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.0},
 }
@@ -84,7 +84,7 @@ class TangentConfig:
     targets: str = "all"  # "all": κ·one-hot on every output; "own": see TARGETS
     quiet: float = 0.0  # weight of mean ‖J(x̃)·Δ‖² over negatives x̃ (0: off)
     negatives: str = "rot"  # how x̃ is made from the shard's own rows (training.negatives)
-    prototypes: float = 0.0  # α: add α·(unit class mean of φ) to the output rows of own classes
+    prototypes: float = 0.0  # p: add p·κ·(unit class mean of φ) to the output rows of own classes
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,10 +211,12 @@ def check_config(config: TangentConfig, ds: Dataset, net: Any) -> None:
 
 def train_tangent(base: Any, ds: Dataset, config: TangentConfig, *,
                   features: Features | None = None, negatives: Features | None = None,
-                  progress: bool = False, desc: str = "tangent") -> TangentResult:
+                  pool: Any = None, progress: bool = False, desc: str = "tangent"
+                  ) -> TangentResult:
     """Train Δ on ds (labels already indexing base.labels). ``features``: precomputed trunk
     features of ds's rows (reused across components by benchmarks); ``negatives``: those of
-    make_negatives(ds, config.negatives, config.seed), computed here when not given."""
+    make_negatives(ds, config.negatives, config.seed), computed here when not given;
+    ``pool``: a training.prototypes.PoolWhitening for whitened prototypes (else cosine)."""
     if len(ds) == 0:
         raise EmptyShardError("the training shard is empty")
     InputEncoder(base).check(ds)
@@ -245,6 +247,7 @@ def train_tangent(base: Any, ds: Dataset, config: TangentConfig, *,
 
         if features is None:
             features = trunk_features(base, ds, progress=progress)
-        trained = add_prototypes(trained, net, ds, features, config.prototypes)
+        trained = add_prototypes(trained, net, ds, features,
+                                 config.prototypes * config.kappa, pool)
     return TangentResult(trained, stats.epoch_losses, stats.initial_loss, stats.steps, len(ds),
                          stats.seconds, trunk_seconds, stats.rows_per_s, config)

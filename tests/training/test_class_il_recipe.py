@@ -4,21 +4,31 @@ rows, the quiet penalty, own-class targets and prototypes. Each keeps the compon
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bases import Base, load_base
-from tests.training.conftest import JIT_WARNING
+from tangent import read_metadata
+from tests.training.conftest import JIT_WARNING, run_cli
 from training.data import Dataset, Splits, shard_by_classes
 from training.errors import UsageError
 from training.evaluate import Evaluator, compose_deltas
 from training.features import trunk_features
 from training.negatives import make_negatives
-from training.prototypes import penultimate, prototype_rows
-from training.tangent_train import TangentConfig, train_tangent
+from training.prototypes import class_means, penultimate, pool_whitening, prototype_rows
+from training.tangent_train import (
+    TangentConfig,
+    own_square_loss,
+    square_loss,
+    train_tangent,
+)
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 
@@ -78,22 +88,34 @@ def test_quiet_shrinks_the_tangent_term_on_negatives(tiny: Base, digit_splits: S
     assert own.tangent(quiet.delta) > 0.9  # it still fits its own classes
 
 
-def test_own_targets_leave_other_outputs_nearly_alone(tiny: Base, digit_splits: Splits,
-                                                      seed: int) -> None:
+def test_own_targets_ask_nothing_of_the_other_outputs(gen: torch.Generator) -> None:
+    y0 = torch.randn(6, 10, generator=gen) * 3  # [B, C]: the base's outputs
+    y = torch.tensor([2, 7, 2, 7, 7, 2])
+    own = torch.zeros(10, dtype=torch.bool)
+    own[[2, 7]] = True
+    kappa = 15.0
+    # a tangent term that reaches κ·one-hot on the own outputs and is 0 elsewhere: no loss
+    dy = torch.zeros(6, 10)
+    dy[:, own] = F.one_hot(y, 10).float()[:, own] * kappa - y0[:, own]
+    assert float(own_square_loss(y0, dy, y, kappa, own)) < 1e-10
+    assert float(square_loss(y0 + dy, y, kappa)) > 1.0  # "all" wants the others at 0
+    # any change of an off-class output is penalised
+    dy[:, 4] += 1.0
+    assert float(own_square_loss(y0, dy, y, kappa, own)) == pytest.approx(6 / 60)
+
+
+def test_own_targets_train_own_outputs_and_leave_the_others(tiny: Base, digit_splits: Splits,
+                                                           seed: int) -> None:
     classes = [seed % 10, (seed + 5) % 10]
     shard = shard_by_classes(digit_splits.train, classes)
-    cfg = TangentConfig(epochs=4, lr=1e-2, kappa=15.0, seed=seed % 1000)
-    own = train_tangent(tiny, shard, replace(cfg, targets="own"))
-    everything = train_tangent(tiny, shard, cfg)
+    cfg = TangentConfig(epochs=8, lr=1e-2, kappa=15.0, seed=seed % 1000, targets="own")
+    res = train_tangent(tiny, shard, cfg)
     ev = Evaluator(tiny, shard)
+    dy = ev.tangent_logits(res.delta) - ev.tangent_logits(None)  # [N, C]: J·Δ
     others = [c for c in range(10) if c not in classes]
-
-    def off_class(delta: dict[str, torch.Tensor]) -> float:
-        return float((ev.tangent_logits(delta) - ev.tangent_logits(None))[:, others].abs()
-                     .mean())
-
-    assert off_class(own.delta) < 0.25 * off_class(everything.delta)
-    assert ev.tangent(own.delta) > 0.9
+    assert float(dy[:, others].abs().mean()) < 0.05 * float(dy[:, classes].abs().mean())
+    picked = torch.tensor(classes)[ev.tangent_logits(res.delta)[:, classes].argmax(-1)]
+    assert float((picked == ev.labels).double().mean()) > 0.8  # chance: 0.5
 
 
 def test_prototypes_add_exactly_the_cosine_class_mean_score(tiny: Base, digit_splits: Splits,
@@ -103,7 +125,7 @@ def test_prototypes_add_exactly_the_cosine_class_mean_score(tiny: Base, digit_sp
     alpha = 7.0
     cfg = TangentConfig(epochs=1, lr=1e-2, kappa=5.0, seed=seed % 1000)
     plain = train_tangent(tiny, shard, cfg)
-    with_p = train_tangent(tiny, shard, replace(cfg, prototypes=alpha))
+    with_p = train_tangent(tiny, shard, replace(cfg, prototypes=alpha / cfg.kappa))
     ev = Evaluator(tiny, digit_splits.test)
     phi = penultimate(tiny.net, ev.features)  # [N, D]
     expected = ev.tangent_logits(plain.delta).clone()
@@ -138,3 +160,42 @@ def test_recipe_components_compose_linearly_and_zero_is_theta0(effnet_dir: objec
     torch.testing.assert_close(composed, alone, rtol=1e-4, atol=1e-3)
     zero = {n: torch.zeros_like(t) for n, t in deltas[0].items()}
     assert torch.equal(ev.tangent_logits(zero), ev.tangent_logits(None))
+
+
+def test_pool_prototypes_add_exactly_the_whitened_class_mean_score(
+        tiny: Base, digit_splits: Splits, seed: int) -> None:
+    classes = [seed % 10, (seed + 4) % 10]
+    shard = shard_by_classes(digit_splits.train, classes)
+    pool_rows = digit_splits.train.subset(np.arange(0, len(digit_splits.train), 3))
+    pool = pool_whitening(tiny.net, trunk_features(tiny, pool_rows), shrinkage=0.3)
+    cfg = TangentConfig(epochs=1, lr=1e-2, kappa=5.0, seed=seed % 1000, prototypes=2.0)
+    plain = train_tangent(tiny, shard, replace(cfg, prototypes=0.0))
+    whitened = train_tangent(tiny, shard, cfg, pool=pool)
+    ev = Evaluator(tiny, digit_splits.test)
+    phi = penultimate(tiny.net, ev.features).to(torch.float64)  # [N, D]
+    expected = ev.tangent_logits(plain.delta).to(torch.float64)
+    for c, mean in class_means(tiny.net, shard, trunk_features(tiny, shard)).items():
+        row = pool.precision @ mean
+        expected[:, c] += cfg.prototypes * cfg.kappa * (phi @ row - 0.5 * mean @ row)
+    torch.testing.assert_close(ev.tangent_logits(whitened.delta).to(torch.float64), expected,
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_cli_pool_recorded_and_pool_without_prototypes_refused(
+        tiny_dir: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "c.safetensors"
+    argv = ["--base", str(tiny_dir), "--data", "digits", "--classes", "1,7", "--epochs", "1",
+            "--out", str(out), "--json", "--quiet", "--pool", "digits", "--pool-limit", "300"]
+    code, stdout, _ = run_cli([*argv, "--prototypes", "0.1"], capsys)
+    assert code == 0
+    meta = read_metadata(out.read_bytes())
+    assert json.loads(meta["pool_rows"]) == 300 and len(meta["pool_fingerprint"]) == 64
+    assert json.loads(meta["prototypes"]) == 0.1 and meta["pool"] == "digits"
+    again = tmp_path / "again.safetensors"
+    code, _, _ = run_cli([*argv[:-6], "--out", str(again), "--quiet", "--pool", "digits",
+                          "--pool-limit", "300", "--classes", "2,3"], capsys)
+    assert code == 0  # another shard, the same pool: the same fingerprint
+    assert read_metadata(again.read_bytes())["pool_fingerprint"] == meta["pool_fingerprint"]
+    code, stdout, err = run_cli([*argv, "--prototypes", "0", "--out",
+                                 str(tmp_path / "no.st")], capsys)
+    assert code == 2 and "--prototypes > 0" in err and not (tmp_path / "no.st").exists()

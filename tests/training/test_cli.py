@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from bases import Base, init_base, make_spec
 from tangent import decode_component, read_metadata
 from tests.training.conftest import JIT_WARNING, run_cli
-from training.tangent_train import KAPPA_BY_RULE, LR_CLASSES
+from training.tangent_train import KAPPA_BY_RULE, LR_CLASSES, RECIPE_BY_RULE
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,9 @@ def test_class_shard_defaults_and_nonlinear_file(tiny_dir: Path, tmp_path: Path,
     summary = json.loads(stdout)
     assert code == 0 and summary["kappa"] == KAPPA_BY_RULE["classes"]  # class-incremental
     assert summary["lr"] == LR_CLASSES
+    # the class-incremental recipe (issue 16): the prototype term is on by default
+    assert summary["prototypes"] == RECIPE_BY_RULE["classes"]["prototypes"] > 0
+    assert summary["targets"] == "all" and summary["quiet"] == 0.0
 
 
 @pytest.mark.parametrize("argv, code, needles", [
