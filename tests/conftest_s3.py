@@ -1,6 +1,8 @@
 """A real S3 server for the tests: SeaweedFS ``weed mini``, on free loopback ports.
 
 Use it from a conftest with ``from tests.conftest_s3 import s3_server  # noqa: F401``.
+A test that stops its store mid-test starts a dedicated one with ``running_weed(workdir)``
+(and a replacement on the same ports, keys and data with ``running_weed(workdir, like=s)``).
 One ``weed mini`` process (master, volume, filer, S3 gateway and its admin server) lives for
 the whole test session, with its data in a temp folder; WebDAV, the admin UI, the Iceberg and
 Lance ports and telemetry are off, and every port it opens is a free one bound to 127.0.0.1,
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,8 @@ class S3Server:
     secret_key: str
     region: str
     log: Path
+    # (flag, port) of every listener, so a replacement can take the same ones
+    ports: tuple[tuple[str, int], ...] = field(default=(), repr=False)
 
     def env(self) -> dict[str, str]:
         """The ``AWS_*`` variables that point boto3 at this server."""
@@ -153,8 +157,8 @@ class _Running:
     grpc_ports: list[int]
 
 
-def _start(binary: str, workdir: Path, secret_key: str, log: Path) -> _Running:
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+def _start(binary: str, workdir: Path, secret_key: str, log: Path,
+           ports: dict[str, int]) -> _Running:
     identities = workdir / "s3-identities.json"
     _write_identities(identities, secret_key)
     (workdir / "data").mkdir(exist_ok=True)
@@ -163,7 +167,7 @@ def _start(binary: str, workdir: Path, secret_key: str, log: Path) -> _Running:
                                 stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
                                 env={**os.environ, "TMPDIR": str(workdir)})
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, secret_key,
-                      REGION, log)
+                      REGION, log, tuple(ports.items()))
     return _Running(proc, server, [p for flag, p in ports.items() if flag.endswith(".grpc")])
 
 
@@ -205,24 +209,40 @@ def _stop(weed: _Running) -> None:
                 sock.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A ``weed mini`` S3 endpoint that lives for the test session."""
+def _start_serving(binary: str, workdir: Path, like: S3Server | None) -> _Running:
+    """A weed mini that serves writes: on fresh free ports (three tries: another process may
+    take a port before weed binds it), or on ``like``'s ports and keys (one try)."""
+    log = workdir / "weed.log"
+    secret_key = like.secret_key if like else secrets.token_hex(20)
+    for _ in range(1 if like else 3):
+        ports = dict(like.ports) if like else dict(
+            zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+        weed = _start(binary, workdir, secret_key, log, ports)
+        if _wait_ready(weed):
+            return weed
+        _stop(weed)
+    pytest.fail(f"weed mini did not start serving S3 within {START_TIMEOUT_S:.0f} s; "
+                f"see {log}:\n{log.read_text(errors='replace')[-3000:]}", pytrace=False)
+
+
+@contextlib.contextmanager
+def running_weed(workdir: Path, *, like: S3Server | None = None) -> Iterator[S3Server]:
+    """A dedicated ``weed mini`` with its data and log in ``workdir``, stopped when the block
+    ends (a test may stop it earlier by leaving the block). With ``like`` (a server that has
+    stopped), the new one takes its ports and keys: started on the same ``workdir`` it serves
+    the same buckets and objects at the same endpoint, so clients reconnect to it."""
     binary = weed_binary()
     if binary is None:
         pytest.fail(f"SeaweedFS `weed` is not installed: {INSTALL_HINT}", pytrace=False)
-    workdir = tmp_path_factory.mktemp("weed")
-    log = workdir / "weed.log"
-    secret_key = secrets.token_hex(20)
-    for _ in range(3):  # another process may take a free port before weed binds it
-        weed = _start(binary, workdir, secret_key, log)
-        if _wait_ready(weed):
-            break
-        _stop(weed)
-    else:
-        pytest.fail(f"weed mini did not start serving S3 within {START_TIMEOUT_S:.0f} s; "
-                    f"see {log}:\n{log.read_text(errors='replace')[-3000:]}", pytrace=False)
+    weed = _start_serving(binary, workdir, like)
     try:
         yield weed.server
     finally:
         _stop(weed)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A ``weed mini`` S3 endpoint that lives for the test session."""
+    with running_weed(tmp_path_factory.mktemp("weed")) as server:
+        yield server
