@@ -20,6 +20,7 @@ from app.settings import Settings
 from bases import Base, init_base, load_base, make_spec
 from tangent import encode_component
 from tests.conftest_redis import redis_server  # noqa: F401
+from tests.conftest_s3 import s3_server  # noqa: F401
 
 ADMIN = "admin-token-0123456789"
 
