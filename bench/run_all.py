@@ -66,7 +66,8 @@ STEPS = (
       for name, limit, quick_limit, packed in (("bbc-data-il", 2400, 480, False),
                                                ("fmnist-class-il", 1200, 300, True),
                                                ("fmnist-data-il", 1200, 300, True),
-                                               ("fmnist-data-il-10", 1200, 300, True))),
+                                               ("fmnist-data-il-10", 1200, 300, True),
+                                               ("digits-class-il", 600, 300, True))),
 )
 
 

@@ -79,8 +79,9 @@ def test_validation_scores_hold_only_what_is_chosen_there(
     ev, deltas, models, probe = methods_on(tiny, digit_splits.val, 2, gen)
     full = method_scores(ev, deltas, models, deltas[0], probe)
     val = method_scores(ev, deltas, models, deltas[0], probe, selection_only=True)
-    assert set(val) == {"tmc_mean", "tmc_sum", "nl", "nl_weight_average"}
-    for key in val:  # the same tails, the same logits
+    assert set(val) == {"tmc_mean", "tmc_sum", "nl", "nl_weight_average", "variants"}
+    assert val["variants"] == []
+    for key in set(val) - {"variants"}:  # the same tails, the same logits
         assert all(torch.equal(a, b) for a, b in zip(
             val[key] if key == "nl" else [val[key]],
             full[key] if key == "nl" else [full[key]], strict=True))
@@ -88,6 +89,18 @@ def test_validation_scores_hold_only_what_is_chosen_there(
     assert acc["tmc_mean"] == ev.tmc(deltas) and "components_alone" not in acc
     assert acc["nl_weight_average"] == summarize_scores(ev, full, ["a", "b"])[
         "nl_weight_average"]
+
+
+def test_variants_are_composed_and_scored_like_tmc(tiny: Base, digit_splits: Splits,
+                                                    gen: torch.Generator) -> None:
+    ev, deltas, models, probe = methods_on(tiny, digit_splits.val, 2, gen)
+    scores = method_scores(ev, deltas, models, None, probe, selection_only=True,
+                           variants={"tmc_first": deltas[:1], "tmc_same": deltas})
+    assert scores["variants"] == ["tmc_first", "tmc_same"]
+    assert torch.equal(scores["tmc_same_mean"], scores["tmc_mean"])
+    assert torch.equal(scores["tmc_same_sum"], scores["tmc_sum"])
+    acc = summarize_scores(ev, scores, ["a", "b"])
+    assert acc["tmc_first_mean"] == acc["tmc_first_sum"] == ev.tangent(deltas[0])
 
 
 def test_forgetting_through_the_registry_equals_never_having_it(
