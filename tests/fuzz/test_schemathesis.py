@@ -15,6 +15,7 @@ cases (2,400 requests) and ~30 s on two shared cores.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict
@@ -77,6 +78,7 @@ class Findings:
     cases: int = 0
     requests: int = 0
     seconds: float = 0.0
+    server_errors: list[str] = field(default_factory=list)  # the server's ERROR log lines
     operations: list[str] = field(default_factory=list)
     statuses: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(
         lambda: defaultdict(int)))
@@ -168,17 +170,33 @@ def _seed_registry(url: str, base_dir: Path) -> dict[str, str]:
     return {"model": model, "model_name": model, "cid": "fuzz-a", "name": "fuzz-mix"}
 
 
+class _ErrorLines(logging.Handler):
+    """Keeps the server's ERROR records, tracebacks included, for a failing test to show
+    (a 500's cause is only in the server log)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
 @pytest.fixture(scope="module")
 def findings(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Findings]:
     registry = tmp_path_factory.mktemp("fuzz") / "registry"
     out = Findings()
+    errors = _ErrorLines(out.server_errors)
+    logging.getLogger("tmc").addHandler(errors)
     with live_server(settings_for(tiny_base_dir, registry)) as url:
         known_ids = _seed_registry(url, tiny_base_dir)
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json", timeout=30)
         start = time.monotonic()
         _fuzz(schema, known_ids, out)
         out.seconds = time.monotonic() - start
+    logging.getLogger("tmc").removeHandler(errors)
     print(f"\nfuzz: {len(out.operations)} operations, {out.cases} cases, "
           f"{out.requests} requests in {out.seconds:.1f} s")
     for op in out.operations:
@@ -200,7 +218,8 @@ def test_every_operation_was_fuzzed(findings: Findings) -> None:
 
 def test_no_server_errors(findings: Findings) -> None:
     assert not findings.failures["not_a_server_error"], (
-        "5xx responses:\n" + findings.report("not_a_server_error"))
+        "5xx responses:\n" + findings.report("not_a_server_error")
+        + "\nthe server's errors:\n" + "\n".join(findings.server_errors[:3]))
 
 
 def test_status_codes_are_documented(findings: Findings) -> None:
