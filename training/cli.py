@@ -122,18 +122,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "shard's own classes with J·Δ = 0 on the other outputs (own) (default: by "
                    "rule, see training/README.md)")
     p.add_argument("--quieting", type=_nonneg_float, default=None, dest="quiet_weight",
+                   metavar="W",
                    help="weight of mean ‖J(x̃)·Δ‖² over off-distribution inputs x̃ made from "
                    "the shard's own rows (--negatives); 0 turns it off (default: by rule)")
     p.add_argument("--negatives", choices=("rot", "jigsaw", "mix", "rot+jigsaw"),
                    default=None, help="how --quieting's inputs are made from the shard's rows: "
                    "rotated, tile-shuffled or blended images (text and vectors: mix) "
                    "(default: by rule)")
-    p.add_argument("--prototypes", type=_nonneg_float, default=None,
+    p.add_argument("--prototypes", type=_nonneg_float, default=None, metavar="P",
                    help="p: add p·κ·(unit mean of the output layer's inputs over each own "
                    "class) to that class's output row of Δ (nearest-class-mean term; with "
                    "--pool, whitened by the pool's covariance); 0 turns it off (default: by "
                    "rule)")
-    p.add_argument("--pool", default=None,
+    p.add_argument("--pool", default=None, metavar="DATA",
                    help="unlabeled pool that whitens the prototypes: a --data value whose "
                    "labels are ignored (the same value as --data: its training split); "
                    "fixed with the base, the same rows for every component; its "
