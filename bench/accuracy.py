@@ -176,8 +176,8 @@ EXPERIMENTS = {
         tmc_grid=[], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
 }
 
-DEFAULT_RUN = ("fmnist-class-il", "digits-class-il", "fmnist-data-il", "fmnist-data-il-10",
-               "bbc-data-il")
+DEFAULT_RUN = ("fmnist-class-il", "digits-class-il", "bbc-class-il", "fmnist-data-il",
+               "fmnist-data-il-10", "bbc-data-il")
 DEFAULT_SEEDS = (0, 1, 2)
 
 

@@ -64,6 +64,7 @@ STEPS = (
            limit_s=limit, quick_limit_s=quick_limit, needs_flags=("--seeds",),
            parallel_ok=packed)
       for name, limit, quick_limit, packed in (("bbc-data-il", 2400, 480, False),
+                                               ("bbc-class-il", 3000, 600, False),
                                                ("fmnist-class-il", 1200, 300, True),
                                                ("fmnist-data-il", 1200, 300, True),
                                                ("fmnist-data-il-10", 1200, 300, True),
