@@ -6,7 +6,8 @@
 
 Order: the timing benchmarks one at a time, then BBC alone on every core, then the three
 Fashion-MNIST accuracy experiments side by side on one thread each (--jobs; ~54 min in all on
-2 cores from an empty cache, 2026-11-27).
+2 cores from an empty cache on 2026-11-27, before bench.scale and the digits/BBC class-IL
+experiments were added: now roughly 1.5–2 h, not re-timed end to end).
 
 Each benchmark runs as its own subprocess (its own process group) with a time limit; one
 that is missing (module or flag not there yet), fails or runs out of time is reported and
