@@ -85,7 +85,10 @@ def test_quiet_shrinks_the_tangent_term_on_negatives(tiny: Base, digit_splits: S
 
     assert energy(quiet.delta) < 0.7 * energy(loud.delta)
     own = Evaluator(tiny, shard)
-    assert own.tangent(quiet.delta) > 0.9  # it still fits its own classes
+    # it still fits its own classes: far above chance (0.5) and close to the loud fit (an
+    # absolute 0.9 failed for the hardest digit pairs, e.g. 1 and 2 at 0.889, for either fit)
+    fit_quiet, fit_loud = own.tangent(quiet.delta), own.tangent(loud.delta)
+    assert fit_quiet > 0.8 and fit_quiet > fit_loud - 0.1, (fit_quiet, fit_loud)
 
 
 def test_own_targets_ask_nothing_of_the_other_outputs(gen: torch.Generator) -> None:
