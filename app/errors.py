@@ -1,4 +1,28 @@
-"""The one table that maps every domain error to an HTTP status.
+"""The service's own errors, and the one table that maps every domain error to an HTTP status.
+
+ServiceError                      raised by the service layer itself (routes, deps, worker)
+ ├── UnauthorizedError      401   a missing or wrong bearer token (``WWW-Authenticate``)
+ ├── ForbiddenError         403   the admin API is disabled (no TMC_ADMIN_TOKEN)
+ ├── BadRequestError        400   a malformed body, composition or parameter
+ ├── BodyTooLargeError      413   a body over TMC_MAX_BODY_BYTES / TMC_MAX_COMPONENT_BYTES
+ ├── OverloadedError        503   the queue is full or the server is draining (``Retry-After``)
+ ├── RequestTimeoutError    504   no result within TMC_REQUEST_TIMEOUT_S
+ ├── NotReadyError          503   not ready: starting, or the device worker has stopped
+ └── DeviceTimeoutError     503   the device thread did not run a control action (a purge)
+
+The other packages' errors (``STATUS_TABLE``, most specific first):
+
+  tangent.ComponentTooLargeError                                          413
+  registry.InvalidIdError                                                 400
+  registry.NotFoundError                                                  404
+  registry.ConflictError                                                  409
+  registry.InvalidComponentError, registry.InvalidRequestError            422
+  tangent.ComponentError, tangent.CompositionError, bases InputError      422
+  registry.StorageError                                                   503
+    ... with ENOSPC/EDQUOT or SQLITE_FULL in its cause chain              507
+  FastAPI's RequestValidationError                                        422
+  a client that went away before its request was read                     499
+  anything else                                                           500 (logged)
 
 Domain code (tangent, bases, registry, the device worker) never raises HTTP errors;
 routes never build error responses by hand. Every error body is ``{"error": "..."}``.

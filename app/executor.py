@@ -146,7 +146,7 @@ class Executor:
 
     def composed_delta(self, plan: Plan,
                        staged: Mapping[str, HostTensors] = NOTHING_STAGED) -> Delta:
-        return self.composed.get_or_build(plan.key, plan.digests,
+        return self.composed.get_or_build(plan.composition_digest, plan.digests,
                                           lambda: self._compose(plan, staged))
 
     def _compose(self, plan: Plan, staged: Mapping[str, HostTensors]) -> Delta:
@@ -178,7 +178,7 @@ class Executor:
         them (a retry after an eviction: the job then cannot miss again)."""
         if everything:
             return sorted(plan.digests)
-        if not plan.terms or (plan.key in self.composed and not plan.explain):
+        if not plan.terms or (plan.composition_digest in self.composed and not plan.explain):
             return []
         return sorted(d for d in plan.digests if d not in self.components)
 

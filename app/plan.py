@@ -16,7 +16,9 @@ class PlanTerm:
 class Plan:
     """The composition of one request, pinned to one registry generation."""
 
-    key: str  # composition digest; "" for the base alone
+    # tangent.composition_digest of the effective (digest, weight) terms: the composed Δ's
+    # cache key and the digest reported to clients; "" for the base alone
+    composition_digest: str
     terms: tuple[PlanTerm, ...]
     generation: int
     normalize: str = "none"
@@ -25,7 +27,8 @@ class Plan:
     @property
     def group_key(self) -> str:
         """Requests with equal group keys share one forward pass."""
-        return f"{self.key}:explain" if self.explain else self.key
+        return (f"{self.composition_digest}:explain" if self.explain
+                else self.composition_digest)
 
     @property
     def digests(self) -> frozenset[str]:

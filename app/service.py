@@ -78,7 +78,7 @@ class Service:
         self._purge_lock = threading.Lock()
         self._forgets_in_flight = 0  # local forget() calls inside their registry call
         self._deferred: set[str] = set()  # digests heard meanwhile: those calls purge them
-        registry.on_forget(self._purge_from_other_thread)
+        registry.on_forget(self._purge_on_forget_event)
         registry.on_lost(self._registry_lost_changed)
 
     @classmethod
@@ -162,12 +162,12 @@ class Service:
 
     async def _predict(self, raw_inputs: list[Any], spec: CompositionSpec,
                        normalize: Normalize | None, explain: bool) -> Prediction:
-        self.worker.expect()
+        self.worker.announce_incoming()
         try:
             items = await run_in_threadpool(self._encode, raw_inputs)
-            plan, future = await self._submit(items, spec, normalize, explain, expected=True)
+            plan, future = await self._submit(items, spec, normalize, explain, announced=True)
         finally:
-            self.worker.unexpect()
+            self.worker.withdraw_incoming()
         for replans in range(MAX_REPLANS + 1):
             try:
                 logits, contrib = await future
@@ -195,7 +195,7 @@ class Service:
         return Prediction(logits, contrib, plan)
 
     async def _submit(self, items: list[Any], spec: CompositionSpec,
-                      normalize: Normalize | None, explain: bool, *, expected: bool = False,
+                      normalize: Normalize | None, explain: bool, *, announced: bool = False,
                       everything: bool = False) -> tuple[Plan, asyncio.Future[Any]]:
         """Resolve, stage the components the device lacks, queue the job. A version
         forgotten between the resolve and its fetch comes back as the future's
@@ -205,28 +205,29 @@ class Service:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         try:
-            staged = await self._stage(plan, epoch, expected=expected, everything=everything)
+            staged = await self._stage(plan, epoch, announced=announced, everything=everything)
         except reg.NotFoundError as exc:
             future.set_exception(exc)
             return plan, future
         self.worker.submit(Job(items, plan, future, loop, staged))
         return plan, future
 
-    async def _stage(self, plan: Plan, epoch: int, *, expected: bool,
+    async def _stage(self, plan: Plan, epoch: int, *, announced: bool,
                      everything: bool) -> Staged:
         """Fetch the components the device lacks (none for a warm composition). While it
-        waits for storage the request is no job that will "arrive soon" (``expected``: it
-        was counted by ``worker.expect``), so the batcher does not hold batches for it."""
+        waits for storage the request is no job that will "arrive soon" (``announced``: it
+        was counted by ``worker.announce_incoming``), so the batcher does not hold batches
+        for it."""
         wanted = self.executor.to_stage(plan, everything)
         if not wanted:
             return Staged(epoch)
-        if expected:
-            self.worker.unexpect()
+        if announced:
+            self.worker.withdraw_incoming()
         try:
             return await self.fetcher.stage(wanted, epoch)
         finally:
-            if expected:
-                self.worker.expect()
+            if announced:
+                self.worker.announce_incoming()
 
     def _check_count(self, raw_inputs: list[Any]) -> None:
         limit = self.settings.max_inputs_per_request
@@ -295,8 +296,9 @@ class Service:
         if gone:
             self.worker.call(partial(self.executor.purge, gone))
 
-    def _purge_from_other_thread(self, digests: list[str]) -> None:
-        """A forget heard from the registry (this or another replica): purge device caches.
+    def _purge_on_forget_event(self, digests: list[str]) -> None:
+        """The registry's ``on_forget`` hook: a forget (this replica's or, through the Redis
+        event thread, another's) purges the forgotten digests from the device caches.
 
         While a local forget is inside its registry call, the digests join that call's one
         purge instead: the registry fires this hook for the forget itself (and in Redis mode

@@ -97,12 +97,16 @@ class DeviceWorker:
     def pending(self) -> int:
         return self._pending
 
-    def expect(self) -> None:
-        """A request started decoding: the batcher may wait for it."""
+    def announce_incoming(self) -> None:
+        """A request started decoding and will submit a job soon: while any is announced,
+        the batcher keeps collecting (up to its queue delay) rather than run a short batch.
+        Pair every call with one ``withdraw_incoming``."""
         with self._lock:
             self._incoming += 1
 
-    def unexpect(self) -> None:
+    def withdraw_incoming(self) -> None:
+        """An announced request no longer counts as coming soon: it submitted its job,
+        failed, or waits on storage (the batcher must not hold a batch for it)."""
         with self._lock:
             self._incoming -= 1
 

@@ -67,7 +67,7 @@ from registry.errors import (
 from registry.loader import Loader
 from registry.local_cache import LocalCache
 from registry.ports import BlobStore, Index, Listener, Tx
-from registry.records import Settings, VersionRecord
+from registry.records import ComponentSettings, VersionRecord
 from registry.types import (
     AddResult,
     ComponentInfo,
@@ -197,7 +197,7 @@ class Registry:
         None settings keep the id's current values (1.0 / no tags / active for a new id).
         """
         cid = check_id(id)
-        settings = Settings.checked(weight, tags, active)
+        settings = ComponentSettings.checked(weight, tags, active)
         version = self._validate(data)
         with self._index.mutation_lock([version.digest]):
             result = self._add_locked(cid, version, settings, data)
@@ -214,7 +214,7 @@ class Registry:
             raise InvalidComponentError(str(exc), exc) from exc
         return VersionRecord.checked(comp.digest, time.time(), comp.nbytes, comp.metadata)
 
-    def _add_locked(self, cid: str, version: VersionRecord, settings: Settings,
+    def _add_locked(self, cid: str, version: VersionRecord, settings: ComponentSettings,
                     data: bytes) -> AddResult:
         for _ in range(BLOB_ATTEMPTS):
             self._index.read(partial(ops.check_owner, cid=cid, digest=version.digest))
@@ -239,7 +239,7 @@ class Registry:
                tags: Iterable[str] | None = None, active: bool | None = None) -> int:
         """Change settings atomically; returns the generation after the change."""
         cid = check_id(id)
-        settings = Settings.checked(weight, tags, active)
+        settings = ComponentSettings.checked(weight, tags, active)
         generation = self._index.mutate(partial(ops.update, cid=cid, settings=settings))
         self._watch.changed(generation)
         return generation

@@ -12,7 +12,8 @@ RegistryError
  └── StorageError           the backend is unreachable, busy or inconsistent
       └── BusyError         a digest's bytes are being written or deleted elsewhere
 
-The service maps them to HTTP 404 / 400 / 422 / 409 / 400 / 503; the registry never speaks HTTP.
+The service maps them to HTTP 404 / 400 / 422 / 409 / 422 / 503 (507 when the disk is
+full), in app/errors.py's STATUS_TABLE; the registry never speaks HTTP.
 """
 
 from __future__ import annotations

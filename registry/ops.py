@@ -12,7 +12,13 @@ from collections.abc import Mapping, Sequence
 
 from registry.errors import ConflictError, NotFoundError, RegistryError
 from registry.ports import Tx
-from registry.records import ComponentRecord, Settings, VersionRecord, apply_add, apply_settings
+from registry.records import (
+    ComponentRecord,
+    ComponentSettings,
+    VersionRecord,
+    apply_add,
+    apply_settings,
+)
 from registry.types import AddResult, ForgetReceipt, NamedComposition, Resolved, ResolvedItem
 from registry.validate import check_composable
 from tangent import Normalize
@@ -58,7 +64,7 @@ def check_owner(tx: Tx, cid: str, digest: str) -> None:
             f"{owner!r}; a version belongs to one id (use a named composition as an alias)")
 
 
-def add(tx: Tx, cid: str, version: VersionRecord, settings: Settings) -> AddResult:
+def add(tx: Tx, cid: str, version: VersionRecord, settings: ComponentSettings) -> AddResult:
     tx.require_blob(version.digest)
     check_owner(tx, cid, version.digest)
     old = tx.component(cid)
@@ -72,7 +78,7 @@ def add(tx: Tx, cid: str, version: VersionRecord, settings: Settings) -> AddResu
     return AddResult(cid, version.digest, generation + 1, created_version)
 
 
-def update(tx: Tx, cid: str, settings: Settings) -> int:
+def update(tx: Tx, cid: str, settings: ComponentSettings) -> int:
     old = _existing(tx, cid)
     rec = apply_settings(old, settings)
     generation = tx.generation()

@@ -48,7 +48,7 @@ class ComponentHead:
 
 
 @dataclass(frozen=True)
-class Settings:
+class ComponentSettings:
     """Mutable settings of an id; None leaves the current value (or the default) alone."""
 
     weight: float | None = None
@@ -56,7 +56,8 @@ class Settings:
     active: bool | None = None
 
     @classmethod
-    def checked(cls, weight: object, tags: Iterable[str] | None, active: object) -> Settings:
+    def checked(cls, weight: object, tags: Iterable[str] | None,
+                active: object) -> ComponentSettings:
         if active is not None and not isinstance(active, bool):
             raise InvalidRequestError(f"active must be true or false, got {active!r}")
         return cls(None if weight is None else check_weight(weight),
@@ -90,14 +91,14 @@ class ComponentRecord:
             metadata=dict(cur.metadata))
 
 
-def new_record(cid: str, version: VersionRecord, settings: Settings) -> ComponentRecord:
+def new_record(cid: str, version: VersionRecord, settings: ComponentSettings) -> ComponentRecord:
     return ComponentRecord(
         id=cid, weight=1.0 if settings.weight is None else settings.weight,
         tags=settings.tags or (), active=True if settings.active is None else settings.active,
         created=version.created, current=version.digest, versions=(version,))
 
 
-def apply_settings(rec: ComponentRecord, settings: Settings) -> ComponentRecord:
+def apply_settings(rec: ComponentRecord, settings: ComponentSettings) -> ComponentRecord:
     return replace(
         rec,
         weight=rec.weight if settings.weight is None else settings.weight,
@@ -106,7 +107,7 @@ def apply_settings(rec: ComponentRecord, settings: Settings) -> ComponentRecord:
 
 
 def apply_add(old: ComponentRecord | None, cid: str, version: VersionRecord,
-              settings: Settings) -> tuple[ComponentRecord, bool]:
+              settings: ComponentSettings) -> tuple[ComponentRecord, bool]:
     """The record after adding ``version``, and whether it is a new version of the id.
 
     Bytes that are already a version of the id make that version current again (no copy).

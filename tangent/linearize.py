@@ -7,7 +7,8 @@ the trunk before it runs as a plain forward (no dual numbers), the tail runs und
 
 Optionally (``LinearizedNet.compile``) the tail's jvp, and the trunk, run through
 ``torch.compile``. There is one linearization either way: ``_jvp_fn`` builds the jvp
-function, which the eager path calls as is and the compiled path wraps. Compiled, θ0 and
+function, which the eager path calls as is and the compiled path wraps; training calls the
+same eager path with autograd on (``LinearizedNet.tail_jvp_with_grad``). Compiled, θ0 and
 Δ are graph inputs (never constants), and Δ always covers the whole region (missing names
 as zeros), so a new composition of the same shapes reuses the compiled graph.
 """
@@ -181,14 +182,34 @@ class LinearizedNet:
         if self._compiled_jvp is not None:
             tangents = self._full_tangents(delta)
             primals = tuple(self.params[n] for n in self._compiled_names)
-            fn = self._compiled_jvp
-        else:
-            names = tuple(delta)
-            primals = tuple(self.params[n] for n in names)
-            tangents = tuple(delta[n] for n in names)
-            fn = _jvp_fn(self.tail, names)
+            with torch.no_grad():
+                return self._compiled_jvp(h, primals, tangents)
         with torch.no_grad():
-            return fn(h, primals, tangents)
+            return self._eager_tail_jvp(h, delta)
+
+    def tail_jvp_with_grad(self, h: Inputs, delta: Mapping[str, torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tail_jvp`` for training: (f_tail(h; θ0) detached, J f_tail(h; θ0)·Δ) with
+        autograd flowing through Δ into J·Δ (θ0 gets no gradient: it requires none).
+
+        The same eager linearization as ``tail_jvp`` in compile mode "none" (bit for bit
+        its output), only run with gradients enabled; always eager, whatever the compile
+        mode (the compiled path detaches Δ). Never under inference mode: no autograd there,
+        and forward AD drops tangents under it in some torch builds (see app/executor.py),
+        which would leave training only the ‖Δ‖ term to fit: refused with an error."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("tail_jvp_with_grad needs autograd: not under inference mode")
+        with torch.enable_grad():
+            y0, dy = self._eager_tail_jvp(h, delta)
+        return y0.detach(), dy
+
+    def _eager_tail_jvp(self, h: Inputs, delta: Mapping[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager jvp of the tail, tangents only on the names Δ holds (in Δ's order),
+        in the caller's gradient mode."""
+        names = tuple(delta)
+        primals = tuple(self.params[n] for n in names)
+        return _jvp_fn(self.tail, names)(h, primals, tuple(delta[n] for n in names))
 
     def _full_tangents(self, delta: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Δ over the whole region in self.names order (then zeros for the frozen

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
 
 from training.data import Dataset
 from training.errors import EmptyShardError, UsageError
@@ -104,28 +103,6 @@ class TangentResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def linearized_tail(net: Any, h: Any, delta: dict[str, torch.Tensor]) -> torch.Tensor:
-    """f_tail(h;θ0) + J·Δ with autograd through Δ (LinearizedNet.tail_forward is no-grad)."""
-    y0, dy = tail_and_tangent(net, h, delta)
-    return y0 + dy
-
-
-def tail_and_tangent(net: Any, h: Any, delta: dict[str, torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f_tail(h;θ0), J·Δ), both [B, C]; autograd flows through Δ into J·Δ."""
-    names = tuple(delta)
-    primals = tuple(net.params[n] for n in names)
-
-    def tail_fn(*ps: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = functional_call(net.tail, dict(zip(names, ps, strict=True)), (h,),
-                                            strict=False)
-        return out
-
-    with torch.enable_grad():
-        y0, dy = jvp(tail_fn, primals, tuple(delta[n] for n in names))
-    return y0.detach(), dy
-
-
 def delta_norm(delta: dict[str, torch.Tensor]) -> torch.Tensor:
     """‖Δ‖₂ over the whole region (its gradient at Δ = 0 is 0, not NaN)."""
     return torch.linalg.vector_norm(torch.stack(
@@ -187,7 +164,7 @@ def make_loss(net: Any, ds: Dataset, config: TangentConfig,
         else:
             loss = square_loss(y0 + dy, y, kappa)
         if sampler is not None:
-            _, dy_neg = tail_and_tangent(net, sampler.next(), d)  # [B, C]
+            _, dy_neg = net.tail_jvp_with_grad(sampler.next(), d)  # [B, C]
             loss = loss + config.quiet * dy_neg.pow(2).mean()
         return loss + l2 * delta_norm(d) if l2 else loss
 
@@ -237,7 +214,7 @@ def train_tangent(base: Any, ds: Dataset, config: TangentConfig, *,
     loss_fn = make_loss(net, ds, config, negatives)
     torch.manual_seed(config.seed)
     stats = fit(source, torch.from_numpy(ds.labels), delta,
-                lambda h, d: torch.stack(tail_and_tangent(net, h, d)), loss_fn,
+                lambda h, d: torch.stack(net.tail_jvp_with_grad(h, d)), loss_fn,
                 epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                 weight_decay=config.weight_decay, lr_step=config.lr_step,
                 lr_gamma=config.lr_gamma, seed=config.seed, progress=progress, desc=desc)

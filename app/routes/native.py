@@ -71,7 +71,7 @@ def provenance(service: Service, pred: Prediction) -> dict[str, Any]:
         "base_fingerprint": service.base.fingerprint,
         "components": [{"id": t.id, "digest": t.digest, "weight": t.weight}
                        for t in plan.terms],
-        "composition_digest": plan.key or None,
+        "composition_digest": plan.composition_digest or None,
         "normalize": plan.normalize,
         "generation": plan.generation,
     }

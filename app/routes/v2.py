@@ -261,7 +261,7 @@ def encode_response(service: Service, pred: Prediction, model: str, request_id: 
         "id": request_id or "",
         "parameters": {
             "tmc_generation": plan.generation,
-            "tmc_composition_digest": plan.key,
+            "tmc_composition_digest": plan.composition_digest,
             "tmc_components": ",".join(f"{t.id}@{t.digest[:12]}:{t.weight:g}"
                                        for t in plan.terms),
             "tmc_normalize": plan.normalize,

@@ -125,7 +125,7 @@ def test_a_stop_during_collection_runs_the_batch_then_exits(tiny_base):
     async def scenario() -> object:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        w.expect()  # another request is decoding: the batcher keeps collecting for it
+        w.announce_incoming()  # another request is decoding: the batcher keeps collecting for it
         w.submit(Job([x], make_plan([], 0, "none", False), future, loop))
         await asyncio.to_thread(w.stop, 10.0)
         return await asyncio.wait_for(future, 20.0)

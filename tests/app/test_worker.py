@@ -99,7 +99,7 @@ def test_purge_drops_component_and_composed_entries(tiny_base):
     ex.composed_delta(p1)
     assert len(ex.composed) == 2 and len(ex.components) == 2
     ex.purge(["d0"])
-    assert p01.key not in ex.composed and p1.key in ex.composed
+    assert p01.composition_digest not in ex.composed and p1.composition_digest in ex.composed
     assert "d0" not in ex.components and "d1" in ex.components
 
 

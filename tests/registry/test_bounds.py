@@ -21,7 +21,7 @@ import redis.connection
 import tangent
 from registry import InvalidComponentError, Registry, StorageError
 from registry.file_blobs import FileBlobStore
-from registry.records import Settings, VersionRecord, apply_add, component_to_json
+from registry.records import ComponentSettings, VersionRecord, apply_add, component_to_json
 from registry.types import ResolvedItem
 from tests.registry.support import FP, Store, make_component
 
@@ -216,7 +216,7 @@ def test_counting_components_reads_no_record(
 def _legacy_record(data: bytes) -> tuple[str, str]:
     digest = hashlib.sha256(data).hexdigest()
     version = VersionRecord(digest, 1.5, len(data), tangent.read_metadata(data))
-    rec, _ = apply_add(None, "legacy", version, Settings(weight=0.5, tags=("old",)))
+    rec, _ = apply_add(None, "legacy", version, ComponentSettings(weight=0.5, tags=("old",)))
     return digest, component_to_json(rec)
 
 

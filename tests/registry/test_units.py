@@ -17,7 +17,7 @@ from registry import InvalidComponentError, StorageError, open_registry
 from registry.file_blobs import FileBlobStore
 from registry.local_cache import LocalCache, MemoryBlobStore
 from registry.records import (
-    Settings,
+    ComponentSettings,
     VersionRecord,
     apply_add,
     component_from_json,
@@ -45,7 +45,7 @@ def test_invalid_component_error_keeps_the_chained_cause() -> None:
 
 def test_records_round_trip_through_json() -> None:
     version = VersionRecord("a" * 64, 1.5, 10, {"format": "tmc.component/1"})
-    rec, created = apply_add(None, "x", version, Settings(weight=0.5, tags=("t",)))
+    rec, created = apply_add(None, "x", version, ComponentSettings(weight=0.5, tags=("t",)))
     assert created and component_from_json(component_to_json(rec)) == rec
     with pytest.raises(StorageError, match="corrupt component record"):
         component_from_json('{"id": "x"}')

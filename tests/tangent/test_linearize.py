@@ -145,6 +145,53 @@ def test_full_jvp_forward_agrees(case: str, gen: torch.Generator, seed: int) -> 
     assert torch.equal(net.tail_forward(h, delta), net.forward(x, delta))
 
 
+
+# -- training and serving share the linearization -------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_jvp_is_the_serving_jvp_bit_for_bit(case: str, dtype: torch.dtype,
+                                                     gen: torch.Generator, seed: int) -> None:
+    """tail_jvp_with_grad (training: autograd through Δ) and tail_jvp (serving: no_grad)
+    run one linearization: the same outputs bit for bit, over the whole region or a part;
+    the gradient reaches Δ and never θ0."""
+    net, x = _setup(case, gen, dtype)
+    h = net.trunk_forward(x)
+    whole = net.random_delta(gen, scale=0.05)
+    part = dict(list(whole.items())[1:])
+    for delta in (whole, part):
+        trainable = {n: t.clone().requires_grad_(True) for n, t in delta.items()}
+        y0, dy = net.tail_jvp_with_grad(h, trainable)
+        s0, sdy = net.tail_jvp(h, delta)
+        assert torch.equal(y0, s0) and torch.equal(dy, sdy), f"seed={seed}"
+        assert torch.equal(y0 + dy, net.forward(x, delta)), f"seed={seed}"
+        assert dy.requires_grad and not y0.requires_grad
+        torch.autograd.backward(dy.pow(2).sum())
+        assert all(t.grad is not None and bool(t.grad.abs().sum() > 0)
+                   for t in trainable.values()), f"seed={seed}"
+        assert all(p.grad is None for p in net.params.values())
+
+
+def test_training_jvp_stays_eager_when_compiled_and_refuses_inference_mode(
+        gen: torch.Generator) -> None:
+    net, x = _setup("convnet", gen)
+    h = net.trunk_forward(x)
+    delta = net.random_delta(gen, scale=0.05)
+    graphs: list[object] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    eager = net.tail_jvp(h, delta)
+    net.compile("tail", backend=counting)
+    trainable = {n: t.clone().requires_grad_(True) for n, t in delta.items()}
+    y0, dy = net.tail_jvp_with_grad(h, trainable)
+    assert not graphs  # the compiled path (which detaches Δ) is never taken
+    assert torch.equal(y0, eager[0]) and torch.equal(dy, eager[1]) and dy.requires_grad
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference mode"):
+        net.tail_jvp_with_grad(h, trainable)
+
 # -- the trunk carries no tangent -----------------------------------------------------------
 
 def test_trunk_inputs_carry_no_tangent(gen: torch.Generator) -> None:

@@ -3,12 +3,14 @@ untouched, caching the trunk changes nothing, a seed fixes the result."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, vjp
 
-from bases import Base
+from bases import Base, init_base, load_base, make_spec
 from tests.training.conftest import JIT_WARNING
 from training.data import Splits, shard_by_classes, shard_random, take
 from training.evaluate import Evaluator
@@ -16,7 +18,6 @@ from training.features import Features, _allocate, _store, trunk_features
 from training.tangent_train import (
     TangentConfig,
     delta_norm,
-    linearized_tail,
     square_loss,
     train_tangent,
 )
@@ -31,9 +32,10 @@ def test_gradient_reaches_delta_and_is_the_vjp(tiny: Base, gen: torch.Generator)
              for n in net.names}
     y = torch.randint(0, 10, (7,), generator=gen)
     kappa = float(torch.rand((), generator=gen)) * 20 + 1
-    out = linearized_tail(net, h, delta)
-    torch.testing.assert_close(out, net.tail_forward(h, {k: v.detach() for k, v in
-                                                        delta.items()}))
+    y0, dy = net.tail_jvp_with_grad(h, delta)  # what training fits
+    out = y0 + dy
+    # serving's forward (no_grad) of the same Δ: the one linearization, bit for bit
+    assert torch.equal(out, net.tail_forward(h, {k: v.detach() for k, v in delta.items()}))
     square_loss(out, y, kappa).backward()
     # d loss / dΔ = Jᵀ g with g = d loss / d out: a reverse-mode product at θ0
     with torch.enable_grad():
@@ -52,6 +54,33 @@ def test_gradient_reaches_delta_and_is_the_vjp(tiny: Base, gen: torch.Generator)
     for n in names:
         assert net.params[n].grad is None  # θ0 gets no gradient
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "options", "example"), [
+    ("effnet-lite0", {"image_size": 32}, lambda g: torch.rand(3, 3, 32, 32, generator=g)),
+    ("minilm", {"max_tokens": 32}, None)])
+def test_training_output_is_the_serving_forward_on_real_bases(
+        preset: str, options: dict[str, int], example: Any,
+        tmp_path_factory: pytest.TempPathFactory, gen: torch.Generator) -> None:
+    """Training's linearized tail (autograd through Δ) is serving's (no_grad), bit for bit,
+    on the real backbones: an image tail (one tensor) and a text tail ((hidden, mask))."""
+    out = tmp_path_factory.mktemp("bases") / preset
+    init_base(out, make_spec(preset, options=options))
+    net = load_base(out, check_forward_ad=False).net
+    if example is None:  # ids and a mask with padding, as the text preprocessor makes
+        ids = torch.randint(1000, 2000, (3, 12), generator=gen)
+        mask = (torch.arange(12)[None] < torch.tensor([[12], [7], [3]])).long()
+        x: Any = (ids, mask)
+    else:
+        x = example(gen)
+    h = net.trunk_forward(x)
+    delta = net.random_delta(gen, scale=1e-3)
+    y0, dy = net.tail_jvp_with_grad(h, {n: t.clone().requires_grad_(True)
+                                        for n, t in delta.items()})
+    assert dy.requires_grad
+    assert torch.equal(y0 + dy, net.tail_forward(h, delta))
+    assert torch.equal(y0 + dy, net.forward(x, delta))
 
 def test_delta_norm_has_zero_gradient_at_zero(tiny: Base) -> None:
     d = {n: torch.zeros(tiny.net.params[n].shape, requires_grad=True) for n in tiny.net.names}
