@@ -270,6 +270,11 @@ def _text(value: bytes | str) -> str:
 
 
 def _storage_error(exc: redis.RedisError) -> StorageError:
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):  # reachable, but refuses writes
+        return StorageError(
+            f"the Redis registry is full (maxmemory reached; nothing was changed): {exc}. "
+            "Raise Redis's maxmemory, or keep component bytes out of Redis "
+            "(TMC_BLOB_URL=s3://… or file://…) so it holds the index only")
     return StorageError(f"Redis registry unavailable: {type(exc).__name__}: {exc}")
 
 

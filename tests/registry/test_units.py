@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 import registry.redis_backend as redis_backend
 import tangent
@@ -141,3 +142,23 @@ def test_a_shared_file_store_keeps_young_partial_writes(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 301, time.time() - 301))
     blobs.discard_partial()
     assert young.exists() and not old.exists()
+
+
+@pytest.mark.redis
+def test_a_full_redis_is_reported_as_full_and_nothing_changes(redis_store: Store,
+                                                              redis_db: str) -> None:
+    """maxmemory reached with noeviction: a clear 'full' StorageError, not 'unavailable'."""
+    reg = redis_store.open()
+    reg.add("kept", make_component(1).data)
+    with redis.Redis.from_url(redis_db) as client:
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(used + 1024))
+        try:
+            with pytest.raises(StorageError, match="Redis registry is full") as err:
+                notes = {f"notes{i}": "x" * 12_000 for i in range(4)}  # ~48 KB of metadata
+                reg.add("big", make_component(2, provenance=notes).data)
+            assert "maxmemory" in str(err.value) and "unavailable" not in str(err.value)
+        finally:
+            client.config_set("maxmemory", "0")
+    assert [c.id for c in reg.list()] == ["kept"]
