@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from bases import Base
-from bench import common
+from bench import common, processes
 from bench.gpu_common import Components, executor_for, plan_of
 
 
@@ -32,7 +32,7 @@ def check_http(base_dir: Path, base: Base, payload: Path | None, device: torch.d
     images = _png_images(payload, 64)
     env = {"TMC_DEVICE": device.type, "TMC_MAX_BATCH_SIZE": str(max(64, load_spec.concurrency)),
            "TMC_LOG_LEVEL": "warning"}
-    with common.tmc_server(base_dir, workdir / "server", env=env) as server:
+    with processes.tmc_server(base_dir, workdir / "server", env=env) as server:
         by_digest, ids = serving.push_components(server, base.region, base.fingerprint)
         comp = serving.compositions()[0]
         bodies = [serving.request_bytes(server.port, {"inputs": [img], "components": comp,

@@ -156,9 +156,8 @@ def stats_ms(seconds: list[float]) -> dict[str, Any]:
     ms = sorted(s * 1e3 for s in seconds)
     if not ms:
         return {"median_ms": None, "p90_ms": None, "min_ms": None, "max_ms": None, "n": 0}
-    p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
-    return {"median_ms": statistics.median(ms), "p90_ms": p90, "min_ms": ms[0],
-            "max_ms": ms[-1], "n": len(ms)}
+    return {"median_ms": statistics.median(ms), "p90_ms": common.percentile(ms, 90),
+            "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

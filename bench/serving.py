@@ -48,7 +48,7 @@ import torch
 from app.composition import make_plan
 from app.executor import Executor
 from bases import init_base, load_base, make_spec
-from bench import common
+from bench import common, processes, scrape
 from registry import ResolvedItem
 from tangent import encode_component
 
@@ -64,7 +64,7 @@ def compositions() -> list[dict[str, float]]:
     return [{f"c{j}": 0.5, f"c{(j + 1) % N_COMPONENTS}": 0.5} for j in range(N_COMPONENTS)]
 
 
-def push_components(server: common.Server, region: dict[str, Any], fingerprint: str
+def push_components(server: processes.Server, region: dict[str, Any], fingerprint: str
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """PUT 8 random components: (digest -> tensors for the offline executor, id -> digest)."""
     gen = torch.Generator().manual_seed(0)
@@ -132,12 +132,12 @@ async def _client(port: int, requests: list[bytes], per_request: int, warm_until
         writer.close()
 
 
-async def _scrape(url: str) -> dict[str, float]:
+async def _scrape(url: str) -> scrape.Metrics:
     async with httpx.AsyncClient(timeout=30.0) as client:
-        return common.parse_metrics((await client.get(f"{url}/metrics")).text)
+        return scrape.parse_metrics((await client.get(f"{url}/metrics")).text)
 
 
-async def _level(server: common.Server, per_client: list[list[bytes]], per_request: int,
+async def _level(server: processes.Server, per_client: list[list[bytes]], per_request: int,
                  warmup_s: float, duration_s: float) -> dict[str, Any]:
     stats = LevelStats()
     start = time.perf_counter()
@@ -145,47 +145,56 @@ async def _level(server: common.Server, per_client: list[list[bytes]], per_reque
     tasks = [asyncio.create_task(_client(server.port, reqs, per_request, warm_until, deadline,
                                          stats)) for reqs in per_client]
     await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
-    m0, cpu0, own0, t0 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
+    m0, cpu0, own0, t0 = (await _scrape(server.url), processes.cpu_seconds(server.proc.pid),
                           time.process_time(), time.perf_counter())
     await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-    m1, cpu1, own1, t1 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
+    m1, cpu1, own1, t1 = (await _scrape(server.url), processes.cpu_seconds(server.proc.pid),
                           time.process_time(), time.perf_counter())
     await asyncio.gather(*tasks)
     window = t1 - t0
     return _level_result(stats, m0, m1, window, cpu1 - cpu0, own1 - own0)
 
 
-def _delta(m0: dict[str, float], m1: dict[str, float], key: str) -> float:
-    return m1.get(key, 0.0) - m0.get(key, 0.0)
-
-
-def _level_result(stats: LevelStats, m0: dict[str, float], m1: dict[str, float],
+def _level_result(stats: LevelStats, m0: scrape.Metrics, m1: scrape.Metrics,
                   window: float, server_cpu: float, client_cpu: float) -> dict[str, Any]:
-    lat = sorted(stats.latencies)
-    batches = _delta(m0, m1, "tmc_batch_size_count")
     return {
         "completed_inputs": stats.completed, "completed_requests": stats.requests,
         "errors": stats.errors, "first_error": stats.first_error,
         "window_s": window,
         "throughput_inputs_per_s": stats.completed / window if window else None,
-        "latency_ms": {"p50": _pct(lat, 50) * 1e3 if lat else None,
-                       "p99": _pct(lat, 99) * 1e3 if lat else None,
-                       "mean": statistics.fmean(lat) * 1e3 if lat else None,
-                       "min": lat[0] * 1e3 if lat else None,
-                       "max": lat[-1] * 1e3 if lat else None},
-        "batches": batches,
-        "mean_batch_size": _delta(m0, m1, "tmc_batch_size_sum") / batches if batches else None,
-        "mean_groups_per_batch": (_delta(m0, m1, "tmc_batch_groups_sum") / batches
-                                  if batches else None),
-        "composition_cache_misses": _delta(m0, m1, "tmc_composition_cache_misses_total"),
-        "server_forward_ms_mean": _mean_ms(m0, m1, FORWARD),  # tail per composition group
-        "server_trunk_ms_mean": _mean_ms(m0, m1, TRUNK),  # shared trunk per device batch
-        "server_queue_wait_ms_mean": _mean_ms(m0, m1, "tmc_queue_wait_seconds"),
-        "server_request_ms_mean": _mean_ms(m0, m1, REQUEST),
+        "latency_ms": latency_ms(stats.latencies),
+        **_server_side(m0, m1),
         "server_cpu_cores": server_cpu / window if window else None,
         "server_cpu_ms_per_input": server_cpu / stats.completed * 1e3 if stats.completed
         else None,
         "client_cpu_cores": client_cpu / window if window else None,
+    }
+
+
+def latency_ms(seconds: list[float]) -> dict[str, float | None]:
+    """p50, p99 (common.percentile), mean, min and max of request latencies, in ms."""
+    ms = common.ms
+    return {"p50": ms(common.percentile(seconds, 50)), "p99": ms(common.percentile(seconds, 99)),
+            "mean": ms(statistics.fmean(seconds) if seconds else None),
+            "min": ms(min(seconds, default=None)), "max": ms(max(seconds, default=None))}
+
+
+def _server_side(m0: scrape.Metrics, m1: scrape.Metrics) -> dict[str, float | None]:
+    """What the server's /metrics say about the window between two scrapes."""
+    batches = scrape.delta(m0, m1, "tmc_batch_size_count")
+
+    def per_batch(key: str) -> float | None:
+        return scrape.delta(m0, m1, key) / batches if batches else None
+    return {
+        "batches": batches,
+        "mean_batch_size": per_batch("tmc_batch_size_sum"),
+        "mean_groups_per_batch": per_batch("tmc_batch_groups_sum"),
+        "composition_cache_misses": scrape.delta(m0, m1, "tmc_composition_cache_misses_total"),
+        # tail per composition group; shared trunk per device batch
+        "server_forward_ms_mean": scrape.histogram_mean_ms(m0, m1, FORWARD),
+        "server_trunk_ms_mean": scrape.histogram_mean_ms(m0, m1, TRUNK),
+        "server_queue_wait_ms_mean": scrape.histogram_mean_ms(m0, m1, "tmc_queue_wait_seconds"),
+        "server_request_ms_mean": scrape.histogram_mean_ms(m0, m1, REQUEST),
     }
 
 
@@ -194,25 +203,11 @@ TRUNK = "tmc_trunk_duration_seconds"
 REQUEST = 'tmc_request_duration_seconds{route="/v1/predict"}'
 
 
-def _mean_ms(m0: dict[str, float], m1: dict[str, float], metric: str) -> float | None:
-    """Mean of a Prometheus histogram over the window, in ms (labels kept in place)."""
-    name, brace, labels = metric.partition("{")
-    count = _delta(m0, m1, f"{name}_count{brace}{labels}")
-    total = _delta(m0, m1, f"{name}_sum{brace}{labels}")
-    return total / count * 1e3 if count else None
-
-
-def _pct(sorted_xs: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    rank = max(1, min(len(sorted_xs), round(q / 100 * len(sorted_xs) + 0.5)))
-    return sorted_xs[rank - 1]
-
-
 # workload -> (inputs per request, distinct compositions among the clients)
 MODES = {"homogeneous": (1, 1), "mixed": (1, N_COMPONENTS), "homogeneous, 8 per request": (8, 1)}
 
 
-def run_load(server: common.Server, images_b64: list[str], levels: list[int],
+def run_load(server: processes.Server, images_b64: list[str], levels: list[int],
              warmup_s: float, duration_s: float) -> dict[str, Any]:
     comps = compositions()
 
@@ -242,7 +237,7 @@ def _rotate(xs: list[bytes], k: int) -> list[bytes]:
     return xs[k:] + xs[:k]
 
 
-async def _prime(server: common.Server, reqs: list[list[bytes]]) -> None:
+async def _prime(server: processes.Server, reqs: list[list[bytes]]) -> None:
     """One request per composition (composes and caches each Δ); checks the answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
@@ -425,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         common.log("base ready; starting tmc serve")
         server_env = ({"TMC_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads
                       else {})
-        with common.tmc_server(base_dir, Path(tmp) / "server", env=server_env) as server:
+        with processes.tmc_server(base_dir, Path(tmp) / "server", env=server_env) as server:
             base = load_base(base_dir, check_forward_ad=False)
             by_digest, ids = push_components(server, base.region, base.fingerprint)
             cases = offline_cases(base_dir, by_digest, ids, images)
