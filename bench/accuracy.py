@@ -35,19 +35,18 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import fcntl
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from bases import init_base, load_base, make_spec
 from bench.accuracy_protocols import (
@@ -249,15 +248,12 @@ def cached_features(base: Any, ds: Dataset, desc: str, progress: bool) -> Featur
     return feats
 
 
-@contextmanager
-def cache_entry_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on one cache entry: experiments running side by side
-    (run_all --jobs) that need the same features or joint model compute them once — the
-    others wait here, then load what the first one wrote."""
+def cache_entry_lock(path: Path) -> FileLock:
+    """An exclusive lock on one cache entry (``with cache_entry_lock(path): ...``):
+    experiments running side by side (run_all --jobs) that need the same features or joint
+    model compute them once — the others wait here, then load what the first one wrote."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    return FileLock(path.with_suffix(".lock"))
 
 
 def draw_class_tasks(exp: Experiment, train: Dataset, labels: list[str]
