@@ -46,6 +46,7 @@ def make_negatives(ds: Dataset, kind: str, seed: int = 0) -> Dataset:
     """One negative row per shard row (labels -1: they belong to no class)."""
     check_kind(kind, ds.kind)
     rng = np.random.Generator(np.random.PCG64(seed))
+    inputs: np.ndarray | list[np.ndarray] | list[str]
     if kind == "rot+jigsaw":
         half = len(ds) // 2
         a, b = _images(ds, "rot", rng)[:half], _images(ds, "jigsaw", rng)[half:]

@@ -65,11 +65,11 @@ def train_linear_probe(base: Any, ds: Dataset, *, features: Features | None = No
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = F.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
-        loss.backward()
+        torch.autograd.backward(loss)
         return loss
 
     with torch.enable_grad():
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[no-untyped-call]  # torch.optim's step is untyped
     with torch.no_grad():
         acc = float(((x @ w.T + b).argmax(-1) == y).float().mean())
     return LinearProbe(stage, w.detach().clone(), b.detach().clone(), l2, acc)
