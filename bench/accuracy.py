@@ -299,8 +299,8 @@ def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
                "trunk_val": val_ev.features.seconds, "trunk_test": test_ev.features.seconds}
     log(f"trunk features: train {seconds['trunk_train']:.1f}s, val {seconds['trunk_val']:.1f}s,"
         f" test {seconds['trunk_test']:.1f}s")
-    pool = unlabeled_pool(exp, base, splits.train, union, progress)
-    return Prepared(exp, base, union, union_features, class_tasks, pool, val_ev, test_ev,
+    whitening = unlabeled_pool(exp, base, splits.train, union, progress)
+    return Prepared(exp, base, union, union_features, class_tasks, whitening, val_ev, test_ev,
                     seconds)
 
 
