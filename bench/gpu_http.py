@@ -51,7 +51,7 @@ def check_http(base_dir: Path, base: Base, payload: Path | None, device: torch.d
     comps.by_digest.update(by_digest)
     ex = executor_for(base, comps, device, torch.float32)
     plan = plan_of({ids[cid]: w for cid, w in comp.items()})
-    items = base.preprocessor.encode([base64.b64decode(i) for i in images])
+    items = base.preprocessor.decode_inputs([base64.b64decode(i) for i in images])
     mean_batch = max(1, round(load.get("mean_batch_size") or 1))
     batches = sorted({1, mean_batch, load_spec.concurrency})
     cases = [common.Case(f"offline|{b}", partial(

@@ -93,10 +93,10 @@ def make_inputs(base: Base, batch: int, gen: torch.Generator) -> tuple[Any, str]
     if base.spec.input_kind == "image":
         raw = [torch.randint(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), generator=gen,
                              dtype=torch.uint8).numpy() for _ in range(batch)]
-        return pre.collate(pre.encode(raw)), "random RGB pixels"
+        return pre.collate(pre.decode_inputs(raw)), "random RGB pixels"
     texts, source = bbc_texts(batch)
     if texts:
-        ids, mask = pre.collate(pre.encode(texts))
+        ids, mask = pre.collate(pre.decode_inputs(texts))
         if ids.shape[1] == TOKENS and bool(mask.all()):
             return (ids, mask), source
         common.log(f"BBC texts gave {ids.shape[1]} tokens with padding; using random ids")

@@ -263,7 +263,7 @@ def offline_cases(base_dir: Path, by_digest: dict[str, dict[str, torch.Tensor]],
     plan = make_plan([ResolvedItem(cid, ids[cid], w) for cid, w in sorted(comp.items())],
                      1, "none", False)
     raw = [base64.b64decode(common.png_base64(img)) for img in images]
-    items = base.preprocessor.encode(raw)
+    items = base.preprocessor.decode_inputs(raw)
     cases = []
     for b in OFFLINE_BATCHES:
         x = base.preprocessor.collate([items[i % len(items)] for i in range(b)])

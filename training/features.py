@@ -71,7 +71,7 @@ class InputEncoder:
         if isinstance(self.pre, TextPreprocessor):
             limit = self.pre.max_chars
             texts = [ds.inputs[int(i)][:limit] if limit else ds.inputs[int(i)] for i in rows]
-            return self.pre.collate(self.pre.encode(texts))
+            return self.pre.collate(self.pre.decode_inputs(texts))
         return torch.from_numpy(np.ascontiguousarray(ds.inputs[rows], dtype=np.float32))
 
 
