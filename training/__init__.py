@@ -1,8 +1,10 @@
 """Training side of tmc: datasets and shards, tangent components, the paper's baselines,
 and their evaluation. ``training.cli`` holds the `tmc train` command.
 
-Modules: ``data`` (datasets, fixed splits, shards), ``features`` (trunk-feature cache),
-``tangent_train`` (train Δ), ``nonlinear`` (non-linear fine-tuning, weight averaging),
-``probe`` (linear probe), ``evaluate`` (accuracy of any method on a split), ``cli``.
-Submodules are imported on demand so that ``training.cli`` stays light.
+Modules: ``dataset`` (the Dataset type), ``sources`` (dataset loaders), ``data`` (fixed
+splits, shards; re-exports both), ``features`` (trunk-feature cache), ``loop`` (the training
+loop both trainers share), ``tangent_train`` (train Δ), ``nonlinear`` (non-linear
+fine-tuning, weight averaging), ``probe`` (linear probe), ``evaluate`` (accuracy of any
+method on a split), ``cli``. Submodules are imported on demand so that ``training.cli``
+stays light.
 """

@@ -40,7 +40,8 @@ TailInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class InputEncoder:
-    """Raw dataset rows -> the base's model input for a batch (what collate(encode()) gives)."""
+    """Raw dataset rows -> the base's model input for a batch (what
+    collate(decode_inputs()) gives)."""
 
     def __init__(self, base: Base) -> None:
         self.base = base
@@ -54,7 +55,7 @@ class InputEncoder:
             raise UsageError(f"the base takes {self.kind} inputs but {ds.source} holds "
                              f"{ds.kind} inputs")
         if isinstance(self.pre, TensorPreprocessor):
-            shape = tuple(ds.inputs.shape[1:])
+            shape = tuple(np.asarray(ds.inputs).shape[1:])  # an ndarray: no copy
             if shape != tuple(self.pre.shape):
                 raise UsageError(f"{ds.source} rows have shape {list(shape)}, the base takes "
                                  f"{list(self.pre.shape)}")
@@ -156,8 +157,10 @@ def trunk_features(base: Base, ds: Dataset, *, batch_size: int = 64, progress: b
 
 
 def _max_tokens(base: Base) -> int | None:
-    value = base.spec.options.get("max_tokens")
-    return int(value) if value is not None else None
+    from bases.spec import int_option
+
+    options = base.spec.options
+    return None if options.get("max_tokens") is None else int_option(options, "max_tokens")
 
 
 def _allocate(out: TailInput, n: int, max_len: int | None, memory_limit: int) -> Features:

@@ -54,7 +54,7 @@ def make_negatives(ds: Dataset, kind: str, seed: int = 0) -> Dataset:
     elif ds.kind == "image":
         inputs = _images(ds, kind, rng)
     elif ds.kind == "text":
-        inputs = _mixed_texts(list(ds.inputs), rng)
+        inputs = _mixed_texts([str(text) for text in ds.inputs], rng)
     else:
         x = np.asarray(ds.inputs, dtype=np.float32)
         inputs = 0.5 * (x + x[_partners(ds.labels, rng)])
