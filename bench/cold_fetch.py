@@ -51,7 +51,7 @@ import torch
 
 from bases import init_base, load_base, make_spec
 from bench import common, processes, scrape
-from bench.serving import _exchange, request_bytes
+from bench.http_load import exchange, request_bytes
 from tangent import encode_component
 
 NAME = "cold_fetch"
@@ -150,7 +150,7 @@ async def closed_loop(port: int, bodies: list[bytes], start: float, deadline: fl
         k = 0
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, body = await _exchange(reader, writer, bodies[k % len(bodies)])
+            status, body = await exchange(reader, writer, bodies[k % len(bodies)])
             t1 = time.perf_counter()
             k += 1
             if status != 200:

@@ -27,7 +27,7 @@ class HttpLoad:
 
 def check_http(base_dir: Path, base: Base, payload: Path | None, device: torch.device,
                load_spec: HttpLoad, workdir: Path) -> dict[str, Any]:
-    from bench import serving
+    from bench import http_load, serving
 
     images = _png_images(payload, 64)
     env = {"TMC_DEVICE": device.type, "TMC_MAX_BATCH_SIZE": str(max(64, load_spec.concurrency)),
@@ -35,17 +35,18 @@ def check_http(base_dir: Path, base: Base, payload: Path | None, device: torch.d
     with processes.tmc_server(base_dir, workdir / "server", env=env) as server:
         by_digest, ids = serving.push_components(server, base.region, base.fingerprint)
         comp = serving.compositions()[0]
-        bodies = [serving.request_bytes(server.port, {"inputs": [img], "components": comp,
-                                                      "top_k": 1}) for img in images]
-        per_client = [serving._rotate(bodies, i) for i in range(load_spec.concurrency)]
-        asyncio.run(serving._prime(server, [bodies]))
+        bodies = [http_load.request_bytes(server.port, {"inputs": [img], "components": comp,
+                                                        "top_k": 1}) for img in images]
+        per_client = [http_load.rotate(bodies, i) for i in range(load_spec.concurrency)]
+        asyncio.run(serving.prime(server, [bodies]))
         warm = min(2.0, load_spec.duration_s / 3)
-        load = asyncio.run(serving._level(server, per_client, 1, warm, load_spec.duration_s))
-        eight = [serving.request_bytes(server.port, {
+        load = asyncio.run(http_load.run_level(server, per_client, 1, warm,
+                                               load_spec.duration_s))
+        eight = [http_load.request_bytes(server.port, {
             "inputs": [images[(j * 8 + i) % len(images)] for i in range(8)],
             "components": comp, "top_k": 1}) for j in range(len(images))]
-        load8 = asyncio.run(serving._level(
-            server, [serving._rotate(eight, i) for i in range(load_spec.concurrency)], 8,
+        load8 = asyncio.run(http_load.run_level(
+            server, [http_load.rotate(eight, i) for i in range(load_spec.concurrency)], 8,
             warm, load_spec.duration_s))
     comps = Components()
     comps.by_digest.update(by_digest)

@@ -34,10 +34,8 @@ import argparse
 import asyncio
 import base64
 import json
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,8 @@ import torch
 from app.composition import make_plan
 from app.executor import Executor
 from bases import init_base, load_base, make_spec
-from bench import common, processes, scrape
+from bench import common, processes
+from bench.http_load import exchange, request_bytes, rotate, run_level
 from registry import ResolvedItem
 from tangent import encode_component
 
@@ -82,127 +81,6 @@ def push_components(server: processes.Server, region: dict[str, Any], fingerprin
     return by_digest, ids
 
 
-def request_bytes(port: int, body: dict[str, Any]) -> bytes:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
-    return head.encode() + payload
-
-
-# -- load generator ----------------------------------------------------------------------------
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes
-                    ) -> tuple[int, bytes]:
-    writer.write(req)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
-                  if k.strip().lower() == "content-length")
-    return status, await reader.readexactly(length)
-
-
-@dataclass
-class LevelStats:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    first_error: str = ""
-    completed: int = 0  # inputs answered inside the window
-    requests: int = 0  # requests answered inside the window
-
-
-async def _client(port: int, requests: list[bytes], per_request: int, warm_until: float,
-                  deadline: float, stats: LevelStats) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        k = 0
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            status, body = await _exchange(reader, writer, requests[k % len(requests)])
-            t1 = time.perf_counter()
-            k += 1
-            if status != 200:
-                stats.errors += 1
-                stats.first_error = stats.first_error or f"{status}: {body[:200]!r}"
-            elif warm_until <= t1 <= deadline:  # completions inside the window
-                stats.latencies.append(t1 - t0)
-                stats.completed += per_request
-                stats.requests += 1
-    finally:
-        writer.close()
-
-
-async def _scrape(url: str) -> scrape.Metrics:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        return scrape.parse_metrics((await client.get(f"{url}/metrics")).text)
-
-
-async def _level(server: processes.Server, per_client: list[list[bytes]], per_request: int,
-                 warmup_s: float, duration_s: float) -> dict[str, Any]:
-    stats = LevelStats()
-    start = time.perf_counter()
-    warm_until, deadline = start + warmup_s, start + warmup_s + duration_s
-    tasks = [asyncio.create_task(_client(server.port, reqs, per_request, warm_until, deadline,
-                                         stats)) for reqs in per_client]
-    await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
-    m0, cpu0, own0, t0 = (await _scrape(server.url), processes.cpu_seconds(server.proc.pid),
-                          time.process_time(), time.perf_counter())
-    await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-    m1, cpu1, own1, t1 = (await _scrape(server.url), processes.cpu_seconds(server.proc.pid),
-                          time.process_time(), time.perf_counter())
-    await asyncio.gather(*tasks)
-    window = t1 - t0
-    return _level_result(stats, m0, m1, window, cpu1 - cpu0, own1 - own0)
-
-
-def _level_result(stats: LevelStats, m0: scrape.Metrics, m1: scrape.Metrics,
-                  window: float, server_cpu: float, client_cpu: float) -> dict[str, Any]:
-    return {
-        "completed_inputs": stats.completed, "completed_requests": stats.requests,
-        "errors": stats.errors, "first_error": stats.first_error,
-        "window_s": window,
-        "throughput_inputs_per_s": stats.completed / window if window else None,
-        "latency_ms": latency_ms(stats.latencies),
-        **_server_side(m0, m1),
-        "server_cpu_cores": server_cpu / window if window else None,
-        "server_cpu_ms_per_input": server_cpu / stats.completed * 1e3 if stats.completed
-        else None,
-        "client_cpu_cores": client_cpu / window if window else None,
-    }
-
-
-def latency_ms(seconds: list[float]) -> dict[str, float | None]:
-    """p50, p99 (common.percentile), mean, min and max of request latencies, in ms."""
-    ms = common.ms
-    return {"p50": ms(common.percentile(seconds, 50)), "p99": ms(common.percentile(seconds, 99)),
-            "mean": ms(statistics.fmean(seconds) if seconds else None),
-            "min": ms(min(seconds, default=None)), "max": ms(max(seconds, default=None))}
-
-
-def _server_side(m0: scrape.Metrics, m1: scrape.Metrics) -> dict[str, float | None]:
-    """What the server's /metrics say about the window between two scrapes."""
-    batches = scrape.delta(m0, m1, "tmc_batch_size_count")
-
-    def per_batch(key: str) -> float | None:
-        return scrape.delta(m0, m1, key) / batches if batches else None
-    return {
-        "batches": batches,
-        "mean_batch_size": per_batch("tmc_batch_size_sum"),
-        "mean_groups_per_batch": per_batch("tmc_batch_groups_sum"),
-        "composition_cache_misses": scrape.delta(m0, m1, "tmc_composition_cache_misses_total"),
-        # tail per composition group; shared trunk per device batch
-        "server_forward_ms_mean": scrape.histogram_mean_ms(m0, m1, FORWARD),
-        "server_trunk_ms_mean": scrape.histogram_mean_ms(m0, m1, TRUNK),
-        "server_queue_wait_ms_mean": scrape.histogram_mean_ms(m0, m1, "tmc_queue_wait_seconds"),
-        "server_request_ms_mean": scrape.histogram_mean_ms(m0, m1, REQUEST),
-    }
-
-
-FORWARD = 'tmc_forward_duration_seconds{kind="linearized"}'
-TRUNK = "tmc_trunk_duration_seconds"
-REQUEST = 'tmc_request_duration_seconds{route="/v1/predict"}'
-
-
 # workload -> (inputs per request, distinct compositions among the clients)
 MODES = {"homogeneous": (1, 1), "mixed": (1, N_COMPONENTS), "homogeneous, 8 per request": (8, 1)}
 
@@ -217,13 +95,13 @@ def run_load(server: processes.Server, images_b64: list[str], levels: list[int],
             "inputs": [images_b64[(j * per_request + i) % n] for i in range(per_request)],
             "components": comp, "top_k": 1}) for j in range(n)]
 
-    asyncio.run(_prime(server, [bodies(c, 1) for c in comps]))
+    asyncio.run(prime(server, [bodies(c, 1) for c in comps]))
     out: dict[str, Any] = {mode: {} for mode in MODES}
     for conc in levels:
         for mode, (per_request, distinct) in MODES.items():
             reqs = [bodies(c, per_request) for c in comps[:distinct]]
-            per_client = [_rotate(reqs[i % distinct], i) for i in range(conc)]
-            res = asyncio.run(_level(server, per_client, per_request, warmup_s, duration_s))
+            per_client = [rotate(reqs[i % distinct], i) for i in range(conc)]
+            res = asyncio.run(run_level(server, per_client, per_request, warmup_s, duration_s))
             out[mode][str(conc)] = res
             lat = res["latency_ms"]
             common.log(f"{mode:26s} c={conc:2d}: {res['throughput_inputs_per_s']:.1f} inputs/s,"
@@ -232,17 +110,12 @@ def run_load(server: processes.Server, images_b64: list[str], levels: list[int],
     return out
 
 
-def _rotate(xs: list[bytes], k: int) -> list[bytes]:
-    k %= len(xs)
-    return xs[k:] + xs[:k]
-
-
-async def _prime(server: processes.Server, reqs: list[list[bytes]]) -> None:
+async def prime(server: processes.Server, reqs: list[list[bytes]]) -> None:
     """One request per composition (composes and caches each Δ); checks the answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         for j, per_comp in enumerate(reqs):
-            status, body = await _exchange(reader, writer, per_comp[0])
+            status, body = await exchange(reader, writer, per_comp[0])
             if status != 200:
                 raise RuntimeError(f"composition {j}: HTTP {status}: {body[:300]!r}")
             prov = json.loads(body)["provenance"]
