@@ -9,8 +9,8 @@ throwaway component added, used and forgotten, so that the first linearized forw
 allocations are in the baseline), components are pushed through the admin API up to 1, 10
 and 50; after each milestone, one request composes all of them (mean weights), which loads
 every component tangent into the device cache and caches the composed Δ. Then every
-component is forgotten (DELETE). The server's VmRSS is read from /proc at each stage, next
-to the exact tensor accounting of /metrics (``tmc_cache_bytes``).
+component is forgotten (DELETE). The server's resident set size (VmRSS, read with psutil)
+is taken at each stage, next to the exact tensor accounting of /metrics (``tmc_cache_bytes``).
 
 glibc does not always return freed heap memory to the OS, so after forgetting, the server is
 asked (SIGUSR1, handled by this module's ``--serve-child`` wrapper around `tmc serve`) to call
