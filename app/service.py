@@ -26,7 +26,8 @@ from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Name
 from app.decode_pool import DecodePool
 from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
 from app.executor import Executor, select_rows
-from app.fetch import Fetcher, NotStagedError, Staged, verified_tensors
+from app.fetch import Fetcher, NotStagedError, Staged
+from app.host_tensors import verified_tensors
 from app.metrics import Metrics
 from app.plan import Plan
 from app.settings import Settings
@@ -202,7 +203,7 @@ class Service:
         """Resolve, stage the components the device lacks, queue the job. A version
         forgotten between the resolve and its fetch comes back as the future's
         NotFoundError, re-planned like one forgotten in the queue."""
-        epoch = self.executor.purges.epoch  # before the resolve (app/fetch.py)
+        epoch = self.executor.purges.epoch  # before the resolve (app/purges.py)
         plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[JobResult] = loop.create_future()

@@ -9,7 +9,7 @@ Control commands (purge on forget) run on the same thread, between batches, so n
 cache insert can race a purge; the caller gets the command's result or its exception (the
 thread logs it and keeps serving). Just before a batch runs, a job one of whose component
 versions was purged since it was admitted fails with NotFoundError (the service re-plans
-it): it never uses tensors it brought from before the purge (app/fetch.py). The device
+it): it never uses tensors it brought from before the purge (app/purges.py). The device
 thread reads no storage: components it lacks come with the job, staged at admission.
 A stop ends the loop after the batch being collected has run; whatever is still queued
 then is refused, and so is any later job or command.
@@ -31,7 +31,8 @@ import torch
 
 from app.errors import DeviceTimeoutError, NotReadyError, OverloadedError
 from app.executor import Executor, select_rows
-from app.fetch import HostTensors, Staged
+from app.fetch import Staged
+from app.host_tensors import HostTensors
 from app.logs import current_request_id
 from app.metrics import Metrics
 from app.plan import Plan

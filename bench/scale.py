@@ -208,7 +208,8 @@ def add_large_all(s: Setup, plan: Plan, maker: LargeMaker) -> None:
 def stage(s: Setup, digests: list[str], threads: int, waiting: int) -> tuple[float, Any]:
     """Stage ``digests`` through the service's fetch pool (fetch, sha256, decode on
     ``threads`` threads); (seconds, Staged). Raises what ``Fetcher.stage`` raises."""
-    from app.fetch import Fetcher, PurgeLog
+    from app.fetch import Fetcher
+    from app.purges import PurgeLog
 
     fetcher = Fetcher(s.reg.load_tensors, PurgeLog(), threads=threads, max_waiting=waiting,
                       timeout_s=600.0, store=s.reg.blob_where)
