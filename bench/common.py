@@ -1,4 +1,9 @@
-"""Shared benchmark helpers: machine description, interleaved timing, result files.
+"""Shared benchmark helpers: machine description, statistics, interleaved timing, result
+files. (Starting and reading processes: bench.processes; a server's /metrics: bench.scrape.)
+
+Statistics come from the standard library: medians and percentiles from ``statistics``
+(percentiles by ``statistics.quantiles(method="inclusive")``), straight-line fits from
+``statistics.linear_regression``.
 
 Every benchmark writes ``bench/results/<name>.json`` (``<name>_quick.json`` for ``--quick``)
 with the same top-level shape::
