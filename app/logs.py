@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import uuid
-from typing import Any, TextIO
+from typing import TextIO
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -98,7 +98,7 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return sys.stderr
 
 
-def resolve_format(setting: str, stream: Any = None) -> str:
+def resolve_format(setting: str, stream: TextIO | None = None) -> str:
     """``auto``: JSON unless the stream is a terminal (in a container it is not)."""
     if setting != "auto":
         return setting

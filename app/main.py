@@ -67,7 +67,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     return app
 
 
-def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+def _add_openapi_schemas(app: FastAPI, schemas: dict[str, object]) -> None:
     """Models that routes refer to by $ref without FastAPI registering them (the V2 infer
     body, read by the route itself) go into components/schemas, so every $ref resolves."""
     generate = app.openapi

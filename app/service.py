@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -326,13 +325,13 @@ class Service:
                      "compositions", generation,
                      extra={"event": "registry_restored", "generation": generation})
 
-    def readiness(self) -> dict[str, Any]:
+    def readiness(self) -> dict[str, object]:
         """Ready = warm, not draining, and the registry index answers. A blob store that
         does not answer (S3 down) is reported (``blob_store``, ``blob_store_error``) but does
         not make the replica unready: every replica shares it, so failing readiness would take
         them all out of service, while base-only requests and compositions whose tensors are
         cached still work; requests that need cold bytes get a 503 that names the store."""
-        checks: dict[str, Any] = {"base_loaded": True, "warm_forward": self.ready,
+        checks: dict[str, object] = {"base_loaded": True, "warm_forward": self.ready,
                                   "draining": self.draining}
         try:
             checks["registry_generation"] = self.registry.generation()
@@ -349,7 +348,7 @@ class Service:
         checks["ready"] = bool(self.ready and checks["registry"] and not self.draining)
         return checks
 
-    def registry_persistence(self) -> dict[str, Any]:
+    def registry_persistence(self) -> dict[str, object]:
         """Whether every forget this replica made is out of the registry store's disk files:
         the Redis AOF/RDB rewrite state (registry.redis_persistence), or what SQLite does."""
         return persistence_report(self.registry)

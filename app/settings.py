@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         return value or None
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(**overrides: object) -> Settings:
     """Settings from the config file (if any), then the environment, then overrides."""
     file_values: dict[str, Any] = {}
     config_file = os.environ.get("TMC_CONFIG_FILE")

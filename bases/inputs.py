@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from bases.errors import InputError
 
@@ -29,7 +30,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def as_float32(value: object) -> np.ndarray[Any, np.dtype[np.float32]]:
+def as_float32(value: object) -> NDArray[np.float32]:
     """A request's nested numbers as float32. A finite JSON number beyond float32's range
     (1e39, 1.8e308) becomes ±inf, which the caller refuses as non-finite (422). numpy would
     also warn for that cast ("overflow encountered in cast"): noise on stderr, and where

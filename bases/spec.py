@@ -70,6 +70,9 @@ def dict_option(options: Mapping[str, JSONValue], name: str) -> dict[str, JSONVa
 
 
 def _as_int(name: str, value: JSONValue) -> int:
-    if not isinstance(value, int | float | str):
-        raise BaseSpecError(f"option {name!r}: {value!r} is not an integer")
-    return int(value)
+    try:
+        if isinstance(value, int | float | str):
+            return int(value)
+    except (ValueError, OverflowError):  # "abc"; a float that is nan or inf
+        pass
+    raise BaseSpecError(f"option {name!r}: {value!r} is not an integer")

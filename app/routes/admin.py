@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -18,6 +18,7 @@ from app.composition import QueryWeight, Weight
 from app.deps import AdminDep, ServiceDep, get_service, require_admin
 from app.errors import BadRequestError, BodyTooLargeError, error_responses
 from app.logs import actor
+from app.service import Service
 
 log = logging.getLogger("tmc.admin")
 
@@ -27,7 +28,7 @@ class AdminRoute(APIRoute):
     route's JSON body before it solves any dependency, AdminDep included, so a request with
     no valid token would be read whole before its 401. (AdminDep stays: it runs again.)"""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[object, object, Response]]:
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
@@ -100,14 +101,14 @@ async def put_component(cid: str, request: Request, service: ServiceDep,
 
 @router.get("/v1/components", responses=error_responses(422))
 async def list_components(service: ServiceDep, tag: str | None = None,
-                          active: bool | None = None) -> dict[str, Any]:
+                          active: bool | None = None) -> dict[str, object]:
     infos = await run_in_threadpool(service.registry.list, tag, active)
     return {"components": [i.to_dict() for i in infos],
             "generation": await run_in_threadpool(service.registry.generation)}
 
 
 @router.get(COMPONENT, responses=error_responses(400, 404, 422))
-async def get_component(cid: str, service: ServiceDep) -> dict[str, Any]:
+async def get_component(cid: str, service: ServiceDep) -> dict[str, object]:
     return (await run_in_threadpool(service.registry.get, cid)).to_dict()
 
 
@@ -120,7 +121,7 @@ class ComponentPatch(BaseModel):
 
 @router.patch(COMPONENT, responses=error_responses(400, 404, 409, 413, 422, 507))
 async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep,
-                          request: Request) -> dict[str, Any]:
+                          request: Request) -> dict[str, object]:
     if body.weight is None and body.tags is None and body.active is None:
         raise BadRequestError("nothing to change: send weight, tags and/or active")
     generation = await run_in_threadpool(_apply_patch, service, cid, body)
@@ -132,7 +133,7 @@ async def patch_component(cid: str, body: ComponentPatch, service: ServiceDep,
     return info.to_dict()
 
 
-def _apply_patch(service: Any, cid: str, body: ComponentPatch) -> int:
+def _apply_patch(service: Service, cid: str, body: ComponentPatch) -> int:
     """One atomic change: the generation moves once (returned)."""
     return int(service.registry.update(cid, weight=body.weight, tags=body.tags,
                                        active=body.active))
@@ -145,7 +146,7 @@ def _who(request: Request) -> str:
 
 @router.delete(COMPONENT, responses=error_responses(400, 404, 422, 507))
 async def forget_component(cid: str, service: ServiceDep, request: Request
-                           ) -> dict[str, Any]:
+                           ) -> dict[str, object]:
     receipt = await run_in_threadpool(service.forget, cid)
     log.info("component %s forgotten", receipt.id,
              extra={"event": "forget", "component": receipt.id,
@@ -166,7 +167,7 @@ class CompositionBody(BaseModel):
 
 @router.put(COMPOSITION, responses=error_responses(400, 404, 409, 413, 422, 507))
 async def put_composition(name: str, body: CompositionBody, service: ServiceDep,
-                          request: Request) -> dict[str, Any]:
+                          request: Request) -> dict[str, object]:
     if any(not math.isfinite(w) for w in body.weights.values()):
         raise BadRequestError("weights must be finite")
     comp = await run_in_threadpool(service.registry.put_composition, name, body.weights,
@@ -179,19 +180,19 @@ async def put_composition(name: str, body: CompositionBody, service: ServiceDep,
 
 
 @router.get("/v1/compositions")
-async def list_compositions(service: ServiceDep) -> dict[str, Any]:
+async def list_compositions(service: ServiceDep) -> dict[str, object]:
     comps = await run_in_threadpool(service.registry.list_compositions)
     return {"compositions": [c.to_dict() for c in comps]}
 
 
 @router.get(COMPOSITION, responses=error_responses(400, 404, 422))
-async def get_composition(name: str, service: ServiceDep) -> dict[str, Any]:
+async def get_composition(name: str, service: ServiceDep) -> dict[str, object]:
     return (await run_in_threadpool(service.registry.get_composition, name)).to_dict()
 
 
 @router.delete(COMPOSITION, responses=error_responses(400, 404, 422, 507))
 async def delete_composition(name: str, service: ServiceDep, request: Request
-                             ) -> dict[str, Any]:
+                             ) -> dict[str, object]:
     generation = await run_in_threadpool(service.registry.delete_composition, name)
     log.info("composition %s deleted", name,
              extra={"event": "composition_delete", "composition": name,
@@ -200,7 +201,7 @@ async def delete_composition(name: str, service: ServiceDep, request: Request
 
 
 @router.get("/v1/admin/registry/persistence")
-async def registry_persistence(service: ServiceDep) -> dict[str, Any]:
+async def registry_persistence(service: ServiceDep) -> dict[str, object]:
     """Whether every forget this replica made is out of the registry store's disk files.
 
     Redis: ``state`` "purged" (``covered``: each forget's records and bytes are out of the

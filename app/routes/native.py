@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -26,7 +26,7 @@ class PredictRequest(BaseModel):
          "components": {"shard-0": 0.5, "shard-1": 0.5}, "normalize": "none", "top_k": 3},
         {"inputs": ["Elections are due in May."], "components": "*"},
     ]})
-    inputs: list[Any] = Field(description="text strings, base64 images / pixel arrays, or "
+    inputs: list[object] = Field(description="text strings, base64 images / pixel arrays, or "
                               "numeric arrays, per the base's input kind")
     components: Components | None = Field(
         None, description='{id: weight} (JSON numbers, |weight| ≤ 1e6), or "*" for all active '
@@ -40,19 +40,19 @@ class PredictRequest(BaseModel):
 
 @router.post("/v1/predict", dependencies=[InferenceDep],
              responses=error_responses(400, 401, 404, 409, 413, 422, 503, 504))
-async def predict(body: PredictRequest, service: ServiceDep) -> dict[str, Any]:
+async def predict(body: PredictRequest, service: ServiceDep) -> dict[str, object]:
     spec = spec_from_fields(body.components, body.composition)
     pred = await service.predict(body.inputs, spec, body.normalize, body.explain)
     return render(service, pred, body.top_k)
 
 
-def render(service: Service, pred: Prediction, k: int) -> dict[str, Any]:
+def render(service: Service, pred: Prediction, k: int) -> dict[str, object]:
     labels = service.base.labels
     probs = pred.logits.softmax(-1)
     ranked = top_k(pred.logits, labels, k)
     outputs = []
     for row in range(pred.logits.shape[0]):
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "logits": pred.logits[row].tolist(),
             "probabilities": probs[row].tolist(),
             "top_k": [{"label": lab, "probability": p} for lab, p in ranked[row]],
@@ -65,7 +65,7 @@ def render(service: Service, pred: Prediction, k: int) -> dict[str, Any]:
     return {"outputs": outputs, "provenance": provenance(service, pred)}
 
 
-def provenance(service: Service, pred: Prediction) -> dict[str, Any]:
+def provenance(service: Service, pred: Prediction) -> dict[str, object]:
     plan = pred.plan
     return {
         "base_fingerprint": service.base.fingerprint,
@@ -78,7 +78,7 @@ def provenance(service: Service, pred: Prediction) -> dict[str, Any]:
 
 
 @router.get("/v1/base", dependencies=[InferenceDep], responses=error_responses(401, 503))
-async def base_info(service: ServiceDep) -> dict[str, Any]:
+async def base_info(service: ServiceDep) -> dict[str, object]:
     base = service.base
     return {
         "name": base.spec.name,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,7 +23,7 @@ async def healthz() -> dict[str, str]:
     "the service is starting)", "content": {"application/json": {"schema": {
         "type": "object", "additionalProperties": True}}}}})
 async def readyz(service: ServiceDep) -> JSONResponse:
-    checks: dict[str, Any] = service.readiness()
+    checks = service.readiness()
     return JSONResponse(checks, status_code=200 if checks["ready"] else 503)
 
 

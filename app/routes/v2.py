@@ -6,7 +6,8 @@ The composition travels as scalar request parameters: ``tmc_components``
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeAlias
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -27,7 +28,7 @@ from app.routes.v2_binary import (
 from app.service import Prediction, Service
 from bases import InputError
 from bases.inputs import TensorPreprocessor
-from tangent import NORMALIZATIONS
+from tangent import NORMALIZATIONS, Normalize
 
 router = APIRouter(tags=["open inference protocol"])
 SERVER_VERSION = "0.1.0"
@@ -50,16 +51,19 @@ class V2Output(BaseModel):
     name: str
 
 
+V2Params: TypeAlias = dict[str, str | int | float | bool]  # a request's scalar parameters
+
+
 class V2Request(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
-    parameters: dict[str, str | int | float | bool] | None = None
+    parameters: V2Params | None = None
     inputs: list[V2Tensor] = Field(min_length=1)
     outputs: list[V2Output] | None = None
 
 
 @router.get("/v2")
-async def server_metadata() -> dict[str, Any]:
+async def server_metadata() -> dict[str, object]:
     return {"name": "tmc", "version": SERVER_VERSION, "extensions": ["tmc_composition"]}
 
 
@@ -88,7 +92,7 @@ def raise_not_found(name: str, service: Service) -> None:
 
 @router.get("/v2/models/{model}", dependencies=[InferenceDep],
             responses=error_responses(401, 404, 422, 503))
-async def model_metadata(model: str, service: ServiceDep) -> dict[str, Any]:
+async def model_metadata(model: str, service: ServiceDep) -> dict[str, object]:
     _model(service, model)
     kind, classes = service.base.spec.input_kind, len(service.base.labels)
     pre = service.base.preprocessor
@@ -105,14 +109,14 @@ async def model_metadata(model: str, service: ServiceDep) -> dict[str, Any]:
 
 @router.get("/v2/models/{model}/ready", dependencies=[InferenceDep],
             responses=error_responses(401, 404, 422, 503))
-async def model_ready(model: str, service: ServiceDep) -> dict[str, Any]:
+async def model_ready(model: str, service: ServiceDep) -> dict[str, object]:
     _model(service, model)
     if not service.readiness()["ready"]:
         raise NotReadyError("model not ready")
     return {"name": model, "ready": True}
 
 
-def _openapi_schemas() -> dict[str, Any]:
+def _openapi_schemas() -> dict[str, object]:
     """V2Request and the models it refers to, for the document's components/schemas (the
     infer route reads its body itself, so FastAPI does not register them): main.py adds
     them, so that every $ref in /openapi.json resolves."""
@@ -159,21 +163,21 @@ async def infer(model: str, request: Request, service: ServiceDep,
                     headers={"Inference-Header-Content-Length": str(head)})
 
 
-def _validated(raw_json: Any) -> V2Request:
+def _validated(raw_json: object) -> V2Request:
     try:
         return V2Request.model_validate(raw_json)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
 
 
-def _binary_outputs(body: V2Request, params: dict[str, Any]) -> set[str]:
+def _binary_outputs(body: V2Request, params: V2Params) -> set[str]:
     if body.outputs:
         return {o.name for o in body.outputs
                 if (getattr(o, "parameters", None) or {}).get("binary_data")}
     return set(OUTPUTS) if params.get("binary_data_output") else set()
 
 
-def _spec(params: dict[str, Any]) -> CompositionSpec:
+def _spec(params: V2Params) -> CompositionSpec:
     comps, name = params.get("tmc_components"), params.get("tmc_composition")
     if comps is not None and name is not None:
         raise BadRequestError("give tmc_components or tmc_composition, not both")
@@ -182,14 +186,17 @@ def _spec(params: dict[str, Any]) -> CompositionSpec:
     return parse_components_param(str(comps)) if comps is not None else BaseOnly()
 
 
-def _normalize(params: dict[str, Any]) -> Any:
+def _normalize(params: V2Params) -> Normalize | None:
     value = params.get("tmc_normalize")
-    if value is not None and value not in NORMALIZATIONS:
-        raise BadRequestError(f"tmc_normalize must be one of {list(NORMALIZATIONS)}")
-    return value
+    if value is None:
+        return None
+    for known in NORMALIZATIONS:
+        if value == known:
+            return known
+    raise BadRequestError(f"tmc_normalize must be one of {list(NORMALIZATIONS)}")
 
 
-def decode_input(tensor: V2Tensor, kind: str) -> list[Any]:
+def decode_input(tensor: V2Tensor, kind: str) -> list[object]:
     """V2 input tensor -> list of raw inputs for the base's preprocessor."""
     if not tensor.shape or tensor.shape[0] < 1:
         raise BadRequestError(f"input {tensor.name!r}: shape must start with a batch size ≥ 1")
@@ -197,16 +204,17 @@ def decode_input(tensor: V2Tensor, kind: str) -> list[Any]:
     if tensor.datatype == "BYTES":
         if kind == "tensor":
             raise BadRequestError("this model takes FP32 tensors, not BYTES")
-        flat = list(_flatten(tensor.data))
-        if len(flat) != batch or not all(isinstance(v, str | bytes) for v in flat):
+        flat = list(_flatten(tensor.data or []))
+        strings = [v for v in flat if isinstance(v, str | bytes)]
+        if len(flat) != batch or len(strings) != len(flat):
             raise BadRequestError(f"input {tensor.name!r}: BYTES data must be {batch} strings")
-        return [_text(v) if kind == "text" else v for v in flat]
+        return [_text(v) if kind == "text" else v for v in strings]
     if tensor.datatype not in NUMERIC:
         raise BadRequestError(f"input {tensor.name!r}: unsupported datatype {tensor.datatype}")
     if kind == "text":
         raise BadRequestError("this model takes text as BYTES")
     try:
-        arr = np.asarray(list(_flatten(tensor.data)), dtype=np.float64)
+        arr = np.asarray(list(_flatten(tensor.data or [])), dtype=np.float64)
         arr = arr.reshape(tensor.shape)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InputError(f"input {tensor.name!r}: data does not fit shape "
@@ -226,7 +234,7 @@ def _text(value: str | bytes) -> str:
 MAX_NESTING = 32  # a tensor's data nests at most this deep (one level per dimension)
 
 
-def _flatten(data: Any) -> Any:
+def _flatten(data: Iterable[object]) -> Iterator[object]:
     """The leaves of nested lists, in order: iterative, and refusing absurd nesting (a
     recursive walk of JSON nested thousands deep would raise RecursionError: a 500)."""
     stack = [iter(data)]

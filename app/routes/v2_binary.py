@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8
                "UINT16": np.uint16}
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def split_body(body: bytes, header_length: str | None) -> tuple[object, bytes]:
     """(parsed JSON header, trailing binary data)."""
     if header_length is None:
         cut = len(body)
@@ -40,9 +41,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
         raise BadRequestError(json_error_message(exc)) from None
 
 
-def attach_binary_inputs(request: dict[str, Any], blob: bytes) -> list[Any]:
+def attach_binary_inputs(request: Mapping[str, object], blob: bytes) -> list[bytes | None]:
     """Per input: its binary payload (bytes) or None when the data is inline JSON."""
-    payloads: list[Any] = []
+    payloads: list[bytes | None] = []
     offset = 0
     inputs = request.get("inputs")
     for tensor in inputs if isinstance(inputs, list) else []:  # else: validation says why
@@ -62,10 +63,10 @@ def attach_binary_inputs(request: dict[str, Any], blob: bytes) -> list[Any]:
     return payloads
 
 
-def decode_binary(datatype: str, shape: list[int], payload: bytes) -> list[Any]:
+def decode_binary(datatype: str, shape: list[int], payload: bytes) -> list[object]:
     """Binary payload -> nested list (numeric) or list of bytes (BYTES)."""
     if datatype == "BYTES":
-        return _unpack_bytes(payload)
+        return [*_unpack_bytes(payload)]
     dtype = NUMPY_TYPES.get(datatype)
     if dtype is None:
         raise BadRequestError(f"unsupported datatype {datatype}")
@@ -81,7 +82,8 @@ def decode_binary(datatype: str, shape: list[int], payload: bytes) -> list[Any]:
     if arr.size != needed:
         raise BadRequestError(f"binary data holds {arr.size} values, shape {shape} needs "
                               f"{needed}")
-    return arr.reshape(shape).tolist()  # type: ignore[no-any-return]
+    values: list[object] = arr.reshape(shape).tolist()  # nested lists of numbers
+    return values
 
 
 def _unpack_bytes(payload: bytes) -> list[bytes]:

@@ -90,6 +90,9 @@ def test_init_refuses_a_non_empty_directory_unless_forced(tmp_path: Path) -> Non
     ("tiny-mlp", {"options": {"tangent_stages": 0}}, "tangent_stages must be within 1..3"),
     ("tiny-mlp", {"options": {"tangent_stages": 4}}, "tangent_stages must be within 1..3"),
     ("generic", {"labels": ["a"]}, "explicit tangent patterns"),
+    # an option of the wrong JSON type is named (int() of a list or None was a TypeError)
+    ("tiny-mlp", {"options": {"tangent_stages": [2]}}, "option 'tangent_stages'"),
+    ("effnet-lite0", {"options": {"tangent_blocks": None}}, "option 'tangent_blocks'"),
 ])
 def test_impossible_specs(preset: str, kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(BaseSpecError) as info:
@@ -230,6 +233,14 @@ def test_generic_base_errors(tmp_path: Path) -> None:
     with pytest.raises(BaseSpecError, match="module:callable"):
         init_base(tmp_path / "c", make_spec("generic", labels=["a"], tangent=["*"], options={
             "factory": "no-colon"}))
+    with pytest.raises(BaseSpecError, match="option 'factory' must be a string"):
+        init_base(tmp_path / "d", make_spec("generic", labels=["a"], tangent=["*"], options={
+            "factory": 5}))
+    for i, shape in enumerate((["x"], [[12]])):  # int() raised ValueError, then TypeError
+        (tmp_path / f"e{i}").mkdir()
+        with pytest.raises(BaseSpecError, match=r"option 'input_shape': .* is not an integer"):
+            load_base(_generic(tmp_path / f"e{i}", "mlp", factories.mlp(d=12),
+                               shape, ["out.*"]))  # type: ignore[arg-type]
 
 
 def test_fused_attention_in_tangent_region_fails_at_load(tmp_path: Path) -> None:
