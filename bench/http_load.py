@@ -1,5 +1,7 @@
 """Closed-loop HTTP load against ``tmc serve``: requests pre-encoded as raw HTTP/1.1 bytes on
-kept-alive loopback connections, one request in flight per client.
+kept-alive loopback connections, one request in flight per client. Hand-written rather than
+an HTTP client library: the client shares the cores with the server it measures, so it does
+as little per request as possible (write bytes, read the head, read Content-Length bytes).
 
 Policy: a level runs every client for a warm-up and then a measured window; only requests
 completed inside the window count, the server's /metrics and CPU time (psutil) are read at
