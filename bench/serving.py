@@ -17,8 +17,8 @@ The offline baseline is the same linearized forward, ``Executor.run`` on the sam
 composition, in this process, at batch 1..32, timed in interleaved rounds before and after
 the load phase; the service is compared with it at the mean batch size the service formed.
 The load generator (bench.http_load) is a minimal asyncio HTTP/1.1 client (pre-built
-requests, responses read by Content-Length) so that it takes as little of the shared CPU as possible; it still runs
-on the same cores as the server, and its CPU use is reported.
+requests, responses read by Content-Length) so that it takes as little of the shared CPU as
+possible; it still runs on the same cores as the server, and its CPU use is reported.
 Results: bench/results/serving[_quick].json and .png.
 """
 
