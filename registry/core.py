@@ -27,26 +27,17 @@ between leaves an unreferenced blob that the next open sweeps (``TMC_TEST_CRASH_
 The sweep checks each orphan's owner again under its mutation lock before deleting it, and
 skips one whose lock another process holds (an add in flight: see ``registry.ports``).
 
-Lost-store policy (shared backends, whose index offers ``marks()``): a store that restarted
-empty (Redis without persistence), or was flushed, must not be served as if it were the
-registry. Each process remembers the highest generation it has seen; every ``generation()``
-and every resolve also reads the generation and the base key together, and when the base key
-is gone (or names another base) or the generation went below the highest seen, raises
-``RegistryLostError`` (a StorageError: 503) until the store is restored, i.e. the base key is
-back and the generation is at least the highest seen (a restored backup, or a rewritten
-generation). The ``on_lost`` hooks hear when that starts and when it clears. Writes are not
-refused (re-pushing is one way back). A deliberately fresh registry is accepted by restarting
-the process (or calling ``accept_current``), which forgets the remembered generation.
+Lost-store policy (shared backends): a store that restarted empty or was flushed is not
+served as the registry; ``generation()`` and every resolve raise ``RegistryLostError`` (503)
+until it is restored. The policy and its detector are in ``registry.lost_store``.
 """
 
 from __future__ import annotations
 
 import builtins
 import dataclasses
-import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -66,6 +57,8 @@ from registry.errors import (
 )
 from registry.loader import Loader
 from registry.local_cache import LocalCache
+from registry.lost_store import LostHook, LostStoreGuard
+from registry.lost_store import RegistryLostError as RegistryLostError  # its old import path
 from registry.ports import BlobStore, Index, Listener, Tx
 from registry.records import ComponentSettings, VersionRecord
 from registry.types import (
@@ -86,7 +79,6 @@ from registry.validate import (
 from registry.watch import Watch
 from tangent import ComponentError, Normalize, TangentParam, decode_component
 
-log = logging.getLogger(__name__)
 CRASH_ENV = "TMC_TEST_CRASH_POINT"
 BLOB_ATTEMPTS = 5
 
@@ -97,15 +89,6 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class RegistryLostError(StorageError):
-    """The shared store lost its data: the base key vanished or the generation went back."""
-
-    def __init__(self, message: str, generation: int, highest: int) -> None:
-        super().__init__(message)
-        self.generation, self.highest = generation, highest
-
-
-LostHook = Callable[[str | None, int], None]
 # Run after a forget's index change, before its receipt returns: purges what one store still
 # holds of the removed digests and says what it did (the receipt lists every stage's answer).
 ForgetStage = Callable[[builtins.list[str]], StorePurge]
@@ -127,10 +110,8 @@ class Registry:
         self._index, self._blobs, self._cache = index, blobs, cache
         self._watch = Watch()
         self._loader = Loader(index, blobs, cache, self._watch, blob_where)
-        self._marks_lock = threading.Lock()
-        self._highest = 0  # the highest generation this process has seen (lost-store check)
-        self._lost: str | None = None
-        self._lost_hooks: builtins.list[LostHook] = []
+        marks = getattr(index, "marks", None)  # shared stores only: see registry.lost_store
+        self._guard = LostStoreGuard(marks, base_fingerprint) if marks is not None else None
         self._forget_stages: builtins.list[ForgetStage] = []
         self.accept_current()
         self.sweep()
@@ -345,24 +326,23 @@ class Registry:
 
     def generation(self, *, check: bool = True) -> int:
         """The current generation; with ``check``, RegistryLostError if the store lost its
-        data (see the module docstring)."""
-        if check and hasattr(self._index, "marks"):
-            return self._check_intact()
+        data (see registry.lost_store)."""
+        if check and self._guard is not None:
+            return self._guard.check()
         return self._index.read(lambda tx: tx.generation())
 
-    # -- lost-store detection ----------------------------------------------------------
+    # -- lost-store detection (registry.lost_store) -----------------------------------------
 
     def on_lost(self, hook: LostHook) -> None:
         """Call ``hook(reason, generation)`` when the store is found lost (``reason`` says
-        why) and ``hook(None, generation)`` when it is intact again."""
-        with self._marks_lock:
-            self._lost_hooks.append(hook)
+        why) and ``hook(None, generation)`` when it is intact again (shared stores only)."""
+        if self._guard is not None:
+            self._guard.on_lost(hook)
 
     @property
     def lost(self) -> str | None:
         """Why the store is considered lost (None: intact, as far as last checked)."""
-        with self._marks_lock:
-            return self._lost
+        return None if self._guard is None else self._guard.lost
 
     def accept_current(self) -> int:
         """Accept the store as it is now (e.g. a deliberately fresh registry): claim it for
@@ -370,55 +350,9 @@ class Registry:
         the current generation."""
         self._index.mutate(partial(ops.claim_base, fingerprint=self.base_fingerprint))
         generation = self._index.read(lambda tx: tx.generation())
-        with self._marks_lock:
-            self._highest = generation
-        self._check_intact()
-        return generation
-
-    def _floor(self) -> int:
-        with self._marks_lock:
-            return self._highest
-
-    def _check_intact(self, resolved: int | None = None, floor: int | None = None) -> int:
-        """Read the generation and base key together; raise RegistryLostError if lost.
-
-        The floor is taken BEFORE the read: a read that starts after this process saw
-        generation N can only see N or more in a store that kept its data, so concurrent
-        resolves never mistake each other's progress for a regression.
-        """
-        marks = getattr(self._index, "marks", None)
-        if marks is None:  # embedded store: not shared, nothing can wipe it underneath
-            return resolved if resolved is not None else self.generation(check=False)
-        if floor is None:
-            floor = self._floor()
-        generation, base = marks()
-        generation = int(generation)
-        seen = generation if resolved is None else min(generation, resolved)
-        problems = []
-        if seen < floor:
-            problems.append(f"generation {seen} after {floor}")
-        if base is None:
-            problems.append("base key missing")
-        elif base != self.base_fingerprint:
-            problems.append(f"base key names another base {base[:16]}…")
-        reason = None if not problems else (
-            f"the shared registry lost its data ({'; '.join(problems)}): restore Redis from "
-            "a backup (or write back the base key and a generation of at least "
-            f"{floor}), or re-push the components and restart the replicas to accept the "
-            "new registry; this replica refuses to serve compositions until then")
-        with self._marks_lock:
-            was = self._lost
-            self._lost = reason
-            if reason is None:
-                self._highest = max(self._highest, generation)
-            hooks = builtins.list(self._lost_hooks) if (was is None) != (reason is None) else []
-        for hook in hooks:
-            try:
-                hook(reason, generation)
-            except Exception:  # a hook never breaks a read
-                log.exception("registry lost-store hook %r failed", hook)
-        if reason is not None:
-            raise RegistryLostError(reason, seen, floor)
+        if self._guard is not None:
+            self._guard.accept(generation)
+            self._guard.check()
         return generation
 
     def count(self) -> int:
@@ -488,13 +422,14 @@ class Registry:
         return self._resolved(partial(ops.resolve_named, name=cname))
 
     def _resolved(self, fn: Callable[[Tx], Resolved]) -> Resolved:
-        floor = self._floor()  # before the read: see _check_intact
+        floor = self._guard.floor() if self._guard is not None else 0  # before the read
         try:
             resolved = self._index.read(fn)
         except NotFoundError:
             self.refresh()  # an id may be missing because another process forgot it
             raise          # (or because the store lost its data: RegistryLostError first)
-        self._check_intact(resolved.generation, floor)
+        if self._guard is not None:
+            self._guard.check(resolved.generation, floor)
         self._loader.reconcile(resolved.generation)
         return resolved
 
