@@ -29,8 +29,9 @@ from registry.errors import RegistryError
 from registry.file_blobs import SHARED_PARTIAL_GRACE_S, FileBlobStore
 from registry.local_cache import LocalCache, MemoryBlobStore
 from registry.ports import BlobStore, Index
-from registry.redis_backend import Keys, RedisBlobStore, RedisIndex
+from registry.redis_backend import RedisBlobStore, RedisIndex
 from registry.redis_persistence import watch_persistence
+from registry.redis_tx import Keys
 from registry.sqlite_index import SqliteIndex
 from tangent import TangentParam
 

@@ -25,7 +25,8 @@ from registry import Registry
 from registry.errors import StorageError
 from registry.file_blobs import FileBlobStore
 from registry.ports import BlobStore
-from registry.redis_backend import Keys, RedisBlobStore
+from registry.redis_backend import RedisBlobStore
+from registry.redis_tx import Keys
 from registry.s3_blobs import S3BlobStore, client_config, open_s3_blobs, parse_s3_url
 from registry.sqlite_index import SqliteIndex
 from tests.conftest_s3 import S3Server

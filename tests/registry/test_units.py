@@ -24,7 +24,7 @@ from registry.records import (
     component_from_json,
     component_to_json,
 )
-from registry.redis_backend import Keys
+from registry.redis_tx import Keys
 from registry.watch import Watch
 from tests.registry.support import FP, REGION, Store, make_component
 
