@@ -1,18 +1,17 @@
 """When each component version was last purged from this process's device caches.
 
-Forgetting stays exact (``PurgeLog``). A forget purges the device caches with a control
-command on the device thread, and its receipt returns after that purge. Every purge
-advances the purge epoch and records, per digest, the epoch of its last purge. A request reads
-the epoch before it resolves its plan, and each fetch reads it when it is queued (before it
-reads the index);
-the job keeps the smallest of those epochs. Just before a batch runs (on the device thread,
-where purges also run, so nothing can slip in between) a job one of whose digests was purged
-after its epoch fails with ``NotFoundError``, which the service turns into a re-plan: tensors
-fetched before a forget are never used after it, whether they arrived before or after the
-purge, and a composed Δ cached at admission and purged since is not rebuilt from them. A
-version added again after a forget (same bytes, same digest) is served again: its new
-requests have a later epoch. A flight queued before a purge of its digest is not joined by
-later requests; they queue a new fetch.
+Forgetting stays exact. A forget purges the device caches with a control command on the
+device thread, and its receipt returns after that purge. Every purge advances the purge
+epoch and records, per digest, the epoch of its last purge. A request reads the epoch before
+it resolves its plan, and each fetch (app/fetch.py) reads it when it is queued (before it
+reads the index); the job keeps the smallest of those epochs. Just before a batch runs (on
+the device thread, where purges also run, so nothing can slip in between) a job one of whose
+digests was purged after its epoch fails with ``NotFoundError``, which the service turns
+into a re-plan: tensors fetched before a forget are never used after it, whether they
+arrived before or after the purge, and a composed Δ cached at admission and purged since is
+not rebuilt from them. A version added again after a forget (same bytes, same digest) is
+served again: its new requests have a later epoch. A flight queued before a purge of its
+digest is not joined by later requests; they queue a new fetch.
 """
 
 from __future__ import annotations

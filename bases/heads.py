@@ -1,4 +1,8 @@
-"""The seeded linear head every pretrained preset puts on its trunk."""
+"""The seeded linear head every pretrained preset puts on its trunk.
+
+Here, not in bases/presets/: a preset that imported it from there would import the package
+that lists the presets, a cycle in which mypy cannot check the presets against Preset.
+"""
 
 from __future__ import annotations
 
