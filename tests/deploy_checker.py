@@ -1,22 +1,24 @@
-"""scripts/deploy_check.py loaded as a module (it is a script, not a package), once."""
+"""scripts/deploy_check.py (and its deploy_check_* modules) loaded as modules, once.
+
+scripts/ is no package: its directory goes on sys.path, as it is when the script runs.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
 
 
-def load_deploy_checker() -> Any:
-    if "deploy_check" in sys.modules:
-        return sys.modules["deploy_check"]
-    spec = importlib.util.spec_from_file_location("deploy_check",
-                                                  ROOT / "scripts" / "deploy_check.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_check"] = module
-    spec.loader.exec_module(module)
-    return module
+def load_script_module(name: str) -> ModuleType:
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)
+
+
+def load_deploy_checker() -> ModuleType:
+    return load_script_module("deploy_check")

