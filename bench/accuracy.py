@@ -50,12 +50,6 @@ import numpy as np
 import torch
 
 from bases import init_base, load_base, make_spec
-from bench.accuracy_protocols import (
-    continual_curve,
-    forgetting_check,
-    method_scores,
-    summarize_scores,
-)
 from bench.accuracy_report import (
     accuracy_targets,
     aggregate_accuracy,
@@ -77,6 +71,12 @@ from training.features import Features, trunk_features
 from training.negatives import make_negatives
 from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
 from training.probe import train_linear_probe
+from training.protocols import (
+    continual_curve,
+    forgetting_check,
+    method_scores,
+    summarize_scores,
+)
 from training.prototypes import PoolWhitening, add_prototypes, pool_whitening
 from training.tangent_train import (
     TangentConfig,

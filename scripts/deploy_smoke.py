@@ -74,7 +74,7 @@ def run_helm_test(docs: list[dict[str, Any]], url: str, work: Path,
     bin_dir = work / "bin"
     bin_dir.mkdir(exist_ok=True)
     py = shlex.quote(sys.executable)
-    (bin_dir / "tmc").write_text(f"#!/bin/sh\nexec {py} -m app.cli \"$@\"\n")
+    (bin_dir / "tmc").write_text(f"#!/bin/sh\nexec {py} -m cli \"$@\"\n")
     (bin_dir / "tmc").chmod(0o755)
     (bin_dir / "python").write_text(f"#!/bin/sh\nexec {py} \"$@\"\n")
     (bin_dir / "python").chmod(0o755)
@@ -107,7 +107,7 @@ def push_component(url: str, work: Path, cli_env: dict[str, str]) -> int:
     path = work / "smoke-1.safetensors"
     path.write_bytes(encode_component(tensors, base["fingerprint"],
                                       {"data": "deploy smoke test", "samples": 0}))
-    push = subprocess.run([sys.executable, "-m", "app.cli", "push", str(path), "--id", "smoke-1",
+    push = subprocess.run([sys.executable, "-m", "cli", "push", str(path), "--id", "smoke-1",
                            "--server", url], cwd=dc.ROOT, env=cli_env, capture_output=True,
                           text=True)
     print(f"smoke: tmc push ({path.stat().st_size} bytes) -> exit {push.returncode}: "
@@ -149,7 +149,7 @@ def sandbox_lines(spec: dict[str, Any], container: dict[str, Any], env: dict[str
              f"mount -t tmpfs -o uid={uid},gid={gid},mode=0755 tmpfs /mnt",
              # `tmc` and `python` as the image has them on PATH
              "mkdir -p /mnt/bin",
-             f"printf '#!/bin/sh\\nexec %s -m app.cli \"$@\"\\n' {py} > /mnt/bin/tmc",
+             f"printf '#!/bin/sh\\nexec %s -m cli \"$@\"\\n' {py} > /mnt/bin/tmc",
              f"printf '#!/bin/sh\\nexec %s \"$@\"\\n' {py} > /mnt/bin/python",
              "chmod 755 /mnt/bin/tmc /mnt/bin/python"]
     for m in sorted(mounts, key=lambda m: m["mountPath"]):
@@ -280,7 +280,7 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
             host_base = work / "base"
             mount = next(m["mountPath"] for m in server["volumeMounts"] if m["name"] == "base")
             rel = Path(env["TMC_BASE_DIR"]).relative_to(mount)
-            subprocess.run([sys.executable, "-m", "app.cli", "base", "init", "--preset",
+            subprocess.run([sys.executable, "-m", "cli", "base", "init", "--preset",
                             "minilm", "--out", str(host_base / rel)], check=True, cwd=dc.ROOT,
                            env={**os.environ, "PYTHONPATH": str(dc.ROOT)},
                            stdout=subprocess.DEVNULL)
@@ -330,7 +330,7 @@ def smoke(args: argparse.Namespace, vs: Any) -> int:
         failures += push_component(url, work, cli_env)
 
         def tmc(*argv: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "app.cli", *argv], cwd=dc.ROOT,
+            return subprocess.run([sys.executable, "-m", "cli", *argv], cwd=dc.ROOT,
                                   env=cli_env, capture_output=True, text=True)
 
         trained = []
