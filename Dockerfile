@@ -12,7 +12,8 @@
 # The torch build is chosen by TORCH_VERSION (pinned, default 2.13.0) and TORCH_INDEX_URL (the
 # index it comes from). The default is the CPU wheel index, because plain PyPI serves a multi-GB
 # CUDA build of torch on Linux x86_64. TORCH_INDEX_URL="" installs torch==TORCH_VERSION from the
-# default index (PyPI or a pip.conf mirror).
+# default index (PyPI or a pip.conf mirror). Every other package comes from a lock file with
+# sha256 hashes (requirements/serve.lock, requirements/train.lock; `make lock`): see the builder.
 # No secret is baked in: TMC_ADMIN_TOKEN and friends come from the environment at run time.
 #
 # Plain Docker (state, base model and embedded registry in one volume at TMC_HOME):
@@ -32,13 +33,26 @@ ENV PIP_NO_CACHE_DIR=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, in its own layer (large, changes rarely); then the project, which only bounds torch.
+# Reproducible installs, in three layers:
+#  1. torch==TORCH_VERSION from TORCH_INDEX_URL, with the dependencies that index gives it (large,
+#     changes rarely). NOT hash-verified: torch itself, pinned by exact version only, and for a
+#     CUDA build its CUDA runtime (nvidia-*, cuda-*, triton), at the exact versions torch's own
+#     metadata pins. (PyPI-only hashes cannot cover download.pytorch.org's wheels.)
+#  2. requirements/serve.lock with --require-hashes --no-deps --force-reinstall: every other
+#     package, including torch's pure-Python dependencies (filelock, sympy, networkx, jinja2, ...,
+#     setuptools), is the locked version and pip checks each downloaded file's sha256; the forced
+#     reinstall replaces the copies layer 1 brought from the torch index.
+#  3. the project itself, --no-deps --no-build-isolation (built by the locked setuptools, nothing
+#     downloaded), then `pip check`: the environment is complete and consistent.
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
       pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     else \
       pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
     fi
 WORKDIR /src
+COPY requirements/serve.lock requirements/
+RUN pip install --no-cache-dir --require-hashes --no-deps --force-reinstall \
+      -r requirements/serve.lock
 COPY pyproject.toml README.md ./
 COPY tangent/ tangent/
 COPY bases/ bases/
@@ -46,12 +60,16 @@ COPY registry/ registry/
 COPY training/ training/
 COPY app/ app/
 COPY cli/ cli/
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip check \
     && python -c "import torch, app.settings; print('torch', torch.__version__)"
 
-# Training extras (text corpus, scikit-learn) on top of the serving environment.
+# Training extras (the `data` extra: text corpus, scikit-learn) on top of the serving environment,
+# from requirements/train.lock (serve.lock's versions plus the extra's packages), hash-checked.
 FROM builder AS builder-train
-RUN pip install --no-cache-dir "./[data]"
+COPY requirements/train.lock requirements/
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements/train.lock \
+    && pip check
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

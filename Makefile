@@ -10,7 +10,7 @@ APT_PACKAGES := dataset-fashion-mnist redis-server prometheus
 TMC_HOST ?= 127.0.0.1
 TMC_PORT ?= 8000
 
-.PHONY: run test bench bench-quick gpu-check setup apt lint typecheck deploy-check soak clean
+.PHONY: run test bench bench-quick gpu-check setup apt lint typecheck deploy-check soak lock clean
 
 setup: $(STAMP) apt
 
@@ -62,6 +62,31 @@ gpu-check: setup
 # Fails on any forget violation, explain-sum mismatch or 5xx. `make soak MINUTES=1`
 soak: setup
 	$(PY) scripts/soak.py $(or $(MINUTES),5)
+
+# lock: requirements/serve.lock (pyproject's dependencies) and requirements/train.lock (+ the
+# data extra, held to serve.lock's versions), every file sha256-hashed, for Linux x86_64 and
+# Python 3.11, resolved by uv from PyPI as it stood at LOCK_DATE, so re-running gives the same
+# files (bump LOCK_DATE to take newer releases). torch is resolved at TORCH_VERSION but not
+# written (the Dockerfile installs it first from TORCH_INDEX_URL); its CUDA runtime is left out
+# (requirements/torch-cuda.exclude). The Dockerfile installs the locks with --require-hashes.
+UV := .tools/uv/bin/uv
+UV_VERSION := 0.13.8
+LOCK_DATE := 2026-11-28T00:00:00Z
+TORCH_VERSION := 2.13.0
+LOCK_FLAGS = --quiet --upgrade --generate-hashes --python-version 3.11 \
+  --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+  --exclude-newer $(LOCK_DATE) --excludes requirements/torch-cuda.exclude \
+  --no-emit-package torch --custom-compile-command "make lock TORCH_VERSION=$(TORCH_VERSION)"
+
+$(UV):
+	$(PYTHON) -m venv .tools/uv
+	.tools/uv/bin/pip install -q uv==$(UV_VERSION)
+
+lock: $(UV)
+	echo "torch==$(TORCH_VERSION)" | $(UV) pip compile pyproject.toml - $(LOCK_FLAGS) \
+	  -o requirements/serve.lock
+	echo "torch==$(TORCH_VERSION)" | $(UV) pip compile pyproject.toml - --extra data \
+	  -c requirements/serve.lock $(LOCK_FLAGS) -o requirements/train.lock
 
 clean:
 	rm -rf $(VENV) .tools .tmc

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
 from app.errors import BadRequestError
 from app.plan import Plan, PlanTerm
+from registry import ResolvedItem
 from registry.validate import MAX_WEIGHT, WEIGHT_BOUND
 from tangent import Normalize, composition_digest, effective_weights
 
@@ -93,8 +95,10 @@ def parse_components_param(text: str) -> CompositionSpec:
     return Explicit(weights) if weights else BaseOnly()
 
 
-def make_plan(items: list[Any], generation: int, normalize: Normalize, explain: bool) -> Plan:
-    """items: objects with id, digest, weight (registry-resolved). Applies normalization."""
+def make_plan(items: Sequence[ResolvedItem], generation: int, normalize: Normalize,
+              explain: bool) -> Plan:
+    """The plan of a registry-resolved composition (``Resolved.items``: id, digest and
+    stored or requested weight of each version), normalization applied."""
     eff = effective_weights([float(i.weight) for i in items], normalize)
     terms = tuple(PlanTerm(i.id, i.digest, w) for i, w in zip(items, eff, strict=True))
     key = composition_digest([(t.digest, t.weight) for t in terms], "none") if terms else ""

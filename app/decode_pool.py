@@ -15,11 +15,12 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 from app.errors import OverloadedError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 MAX_WORKERS = 8
 
 
@@ -40,15 +41,15 @@ class DecodePool:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tmc-decode")
         self._slots = threading.BoundedSemaphore(workers + queue_size)  # running + waiting
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the pool and wait for it (on the calling thread), or raise
+    def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` on the pool and wait for it (on the calling thread), or raise
         OverloadedError at once when every worker is busy and the queue is full."""
         if not self._slots.acquire(blocking=False):
             raise OverloadedError(
                 f"image decoding is saturated ({self.workers} decoding, {self.queue_size} "
                 "waiting; TMC_DECODE_QUEUE_SIZE); retry later")
         try:
-            future = self._executor.submit(fn, *args)
+            future = self._executor.submit(fn, *args, **kwargs)
         except BaseException:
             self._slots.release()
             raise

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 
 import torch
 
 from app.cache import DeltaLRU
-from app.fetch import HostTensors, NotStagedError, PurgeLog
+from app.fetch import NotStagedError
+from app.host_tensors import HostTensors, LoadTensors
 from app.plan import Plan
+from app.purges import PurgeLog
 from tangent import CompileMode, Delta, LinearizedNet, Term, compose
 from tangent.delta import cast_delta
 from tangent.errors import UnsupportedOpError
 
-LoadTensors = Callable[[str], dict[str, torch.Tensor]]
 NOTHING_STAGED: Mapping[str, HostTensors] = MappingProxyType({})
 
 
@@ -53,7 +54,7 @@ class Executor:
         self.device, self.dtype = device, dtype
         self.components = DeltaLRU(cache_bytes // 2)  # digest -> float32 Δ_k on device
         self.composed = DeltaLRU(cache_bytes // 2)  # composition digest -> Σ w_k Δ_k
-        self.purges = PurgeLog()  # what purge dropped, and when (app/fetch.py)
+        self.purges = PurgeLog()  # what purge dropped, and when (app/purges.py)
 
     def trunk(self, x: object) -> object:
         """The frozen part before the tangent region, once for a whole device batch."""
@@ -184,7 +185,7 @@ class Executor:
 
     def purge(self, digests: Iterable[str]) -> None:
         """Forget: drop every cached tensor built from these component digests, and log the
-        purge so that no job admitted before it uses what it brought (app/fetch.py)."""
+        purge so that no job admitted before it uses what it brought (app/purges.py)."""
         gone = list(digests)
         self.purges.record(gone)
         self.components.purge(gone)

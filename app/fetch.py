@@ -49,9 +49,7 @@ device thread only casts and moves them (``cast_delta``).
   at most the budget has been fetched, not before.
 - A slow or failing store fails only the requests that need it, before they are queued:
   their batch-mates never wait for storage.
-- Decoding (``decode_tensors``) copies each tensor's bytes out of the verified file with the
-  GIL released: ``safetensors.torch.load`` copies holding it, ~0.1 s per 100 MB measured here,
-  and every Python step of the device thread and of the event loop waited for it.
+- Decoding: ``app.host_tensors.decode_tensors`` (the GIL is released while bytes are copied).
 
 Measured (bench/cold_fetch.py: 105 MB components, embedded registry, 2-core VM): the p99 of
 a warm composition while another client keeps asking for cold components went from 1142 ms
@@ -61,19 +59,11 @@ a warm composition while another client keeps asking for cold components went fr
 (Redis index + S3) and 2.3 s (SQLite + files); through HTTP on the tiny test base, 0.49 s,
 while a small cold request sent meanwhile was answered in 37 ms.
 
-Forgetting stays exact (``PurgeLog``). A forget purges the device caches with a control
-command on the device thread, and its receipt returns after that purge. Every purge
-advances the purge epoch and records, per digest, the epoch of its last purge. A request reads
-the epoch before it resolves its plan, and each fetch reads it when it is queued (before it
-reads the index);
-the job keeps the smallest of those epochs. Just before a batch runs (on the device thread,
-where purges also run, so nothing can slip in between) a job one of whose digests was purged
-after its epoch fails with ``NotFoundError``, which the service turns into a re-plan: tensors
-fetched before a forget are never used after it, whether they arrived before or after the
-purge, and a composed Δ cached at admission and purged since is not rebuilt from them. A
-version added again after a forget (same bytes, same digest) is served again: its new
-requests have a later epoch. A flight queued before a purge of its digest is not joined by
-later requests; they queue a new fetch.
+Forgetting stays exact: the purge epochs of ``app.purges.PurgeLog`` (see there) tell the
+device thread, just before a batch runs, which jobs carry tensors fetched before a forget of
+their versions; those jobs are re-planned. Each fetch reads the epoch when it is queued
+(before it reads the index), and a flight queued before a purge of its digest is not joined
+by later requests; they queue a new fetch.
 
 A cached Δ evicted (not purged) between admission and run: the device thread raises
 ``NotStagedError`` and the service admits the request once more with *every* component of its
@@ -89,34 +79,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
-import struct
-import sys
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections import deque
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
-
-import numpy as np
-import torch
-from safetensors.torch import load as st_load
 
 from app.errors import BodyTooLargeError, OverloadedError
+from app.host_tensors import HostTensors, LoadTensors
 from app.metrics import Metrics
+from app.purges import PurgeLog
 from app.settings import Settings
 from registry.errors import StorageError
-
-HostTensors = dict[str, torch.Tensor]  # parameter name -> CPU tensor of one version
-LoadTensors = Callable[[str], HostTensors]
-# Tombstones kept: a job admitted before the oldest one dropped is re-planned (see PurgeLog).
-KEEP_PURGED = 65536
-# safetensors dtype names decode_tensors copies itself (others: safetensors.torch.load)
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class NotStagedError(OverloadedError):
@@ -137,46 +112,6 @@ class Staged:
 
     epoch: int = 0  # 0: admitted before any purge (a job built without one: the safe default)
     tensors: Mapping[str, HostTensors] = field(default_factory=dict)
-
-
-class PurgeLog:
-    """When each component digest was last purged from this process's device caches.
-
-    ``record`` runs on the device thread (``Executor.purge``); ``epoch`` and
-    ``forgotten_since`` may be read from any thread. Only the newest ``keep`` digests are
-    remembered; a job older than the oldest one forgotten here counts as purged (it is
-    re-planned, never served from what it brought).
-    """
-
-    def __init__(self, keep: int = KEEP_PURGED) -> None:
-        self._lock = threading.Lock()
-        self._epoch = 0
-        self._last: OrderedDict[str, int] = OrderedDict()  # digest -> epoch of its last purge
-        self._floor = 0  # the newest epoch among the tombstones dropped
-        self._keep = keep
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def record(self, digests: Iterable[str]) -> None:
-        with self._lock:
-            self._epoch += 1
-            for digest in digests:
-                self._last[digest] = self._epoch
-                self._last.move_to_end(digest)
-            while len(self._last) > self._keep:
-                _, dropped = self._last.popitem(last=False)
-                self._floor = max(self._floor, dropped)
-
-    def forgotten_since(self, digests: Collection[str], epoch: int) -> list[str]:
-        """Those of ``digests`` purged after ``epoch`` (all of them when that is unknowable)."""
-        if not digests:
-            return []
-        with self._lock:
-            if epoch < self._floor:
-                return sorted(digests)
-            return sorted(d for d in digests if self._last.get(d, 0) > epoch)
 
 
 @dataclass(eq=False)
@@ -426,34 +361,3 @@ def _outcome(flight: _Flight) -> HostTensors:
     if flight.future.cancelled():
         raise OverloadedError("server is shutting down; retry on another replica")
     return flight.future.result()
-
-
-def verified_tensors(load_bytes: Callable[[str], bytes]) -> LoadTensors:
-    """A version's tensors from its verified bytes (``Registry.load_bytes``: index check,
-    blob read, sha256), decoded by ``decode_tensors``."""
-    return lambda digest: decode_tensors(load_bytes(digest))
-
-
-def decode_tensors(data: bytes) -> HostTensors:
-    """safetensors bytes -> CPU tensors of their own (writable, in the file's dtypes). Each
-    tensor's bytes are copied by numpy, which releases the GIL while it copies."""
-    (size,) = struct.unpack_from("<Q", data)
-    header = json.loads(data[8:8 + size])
-    header.pop("__metadata__", None)
-    if sys.byteorder != "little" or any(h["dtype"] not in DTYPES for h in header.values()):
-        return dict(st_load(data))  # the file is little-endian; odd dtypes: the library
-    return {name: _copy_out(data, 8 + size, h) for name, h in header.items()}
-
-
-def _copy_out(data: bytes, start: int, entry: dict[str, Any]) -> torch.Tensor:
-    """One header entry's tensor, copied out of ``data`` (its data section at ``start``)."""
-    begin, end = (int(v) for v in entry["data_offsets"])
-    shape = [int(n) for n in entry["shape"]]
-    out = torch.empty(shape, dtype=DTYPES[entry["dtype"]])  # [*shape], the file's dtype
-    raw = out.reshape(-1).view(torch.uint8).numpy()  # out's bytes, flat
-    if raw.size != end - begin:
-        raise ValueError(f"safetensors entry {entry}: {end - begin} bytes for a tensor of "
-                         f"{raw.size}")
-    raw[:] = np.frombuffer(data, np.uint8, end - begin, start + begin)
-    return out
-

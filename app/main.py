@@ -167,12 +167,8 @@ class LimitsAndMetricsMiddleware:
         started = time.perf_counter()
         headers = Headers(scope=scope)
         limit = None if _own_limit(scope) else self.settings.max_body_bytes
-        refused = None if limit is None else _too_large(headers, limit)
-        if refused is not None:
-            _count_rejection(scope, "body_too_large")
-            refused.headers["connection"] = "close"
-            await refused(scope, receive, send)
-            _observe(scope, 413, started)
+        if limit is not None and await _refused_as_declared(scope, receive, send, headers,
+                                                            limit, started):
             return
         status: int | None = None
         received, over, disconnected = 0, False, False
@@ -221,6 +217,20 @@ class LimitsAndMetricsMiddleware:
             await response(scope, receive, send)
         # an app that returned without answering gets uvicorn's 500
         _observe(scope, 500 if status is None else status, started)
+
+
+async def _refused_as_declared(scope: Scope, receive: Receive, send: Send, headers: Headers,
+                               limit: int, started: float) -> bool:
+    """True after answering 413 to a request whose Content-Length declares a body over
+    ``limit``, before reading any of it; False (nothing sent) otherwise."""
+    refused = _too_large(headers, limit)
+    if refused is None:
+        return False
+    _count_rejection(scope, "body_too_large")
+    refused.headers["connection"] = "close"
+    await refused(scope, receive, send)
+    _observe(scope, 413, started)
+    return True
 
 
 def _observe(scope: Scope, status: int, started: float) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,12 +26,14 @@ from app.composition import AllActive, BaseOnly, CompositionSpec, Explicit, Name
 from app.decode_pool import DecodePool
 from app.errors import BadRequestError, OverloadedError, RequestTimeoutError
 from app.executor import Executor, select_rows
-from app.fetch import Fetcher, NotStagedError, Staged, verified_tensors
+from app.fetch import Fetcher, NotStagedError, Staged
+from app.host_tensors import verified_tensors
 from app.metrics import Metrics
 from app.plan import Plan
 from app.settings import Settings
-from app.worker import DeviceWorker, Job
+from app.worker import DeviceWorker, Job, JobResult
 from bases import Base, InputError, load_base
+from bases.inputs import ImagePreprocessor
 from registry.redis_persistence import persistence_report
 from tangent import CompositionError, Normalize
 
@@ -147,7 +150,7 @@ class Service:
                                           "drain_s": round(time.monotonic() - started, 3)})
 
     # -- inference -------------------------------------------------------------------------
-    async def predict(self, raw_inputs: list[Any], spec: CompositionSpec,
+    async def predict(self, raw_inputs: Sequence[object], spec: CompositionSpec,
                       normalize: Normalize | None, explain: bool) -> Prediction:
         """One deadline (TMC_REQUEST_TIMEOUT_S) from admission to the result, whatever the
         request waits on: decoding, resolving, the queue, the device, and every re-plan."""
@@ -165,11 +168,11 @@ class Service:
                 raise
             raise RequestTimeoutError(f"no result within {limit:g} s") from None
 
-    async def _predict(self, raw_inputs: list[Any], spec: CompositionSpec,
+    async def _predict(self, raw_inputs: Sequence[object], spec: CompositionSpec,
                        normalize: Normalize | None, explain: bool) -> Prediction:
         self.worker.announce_incoming()
         try:
-            items = await run_in_threadpool(self._encode, raw_inputs)
+            items = await run_in_threadpool(self._decode_inputs, raw_inputs)
             plan, future = await self._submit(items, spec, normalize, explain, announced=True)
         finally:
             self.worker.withdraw_incoming()
@@ -199,16 +202,16 @@ class Service:
         self.metrics.inference_items.inc(len(raw_inputs))
         return Prediction(logits, contrib, plan)
 
-    async def _submit(self, items: list[Any], spec: CompositionSpec,
+    async def _submit(self, items: list[torch.Tensor], spec: CompositionSpec,
                       normalize: Normalize | None, explain: bool, *, announced: bool = False,
-                      everything: bool = False) -> tuple[Plan, asyncio.Future[Any]]:
+                      everything: bool = False) -> tuple[Plan, asyncio.Future[JobResult]]:
         """Resolve, stage the components the device lacks, queue the job. A version
         forgotten between the resolve and its fetch comes back as the future's
         NotFoundError, re-planned like one forgotten in the queue."""
-        epoch = self.executor.purges.epoch  # before the resolve (app/fetch.py)
+        epoch = self.executor.purges.epoch  # before the resolve (app/purges.py)
         plan = await run_in_threadpool(self.resolve, spec, normalize, explain)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[JobResult] = loop.create_future()
         try:
             staged = await self._stage(plan, epoch, announced=announced, everything=everything)
         except reg.NotFoundError as exc:
@@ -234,7 +237,7 @@ class Service:
             if announced:
                 self.worker.announce_incoming()
 
-    def _check_count(self, raw_inputs: list[Any]) -> None:
+    def _check_count(self, raw_inputs: Sequence[object]) -> None:
         limit = self.settings.max_inputs_per_request
         if not raw_inputs:
             raise BadRequestError("inputs is empty: send at least one input")
@@ -242,19 +245,18 @@ class Service:
             raise BadRequestError(f"{len(raw_inputs)} inputs in one request, over the limit of "
                                   f"{limit}; split the batch")
 
-    def _encode(self, raw_inputs: list[Any]) -> list[Any]:
-        """Encode one request's inputs (on a Starlette thread). Encoded images are first
+    def _decode_inputs(self, raw_inputs: Sequence[object]) -> list[torch.Tensor]:
+        """One request's inputs as tensors (on a Starlette thread). Encoded images are first
         checked against TMC_MAX_REQUEST_PIXELS from their headers alone, then decoded on the
         bounded decode pool (503 when it is saturated); nothing else enters that pool."""
         pre = self.base.preprocessor
-        if self.base.spec.input_kind != "image":
-            return list(pre.encode(raw_inputs))
-        raw_inputs = [_b64(i, v) if isinstance(v, str) else v for i, v in enumerate(raw_inputs)]
-        if not any(isinstance(v, bytes) for v in raw_inputs):  # nested arrays: nothing to decode
-            return list(pre.encode(raw_inputs))
-        pre.check_pixel_budget(raw_inputs, self.settings.max_request_pixels,
-                               "TMC_MAX_REQUEST_PIXELS")
-        return list(self.decode_pool.run(pre.encode, raw_inputs))
+        if not isinstance(pre, ImagePreprocessor):
+            return pre.decode_inputs(raw_inputs)
+        raw = [_b64(i, v) if isinstance(v, str) else v for i, v in enumerate(raw_inputs)]
+        if not any(isinstance(v, bytes) for v in raw):  # nested arrays: nothing to decode
+            return pre.decode_inputs(raw)
+        pre.check_pixel_budget(raw, self.settings.max_request_pixels, "TMC_MAX_REQUEST_PIXELS")
+        return self.decode_pool.run(pre.decode_inputs, raw)
 
     def resolve(self, spec: CompositionSpec, normalize: Normalize | None,
                 explain: bool = False) -> Plan:

@@ -9,7 +9,7 @@ Control commands (purge on forget) run on the same thread, between batches, so n
 cache insert can race a purge; the caller gets the command's result or its exception (the
 thread logs it and keeps serving). Just before a batch runs, a job one of whose component
 versions was purged since it was admitted fails with NotFoundError (the service re-plans
-it): it never uses tensors it brought from before the purge (app/fetch.py). The device
+it): it never uses tensors it brought from before the purge (app/purges.py). The device
 thread reads no storage: components it lacks come with the job, staged at admission.
 A stop ends the loop after the batch being collected has run; whatever is still queued
 then is refused, and so is any later job or command.
@@ -25,27 +25,32 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 import torch
 
 from app.errors import DeviceTimeoutError, NotReadyError, OverloadedError
 from app.executor import Executor, select_rows
-from app.fetch import HostTensors, Staged
+from app.fetch import Staged
+from app.host_tensors import HostTensors
 from app.logs import current_request_id
 from app.metrics import Metrics
 from app.plan import Plan
+from bases import ModelInput
 from registry.errors import NotFoundError
 
 log = logging.getLogger("tmc.worker")
 T = TypeVar("T")
+# What a job's future gets: its rows of the logits [B, C] and, with explain, of each term's
+# contribution [K, B, C].
+JobResult: TypeAlias = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
 class Job:
-    items: list[Any]  # preprocessed inputs of one request
+    items: list[torch.Tensor]  # decoded inputs of one request (Preprocessor.decode_inputs)
     plan: Plan
-    future: asyncio.Future[Any]
+    future: asyncio.Future[JobResult]
     loop: asyncio.AbstractEventLoop
     # host tensors of the components the device lacked at admission, and the purge epoch
     # they are valid from (the default, epoch 0, refuses any version purged so far)
@@ -75,7 +80,7 @@ _STOP = object()
 
 
 class DeviceWorker:
-    def __init__(self, executor: Executor, collate: Callable[[Sequence[Any]], Any],
+    def __init__(self, executor: Executor, collate: Callable[[Sequence[torch.Tensor]], ModelInput],
                  metrics: Metrics, max_batch: int, max_delay_s: float, max_queue: int) -> None:
         self.executor, self.collate, self.metrics = executor, collate, metrics
         self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
@@ -211,7 +216,7 @@ class DeviceWorker:
         self.metrics.queue_depth.set(self._pending)
         self.metrics.queue_seconds.observe(time.perf_counter() - job.admitted)
 
-    def _run_control(self, control: Control[Any]) -> None:
+    def _run_control(self, control: Control[T]) -> None:
         try:
             control.result = control.action()
         except BaseException as exc:  # the caller gets it, never a result that is not one
@@ -336,14 +341,14 @@ def _name(action: Callable[[], object]) -> str:
     return str(getattr(func, "__qualname__", type(func).__name__))
 
 
-def _resolve(job: Job, result: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+def _resolve(job: Job, result: JobResult | None = None,
              error: BaseException | None = None) -> None:
     def settle() -> None:
         if job.future.done():
             return
         if error is not None:
             job.future.set_exception(error)
-        else:
+        elif result is not None:
             job.future.set_result(result)
 
     job.loop.call_soon_threadsafe(settle)

@@ -1,7 +1,10 @@
-"""Input preprocessing per input kind: validate raw inputs, encode items, collate a batch.
+"""Input preprocessing per input kind (bases.contracts.Preprocessor): validate raw inputs and
+decode them to tensors, collate a batch.
 
-``encode`` runs on the request path (one request's inputs; errors are that request's
-alone); ``collate`` runs on the device worker over items of many requests.
+``decode_inputs`` runs on the request path (one request's inputs; errors are that request's
+alone); ``collate`` runs on the device worker over items of many requests. Raw inputs are
+``object``: whatever the HTTP layer parsed (JSON values, image bytes); each preprocessor checks
+what it was given and says what it wanted.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,13 +20,16 @@ import torch.nn.functional as F
 
 from bases.errors import InputError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_PIXELS = 4096 * 4096
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def as_float32(value: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
+def as_float32(value: object) -> np.ndarray[Any, np.dtype[np.float32]]:
     """A request's nested numbers as float32. A finite JSON number beyond float32's range
     (1e39, 1.8e308) becomes ±inf, which the caller refuses as non-finite (422). numpy would
     also warn for that cast ("overflow encountered in cast"): noise on stderr, and where
@@ -42,10 +48,10 @@ class TensorPreprocessor:
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = shape
 
-    def encode(self, raw: Sequence[Any]) -> list[torch.Tensor]:
+    def decode_inputs(self, raw: Sequence[object]) -> list[torch.Tensor]:
         return [self._one(i, r) for i, r in enumerate(raw)]
 
-    def _one(self, index: int, value: Any) -> torch.Tensor:
+    def _one(self, index: int, value: object) -> torch.Tensor:
         try:
             t = torch.as_tensor(as_float32(value))
         except (TypeError, ValueError) as exc:
@@ -85,15 +91,15 @@ class ImagePreprocessor:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def encode(self, raw: Sequence[Any]) -> list[torch.Tensor]:
+    def decode_inputs(self, raw: Sequence[object]) -> list[torch.Tensor]:
         return [self._one(i, r) for i, r in enumerate(raw)]
 
-    def _one(self, index: int, value: Any) -> torch.Tensor:
+    def _one(self, index: int, value: object) -> torch.Tensor:
         pixels = (_decode_image(index, value, self.size) if isinstance(value, bytes)
                   else _array_image(index, value))
         return images_to_tensor(pixels.unsqueeze(0), self.size)[0]  # [3, S, S]
 
-    def check_pixel_budget(self, raw: Sequence[Any], limit: int,
+    def check_pixel_budget(self, raw: Sequence[object], limit: int,
                            setting: str = "the per-request pixel limit") -> int:
         """Refuse, before decoding anything, a request whose encoded images declare (in their
         headers, read without decoding the pixels) more than ``limit`` pixels in all, or any
@@ -156,7 +162,7 @@ def _decode_image(index: int, data: bytes, size: int | None = None) -> torch.Ten
     return torch.from_numpy(pixels.copy())  # [H, W, 3]
 
 
-def _decode_reduced(img: Any, size: int | None) -> Any:
+def _decode_reduced(img: Image.Image, size: int | None) -> Image.Image:
     """``img`` as an RGB PIL image, shrunk by integer factors toward 2x ``size`` per side."""
     if size is None:
         return img.convert("RGB")
@@ -171,7 +177,7 @@ def _decode_reduced(img: Any, size: int | None) -> Any:
     return img.convert("RGB")
 
 
-def _array_image(index: int, value: Any) -> torch.Tensor:
+def _array_image(index: int, value: object) -> torch.Tensor:
     try:
         arr = as_float32(value)
     except (TypeError, ValueError) as exc:
@@ -201,14 +207,16 @@ class TextPreprocessor:
         self.tokenizer.enable_truncation(max_tokens)
         self.max_chars = max_chars
 
-    def encode(self, raw: Sequence[Any]) -> list[torch.Tensor]:
+    def decode_inputs(self, raw: Sequence[object]) -> list[torch.Tensor]:
+        texts: list[str] = []
         for i, text in enumerate(raw):
             if not isinstance(text, str):
                 raise InputError(f"input {i}: expected a text string, got {type(text).__name__}")
             if len(text) > self.max_chars:
                 raise InputError(f"input {i}: text has {len(text)} characters, over the "
                                  f"limit of {self.max_chars}")
-        encodings = self.tokenizer.encode_batch(list(raw))
+            texts.append(text)
+        encodings = self.tokenizer.encode_batch(texts)
         return [torch.tensor(e.ids, dtype=torch.long) for e in encodings]
 
     def collate(self, items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,5 +230,5 @@ class TextPreprocessor:
         return ids, mask
 
     def example(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.collate(self.encode(["an example sentence", "another one"]))
+        return self.collate(self.decode_inputs(["an example sentence", "another one"]))
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bases.contracts import Preprocessor
 from bases.errors import BaseNotFoundError, BaseSpecError, TamperedBaseError
 from bases.presets import DEFAULT_LABELS, get_preset
-from bases.spec import BaseSpec
+from bases.spec import BaseSpec, JSONValue, Options
 from tangent import LinearizedNet, TangentParam, fingerprint
 
 SPEC_FILE, WEIGHTS_FILE, FINGERPRINT_FILE = "spec.json", "theta0.safetensors", "fingerprint"
@@ -32,7 +34,7 @@ class Base:
     spec: BaseSpec
     fingerprint: str
     net: LinearizedNet
-    preprocessor: Any
+    preprocessor: Preprocessor
     directory: Path
 
     @property
@@ -53,10 +55,10 @@ def _sha256_file(path: Path) -> str:
 
 
 def make_spec(preset: str, *, name: str | None = None, labels: list[str] | None = None,
-              options: dict[str, Any] | None = None, tangent: list[str] | None = None,
+              options: Mapping[str, JSONValue] | None = None, tangent: list[str] | None = None,
               head_seed: int = 0) -> BaseSpec:
     module = get_preset(preset)
-    opts = {**module.DEFAULT_OPTIONS, **(options or {})}
+    opts: Options = {**module.DEFAULT_OPTIONS, **(options or {})}
     chosen_labels = labels or DEFAULT_LABELS.get(preset)
     if not chosen_labels or len(set(chosen_labels)) != len(chosen_labels):
         raise BaseSpecError("labels must be a non-empty list of distinct names")
@@ -126,7 +128,7 @@ def load_base(base_dir: Path, *, check_forward_ad: bool = True) -> Base:
     return Base(spec, fp, linear, pre, base_dir)
 
 
-def _verify(base_dir: Path, spec: BaseSpec, tensors: dict[str, Any]) -> str:
+def _verify(base_dir: Path, spec: BaseSpec, tensors: dict[str, torch.Tensor]) -> str:
     fp = fingerprint(spec.to_json(), tensors)
     recorded = (base_dir / FINGERPRINT_FILE).read_text().strip() if (
         base_dir / FINGERPRINT_FILE).is_file() else ""

@@ -35,41 +35,33 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import fcntl
 import json
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bases import init_base, load_base, make_spec
+from bench.accuracy_data import Prepared, Task, prepare
+from bench.accuracy_experiments import DEFAULT_RUN, DEFAULT_SEEDS, EXPERIMENTS, Experiment
 from bench.accuracy_report import (
     accuracy_targets,
     aggregate_accuracy,
     aggregate_continual,
 )
-from bench.common import machine
-from training.data import (
-    Dataset,
-    align_labels,
-    load_source,
-    positions,
-    shard_by_classes,
-    shard_random,
-    split_train_val_test,
-    take,
+from bench.accuracy_training import (
+    best_probe,
+    joint_tangent,
+    tangent_config,
+    train_components,
+    train_nl_components,
 )
-from training.evaluate import Evaluator
-from training.features import Features, trunk_features
-from training.negatives import make_negatives
-from training.nonlinear import NonlinearConfig, default_nonlinear_lr, train_nonlinear
+from bench.common import log, machine
+from training.nonlinear import NonlinearConfig, default_nonlinear_lr
 from training.probe import train_linear_probe
 from training.protocols import (
     continual_curve,
@@ -77,344 +69,15 @@ from training.protocols import (
     method_scores,
     summarize_scores,
 )
-from training.prototypes import PoolWhitening, add_prototypes, pool_whitening
+from training.prototypes import PoolWhitening, add_prototypes
 from training.tangent_train import (
     TangentConfig,
     default_kappa,
     default_lr,
     default_recipe,
-    train_tangent,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Trunk features are a pure function of (base fingerprint, rows): kept on disk between runs
-# (safetensors, keyed by a digest of both) so that sweeps do not recompute them.
-CACHE_DIR = Path(os.environ.get("TMC_BENCH_CACHE", Path(tempfile.gettempdir()) /
-                                "tmc-bench-features"))
-
-
-# The joint tangent model (a reference: one model trained on every task's rows, not a
-# composition) is trained on the first seed only, to keep `make bench` near an hour on 2
-# cores: over 3 seeds its test accuracy varied by ≤ 0.06 points (0.8647–0.8653 class-IL,
-# 0.8634–0.8635 data-IL; `make bench` of 2026-11-27 04:01), and it costs as much as 5
-# components.
-JOINT_SEEDS = 1
-
-
-@dataclass
-class Experiment:
-    name: str
-    preset: str
-    data: str
-    rule: str  # "classes" | "shard"
-    tasks: int = 5
-    per_task: int | None = None  # "classes": training rows drawn per task (fixed across seeds)
-    pool: int | None = None  # "shard": rows drawn from the training split, then sharded
-    epochs: int = 10
-    nl_lr: float | None = None  # None: training.nonlinear.default_nonlinear_lr
-    kappa: float | None = None  # None: training.tangent_train.default_kappa(rule)
-    lr: float | None = None  # None: training.tangent_train.default_lr(base, rule)
-    probe_l2s: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # chosen on the validation split
-    split_seed: int = 0
-    val_fraction: float = 0.1
-    seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
-    test_limit: int | None = None
-    val_limit: int | None = None
-    selected_on: str = ""  # which --select sweep chose κ / lr (result file)
-    joint_seeds: int | None = JOINT_SEEDS  # joint tangent on the first n seeds (None: all)
-    # --select grids: (kappa, lr) pairs for TMC, lrs for the NL fine-tunes
-    tmc_grid: list[tuple[float, float]] = field(default_factory=list)
-    nl_grid: list[float] = field(default_factory=list)
-    labels: tuple[str, ...] | None = None  # the base's labels (None: the preset's)
-    # unlabeled pool for whitened prototypes: up to this many training rows outside every
-    # task (seeded, the same for every component and seed); None: no pool variant
-    pool_rows: int | None = None
-    pool_shrinkage: float = 0.3
-    recipe: dict[str, Any] = field(default_factory=dict)  # TangentConfig overrides
-    # --select --recipes: option sets (TangentConfig overrides) scored on validation
-    recipe_grid: list[dict[str, Any]] = field(default_factory=list)
-
-
-FMNIST_DATA_IL_TMC_GRID = [(1.0, 1e-3), (5.0, 1e-3), (15.0, 1e-3), (50.0, 1e-3), (5.0, 1e-4),
-                           (15.0, 1e-4)]
-EXPERIMENTS = {
-    "fmnist-class-il": Experiment(
-        "fmnist-class-il", "effnet-lite0", "fashion-mnist", "classes", per_task=2000, epochs=10,
-        selected_on="accuracy_fmnist-class-il_select*.json",
-        tmc_grid=[(k, lr) for lr in (1e-4, 1e-3) for k in (5.0, 15.0, 50.0, 150.0)]
-        + [(300.0, 1e-4), (1000.0, 1e-4)], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3], pool_rows=2000),
-    # data-incremental: one fixed pool of 10,000 training images cut into 5 or 10 shards
-    # (2,000 or 1,000 images each); the shard assignment changes with the seed
-    "fmnist-data-il": Experiment(
-        "fmnist-data-il", "effnet-lite0", "fashion-mnist", "shard", pool=10_000, epochs=10,
-        selected_on="accuracy_fmnist-data-il_select.json",
-        tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
-    "fmnist-data-il-10": Experiment(
-        "fmnist-data-il-10", "effnet-lite0", "fashion-mnist", "shard", tasks=10, pool=10_000,
-        epochs=10, selected_on="accuracy_fmnist-data-il_select.json (5 shards)",
-        tmc_grid=list(FMNIST_DATA_IL_TMC_GRID), nl_grid=[1e-4, 1e-3]),
-    "bbc-data-il": Experiment(
-        "bbc-data-il", "minilm", "bbc", "shard", epochs=5,
-        selected_on="accuracy_bbc-data-il_select.json",
-        tmc_grid=[(5.0, 1e-4), (5.0, 1e-3), (15.0, 1e-3), (5.0, 3e-4)], nl_grid=[1e-4, 1e-3]),
-    # text, class-incremental: BBC News in 2 tasks, {business, entertainment} and
-    # {politics, sport, tech}; every training row of a task's classes; no pool
-    "bbc-class-il": Experiment(
-        "bbc-class-il", "minilm", "bbc", "classes", tasks=2, epochs=5, kappa=15.0, lr=1e-3,
-        selected_on="κ, lr from bbc-data-il's validation; p = the --classes default "
-        "(accuracy_bbc-class-il_select.json: the κ = 15 row)", nl_grid=[3e-4, 1e-3]),
-    # a second class-incremental dataset: scikit-learn's 8×8 digits as images, 5 tasks × 2
-    # digits, 150 training rows per task; the ~330 training rows left form the unlabeled
-    # pool; 20% validation, 20% test (359 rows each)
-    "digits-class-il": Experiment(
-        "digits-class-il", "effnet-lite0", "digits-images", "classes", per_task=150,
-        epochs=10, pool_rows=1000, kappa=50.0, lr=1e-3, nl_lr=3e-4,
-        recipe={"prototypes": 0.3},
-        labels=tuple(str(i) for i in range(10)), val_fraction=0.2,
-        selected_on="accuracy_digits-class-il_select.json",
-        tmc_grid=[], nl_grid=[1e-4, 3e-4, 1e-3, 3e-3]),
-}
-
-DEFAULT_RUN = ("fmnist-class-il", "digits-class-il", "bbc-class-il", "fmnist-data-il",
-               "fmnist-data-il-10", "bbc-data-il")
-DEFAULT_SEEDS = (0, 1, 2)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-Task = tuple[str, Dataset, Features]  # (label, training rows, their trunk features)
-
-
-@dataclass
-class Prepared:
-    exp: Experiment
-    base: Any
-    union: Dataset  # every training row any task can use
-    union_features: Features
-    class_tasks: list[tuple[str, Dataset]]  # "classes" rule: the fixed tasks
-    pool: PoolWhitening | None  # the unlabeled pool's statistics (exp.pool_rows)
-    val: Evaluator
-    test: Evaluator
-    seconds: dict[str, float]
-
-    def tasks_for(self, seed: int) -> list[Task]:
-        """The tasks of one seed: fixed class tasks, or a seeded random sharding of the pool."""
-        if self.exp.rule == "classes":
-            shards = self.class_tasks
-        else:
-            n = self.exp.tasks
-            shards = [(f"shard {k}/{n}", shard_random(self.union, k, n, seed=seed))
-                      for k in range(n)]
-        out = []
-        for label, shard in shards:
-            pos = positions(self.union, shard)
-            out.append((label, shard, self.union_features.subset(pos)))
-        return out
-
-    def task_classes(self, tasks: list[Task]) -> list[list[int]] | None:
-        """Class ids of each task ("classes" rule), None for data-incremental shards."""
-        if self.exp.rule != "classes":
-            return None
-        return [sorted({int(c) for c in ds.labels}) for _, ds, _ in tasks]
-
-
-def cached_features(base: Any, ds: Dataset, desc: str, progress: bool) -> Features:
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
-    h = hashlib.sha256(f"{base.fingerprint}\0{ds.source}\0".encode())
-    h.update(np.ascontiguousarray(ds.index).tobytes())
-    path = CACHE_DIR / f"{h.hexdigest()[:32]}.safetensors"
-    with cache_entry_lock(path):
-        if path.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                seconds = float((f.metadata() or {}).get("seconds", "nan"))
-            t = load_file(str(path))
-            log(f"{desc}: loaded from {path} (computed in {seconds:.1f}s)")
-            return Features("masked" if "lengths" in t else "tensor", t["data"],
-                            t.get("lengths"), seconds=seconds)
-        feats = trunk_features(base, ds, progress=progress, desc=desc)
-        tensors = {"data": feats.data.contiguous()}
-        if feats.lengths is not None:
-            tensors["lengths"] = feats.lengths
-        save_file(tensors, str(path.with_suffix(".tmp")),
-                  metadata={"seconds": str(feats.seconds)})
-        os.replace(path.with_suffix(".tmp"), path)
-    return feats
-
-
-@contextmanager
-def cache_entry_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on one cache entry: experiments running side by side
-    (run_all --jobs) that need the same features or joint model compute them once — the
-    others wait here, then load what the first one wrote."""
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def draw_class_tasks(exp: Experiment, train: Dataset, labels: list[str]
-                     ) -> list[tuple[str, Dataset]]:
-    per = len(labels) // exp.tasks
-    out = []
-    for k in range(exp.tasks):  # consecutive labels; the last task takes any remainder
-        classes = list(range(k * per, len(labels) if k == exp.tasks - 1 else (k + 1) * per))
-        shard = shard_by_classes(train, classes)
-        if exp.per_task is not None:
-            shard = take(shard, exp.per_task, seed=exp.split_seed + k)
-        out.append(("classes " + ",".join(labels[c] for c in classes), shard))
-    return out
-
-
-def prepare(exp: Experiment, base_dir: Path, progress: bool) -> Prepared:
-    t0 = time.perf_counter()
-    init_base(base_dir, make_spec(exp.preset, options=exp.options,
-                                  labels=list(exp.labels) if exp.labels else None), force=True)
-    base = load_base(base_dir)
-    pool, fixed_test = load_source(exp.data)
-    pool = align_labels(pool, base.labels)
-    fixed_test = align_labels(fixed_test, base.labels) if fixed_test is not None else None
-    splits = split_train_val_test(pool, test=fixed_test, val_fraction=exp.val_fraction,
-                                  seed=exp.split_seed)
-    class_tasks: list[tuple[str, Dataset]] = []
-    if exp.rule == "classes":
-        class_tasks = draw_class_tasks(exp, splits.train, list(base.labels))
-        rows = np.unique(np.concatenate([positions(splits.train, s) for _, s in class_tasks]))
-        union = splits.train.subset(rows)
-    else:
-        union = take(splits.train, exp.pool, seed=exp.split_seed) if exp.pool else splits.train
-    val = take(splits.val, exp.val_limit, exp.split_seed) if exp.val_limit else splits.val
-    test = take(splits.test, exp.test_limit, exp.split_seed) if exp.test_limit else splits.test
-    t1 = time.perf_counter()
-    log(f"{exp.name}: {len(union)} training rows in {exp.tasks} tasks, {len(val)} val, "
-        f"{len(test)} test; computing trunk features once")
-    union_features = cached_features(base, union, "train features", progress)
-    val_ev = Evaluator(base, val, features=cached_features(base, val, "val features", progress))
-    test_ev = Evaluator(base, test,
-                        features=cached_features(base, test, "test features", progress))
-    seconds = {"data_and_base": t1 - t0, "trunk_train": union_features.seconds,
-               "trunk_val": val_ev.features.seconds, "trunk_test": test_ev.features.seconds}
-    log(f"trunk features: train {seconds['trunk_train']:.1f}s, val {seconds['trunk_val']:.1f}s,"
-        f" test {seconds['trunk_test']:.1f}s")
-    pool = unlabeled_pool(exp, base, splits.train, union, progress)
-    return Prepared(exp, base, union, union_features, class_tasks, pool, val_ev, test_ev,
-                    seconds)
-
-
-def unlabeled_pool(exp: Experiment, base: Any, train: Dataset, union: Dataset,
-                   progress: bool) -> PoolWhitening | None:
-    """Whitening statistics of up to exp.pool_rows training rows that no task holds (labels
-    dropped): fixed before any task, the same for every component."""
-    if not exp.pool_rows:
-        return None
-    rest = np.flatnonzero(~np.isin(train.index, union.index))
-    pool = take(train.subset(rest), exp.pool_rows, seed=exp.split_seed + 1)
-    pool = replace(pool, labels=np.full(len(pool), -1, dtype=np.int64),
-                   source=f"{pool.source} | unlabeled pool")
-    log(f"unlabeled pool: {len(pool)} training rows outside every task")
-    return pool_whitening(base.net, cached_features(base, pool, "pool features", progress),
-                          exp.pool_shrinkage)
-
-
-def tangent_config(p: Prepared, **overrides: Any) -> TangentConfig:
-    """The tangent settings of an experiment: `tmc train`'s defaults for its shard rule
-    (κ, lr, recipe), then the experiment's own, then ``overrides``."""
-    cfg = TangentConfig(epochs=p.exp.epochs, kappa=p.exp.kappa or default_kappa(p.exp.rule),
-                        lr=p.exp.lr or default_lr(p.base, p.exp.rule), seed=p.exp.seed,
-                        **default_recipe(p.exp.rule))
-    return replace(cfg, **{**p.exp.recipe, **overrides})
-
-
-def negatives_for(p: Prepared, ds: Dataset, cfg: TangentConfig) -> Features | None:
-    """Trunk features of a shard's negatives (cached on disk like every trunk output)."""
-    if not cfg.quiet:
-        return None
-    return cached_features(p.base, make_negatives(ds, cfg.negatives, cfg.seed), "negatives",
-                           False)
-
-
-def train_components(p: Prepared, tasks: list[Task], cfg: TangentConfig, progress: bool
-                     ) -> list[tuple[str, Any]]:
-    out = []
-    for k, (label, ds, feats) in enumerate(tasks):
-        c = replace(cfg, seed=cfg.seed * 1000 + k)
-        r = train_tangent(p.base, ds, c, features=feats, negatives=negatives_for(p, ds, c),
-                          progress=progress, desc=f"tangent {k}")
-        log(f"  tangent {label}: {len(ds)} rows, {r.train_seconds:.1f}s, "
-            f"loss {r.epoch_losses[0]:.4g} -> {r.epoch_losses[-1]:.4g}")
-        out.append((label, r))
-    return out
-
-
-def train_nl_components(p: Prepared, tasks: list[Task], cfg: NonlinearConfig, progress: bool
-                        ) -> list[tuple[str, Any]]:
-    out = []
-    for k, (label, ds, feats) in enumerate(tasks):
-        r = train_nonlinear(p.base, ds, replace(cfg, seed=cfg.seed * 1000 + k), features=feats,
-                            progress=progress, desc=f"non-linear {k}")
-        log(f"  NL {label}: {r.train_seconds:.1f}s, loss {r.epoch_losses[0]:.4g} -> "
-            f"{r.epoch_losses[-1]:.4g}")
-        out.append((label, r))
-    return out
-
-
-@dataclass
-class Joint:
-    delta: dict[str, torch.Tensor]
-    train_seconds: float
-    epoch_losses: list[float]
-    reused: bool
-
-
-def joint_tangent(p: Prepared, cfg: TangentConfig, progress: bool) -> Joint:
-    """Tangent fine-tuning on all the tasks' rows, kept on disk by (base, rows, settings,
-    trainer source): fmnist-data-il and fmnist-data-il-10 share one pool, so one model."""
-    import hashlib
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    import training.loop
-    import training.tangent_train
-
-    h = hashlib.sha256(f"joint\0{p.base.fingerprint}\0{json.dumps(cfg.as_dict())}\0".encode())
-    h.update(np.ascontiguousarray(p.union.index).tobytes())
-    for module in (training.tangent_train, training.loop):  # a changed trainer: a new key
-        h.update(Path(str(module.__file__)).read_bytes())
-    path = CACHE_DIR / f"joint-{h.hexdigest()[:32]}.safetensors"
-    with cache_entry_lock(path):
-        if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            log(f"  joint tangent: reusing {path} (same base, rows, settings and seed)")
-            return Joint(load_file(str(path)), float(meta["seconds"]),
-                         json.loads(meta["losses"]), True)
-        log(f"  joint tangent on {len(p.union)} rows: kappa={cfg.kappa}")
-        r = train_tangent(p.base, p.union, cfg, features=p.union_features, progress=progress,
-                          desc="joint tangent")
-        save_file({n: t.contiguous() for n, t in r.delta.items()}, str(path.with_suffix(".tmp")),
-                  metadata={"seconds": str(r.train_seconds),
-                            "losses": json.dumps(r.epoch_losses)})
-        os.replace(path.with_suffix(".tmp"), path)
-    return Joint(r.delta, r.train_seconds, r.epoch_losses, False)
-
-
-def best_probe(p: Prepared) -> tuple[Any, dict[str, float], float]:
-    """The linear probe (deterministic: L-BFGS from zero) at the validation-best L2."""
-    t = time.perf_counter()
-    probes = [train_linear_probe(p.base, p.union, features=p.union_features, l2=l2)
-              for l2 in p.exp.probe_l2s]
-    val = [p.val.probe(pr) for pr in probes]
-    seconds = (time.perf_counter() - t) / len(probes)
-    return probes[int(np.argmax(val))], dict(zip(map(str, p.exp.probe_l2s), val,
-                                                 strict=True)), seconds
 
 
 def run(exp: Experiment, seeds: Sequence[int], progress: bool, forgetting: bool = True

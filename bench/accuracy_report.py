@@ -84,7 +84,7 @@ def accuracy_targets(exp: Any, per_seed: Sequence[dict[str, Any]],
 
 # -- plots -------------------------------------------------------------------------------------
 def result_docs(results: Path, quick: bool) -> list[dict[str, Any]]:
-    from bench.accuracy import DEFAULT_RUN
+    from bench.accuracy_experiments import DEFAULT_RUN
 
     docs = []
     for name in DEFAULT_RUN:

@@ -50,8 +50,8 @@ import httpx
 import torch
 
 from bases import init_base, load_base, make_spec
-from bench import common
-from bench.serving import _exchange, _pct, request_bytes
+from bench import common, processes, scrape
+from bench.http_load import exchange, request_bytes
 from tangent import encode_component
 
 NAME = "cold_fetch"
@@ -87,7 +87,7 @@ def component_files(base_dir: Path) -> dict[str, bytes]:
     return out
 
 
-def push(server: common.Server, files: dict[str, bytes]) -> None:
+def push(server: processes.Server, files: dict[str, bytes]) -> None:
     with httpx.Client(base_url=server.url, timeout=300.0) as client:
         for cid, data in files.items():
             r = client.put(f"/v1/components/{cid}", content=data, headers={
@@ -136,12 +136,11 @@ class Samples:
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-        ms = (lambda q: _pct(lat, q) * 1e3) if lat else (lambda q: None)
+        lat, ms = self.latencies, common.ms
         return {"requests": len(lat), "errors": len(self.errors),
                 "first_error": self.errors[0] if self.errors else None,
-                "p50_ms": ms(50), "p90_ms": ms(90), "p99_ms": ms(99),
-                "max_ms": lat[-1] * 1e3 if lat else None}
+                **{f"p{q}_ms": ms(common.percentile(lat, q)) for q in (50, 90, 99)},
+                "max_ms": ms(max(lat, default=None))}
 
 
 async def closed_loop(port: int, bodies: list[bytes], start: float, deadline: float,
@@ -152,7 +151,7 @@ async def closed_loop(port: int, bodies: list[bytes], start: float, deadline: fl
         k = 0
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, body = await _exchange(reader, writer, bodies[k % len(bodies)])
+            status, body = await exchange(reader, writer, bodies[k % len(bodies)])
             t1 = time.perf_counter()
             k += 1
             if status != 200:
@@ -193,15 +192,15 @@ def measure(name: str, code: Path | None, base_dir: Path, files: dict[str, bytes
     env = {"TMC_CACHE_BYTES": str(cache_bytes), "TMC_MAX_BATCH_SIZE": "32"}
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    with common.tmc_server(base_dir, workdir / name, env=env,
+    with processes.tmc_server(base_dir, workdir / name, env=env,
                            command=serve_command(code)) as server:
         push(server, files)
         idle = asyncio.run(phase(server.port, cfg, with_cold=False))
-        m0 = common.parse_metrics(httpx.get(f"{server.url}/metrics").text)
+        m0 = scrape.parse_metrics(httpx.get(f"{server.url}/metrics").text)
         loaded = asyncio.run(phase(server.port, cfg, with_cold=True))
-        m1 = common.parse_metrics(httpx.get(f"{server.url}/metrics").text)
-    fetches = _delta(m0, m1, "tmc_component_fetch_duration_seconds_count")
-    fetch_s = _delta(m0, m1, "tmc_component_fetch_duration_seconds_sum")
+        m1 = scrape.parse_metrics(httpx.get(f"{server.url}/metrics").text)
+    fetches = scrape.delta(m0, m1, "tmc_component_fetch_duration_seconds_count")
+    fetch_s = scrape.delta(m0, m1, "tmc_component_fetch_duration_seconds_sum")
     result = {"code": "this checkout" if code is None else str(code), "idle": idle,
               "cold_load": loaded,
               "fetches_off_device": fetches,
@@ -209,10 +208,6 @@ def measure(name: str, code: Path | None, base_dir: Path, files: dict[str, bytes
               "has_fetch_pool": "tmc_component_fetch_duration_seconds_count" in m1}
     _log(name, result)
     return result
-
-
-def _delta(m0: dict[str, float], m1: dict[str, float], key: str) -> float:
-    return m1.get(key, 0.0) - m0.get(key, 0.0)
 
 
 def _log(name: str, r: dict[str, Any]) -> None:

@@ -1,4 +1,9 @@
-"""Shared benchmark helpers: machine description, interleaved timing, result files.
+"""Shared benchmark helpers: machine description, statistics, interleaved timing, result
+files. (Starting and reading processes: bench.processes; a server's /metrics: bench.scrape.)
+
+Statistics come from the standard library: medians and percentiles from ``statistics``
+(percentiles by ``statistics.quantiles(method="inclusive")``), straight-line fits from
+``statistics.linear_regression``.
 
 Every benchmark writes ``bench/results/<name>.json`` (``<name>_quick.json`` for ``--quick``)
 with the same top-level shape::
@@ -22,24 +27,24 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import platform
 import random
-import secrets
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# scripts/soak.py imports these from here; the benchmarks use bench.processes directly.
+from bench.processes import Server, rss_bytes, stop_process, tmc_server  # noqa: F401
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -124,17 +129,33 @@ def ratio_samples(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
-    """Least squares y = a + b·x, with R²."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    slope = sxy / sxx if sxx else 0.0
-    intercept = my - slope * mx
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    r2 = 1.0 - ss_res / ss_tot if ss_tot else 1.0
-    return {"intercept": intercept, "slope": slope, "r2": r2}
+    """Least squares y = a + b·x (statistics.linear_regression), with R² (the squared
+    Pearson correlation, which is R² for a straight line with an intercept). Constant x:
+    a flat line through the mean; constant y: a perfect fit."""
+    my = statistics.fmean(ys)
+    if len(set(xs)) < 2:
+        return {"intercept": my, "slope": 0.0, "r2": 1.0 if len(set(ys)) < 2 else 0.0}
+    fit = statistics.linear_regression(xs, ys)
+    r2 = statistics.correlation(xs, ys) ** 2 if len(set(ys)) > 1 else 1.0
+    return {"intercept": fit.intercept, "slope": fit.slope, "r2": r2}
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds -> milliseconds, None kept."""
+    return None if seconds is None else seconds * 1e3
+
+
+def percentile(samples: Sequence[float], q: int) -> float | None:
+    """The q-th percentile (1 ≤ q ≤ 99) of the samples, None for none.
+
+    statistics.quantiles with method="inclusive": the samples are the whole population (min
+    and max are the 0th and 100th percentiles, nothing is extrapolated past them), the
+    definition bench.scale's p90 has always used and numpy's default; p50 is the median.
+    """
+    xs = [float(x) for x in samples]
+    if len(xs) < 2:
+        return xs[0] if xs else None
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -288,119 +309,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# -- processes ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def tmc_command() -> list[str]:
-    """The `tmc` CLI of this interpreter's environment."""
-    script = Path(sys.executable).with_name("tmc")
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size (VmRSS) of a process, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def cpu_seconds(pid: int | str = "self") -> float:
-    """User + system CPU time of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-@dataclass
-class Server:
-    url: str
-    port: int
-    admin_token: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"}
-
-
-@contextlib.contextmanager
-def tmc_server(base_dir: Path, workdir: Path, *, env: dict[str, str] | None = None,
-               command: list[str] | None = None, ready_timeout_s: float = 300.0
-               ) -> Iterator[Server]:
-    """`tmc serve` (uvicorn, real HTTP) on a free loopback port, stopped on exit.
-
-    Only this server's TMC_* settings are passed (inherited TMC_* variables are dropped,
-    so a developer's TMC_REDIS_URL cannot leak in); its log goes to workdir/server.log.
-    """
-    import httpx
-
-    port = free_port()
-    token = "bench-admin-" + secrets.token_hex(12)
-    workdir.mkdir(parents=True, exist_ok=True)
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("TMC_")}
-    child_env.update({
-        "TMC_BASE_DIR": str(base_dir), "TMC_REGISTRY_DIR": str(workdir / "registry"),
-        "TMC_HOME": str(workdir / "home"), "TMC_ADMIN_TOKEN": token,
-        "TMC_HOST": "127.0.0.1", "TMC_PORT": str(port), "TMC_DEVICE": "cpu",
-        "TMC_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
-    log_path = workdir / "server.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(command or [*tmc_command(), "serve"], env=child_env,
-                                stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tmc serve exited with {proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tmc serve not ready after {ready_timeout_s:.0f} s")
-            time.sleep(0.2)
-        yield Server(url, port, token, proc, log_path)
-    finally:
-        stop_process(proc, grace_s=40)
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within grace_s."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (comments dropped)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
+# -- images ------------------------------------------------------------------------------------
 def fashion_mnist_images(count: int, seed: int = 0) -> tuple[list[Any], str]:
     """`count` 28×28 uint8 grey images (numpy) from the Debian dataset, else random ones."""
     import gzip

@@ -92,57 +92,73 @@ def bench_preset(preset: str, tokens: int, repeats: int, budget_s: float
     for batch in BATCHES:
         with torch.inference_mode():
             h = eager.trunk_forward(make_input(preset, batch, tokens, gen))
-            before = graphs()
-            t0 = time.perf_counter()
-            y_c = compiled.tail_forward(h, delta)
-            compile_s = time.perf_counter() - t0
-            made = graphs() - before
-            y_e = eager.tail_forward(h, delta)
-            y0, dy_e = eager.tail_jvp(h, delta)
-            dy_c = compiled.tail_jvp(h, delta)[1]
-            scale = float(y_e.abs().max())
-            err = float((y_c - y_e).abs().max())
-            err_dy = float((dy_c - dy_e).abs().max())
-            before = graphs()
-            for i in range(3):
-                d = compiled.random_delta(gen, scale=1e-2)
-                if i == 2:
-                    d = {n: t for k, (n, t) in enumerate(d.items()) if k % 2}
-                compiled.tail_forward(h, d)
-            recompiles = graphs() - before
-        common.log(f"{preset} B={batch}: first compiled call {compile_s:.1f} s ({made} graph), "
-                   f"max err {err:.2e} (logit scale {scale:.3g}), recompiles {recompiles}")
-
-        def run(net: LinearizedNet, h: Any = h) -> None:
-            with torch.inference_mode():
-                net.tail_forward(h, delta)
-
-        cases = [common.Case(f"eager|{batch}", lambda: run(eager), group=str(batch)),
-                 common.Case(f"compiled|{batch}", lambda: run(compiled), group=str(batch))]
-        def progress(message: str, batch: int = batch) -> None:
-            common.log(f"  {preset} B={batch}: {message}")
-
-        timings = common.run_rounds(cases, repeats, min_sample_s=0.1, budget_s=budget_s,
-                                    progress=progress)
-        row: dict[str, Any] = {
-            "compile_s": compile_s, "graphs_made_by_first_call": made,
-            "graphs_total": graphs(), "recompiles_for_3_new_deltas": recompiles,
-            "max_abs_err": err, "max_abs_err_dy": err_dy, "logit_scale": scale,
-            "max_abs_err_over_logit_scale": err / scale, "max_abs_dy": float(dy_e.abs().max()),
-        }
-        for kind in ("eager", "compiled"):
-            row[f"{kind}_ms"] = common.scale(common.summarize(timings[f"{kind}|{batch}"]), 1e3)
-            row[f"{kind}_cpu_ms"] = common.scale(
-                common.summarize(timings.cpu[f"{kind}|{batch}"]), 1e3)
-        row["speedup_eager_over_compiled"] = common.ratio_samples(
-            timings[f"eager|{batch}"], timings[f"compiled|{batch}"])
-        row["cpu_speedup_eager_over_compiled"] = common.ratio_samples(
-            timings.cpu[f"eager|{batch}"], timings.cpu[f"compiled|{batch}"])
+            row = compile_and_check(eager, compiled, h, delta, gen)
+        common.log(f"{preset} B={batch}: first compiled call {row['compile_s']:.1f} s "
+                   f"({row['graphs_made_by_first_call']} graph), max err "
+                   f"{row['max_abs_err']:.2e} (logit scale {row['logit_scale']:.3g}), "
+                   f"recompiles {row['recompiles_for_3_new_deltas']}")
+        timed = time_eager_and_compiled(f"{preset} B={batch}", str(batch), eager, compiled, h,
+                                        delta, repeats, budget_s)
+        row["graphs_total"] = graphs()
+        row.update(timed)
         out["batches"][str(batch)] = row
         common.log(f"{preset} B={batch}: eager {row['eager_ms']['median']:.2f} ms, compiled "
                    f"{row['compiled_ms']['median']:.2f} ms (×"
                    f"{row['speedup_eager_over_compiled']['median']:.2f})")
     return out
+
+
+def compile_and_check(eager: LinearizedNet, compiled: LinearizedNet, h: Any,
+                      delta: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, Any]:
+    """The first compiled call (seconds, graphs made), its error against eager for y and for
+    the JVP's dy, and the recompiles 3 new Δ's cause (the third with half its tensors)."""
+    before = graphs()
+    t0 = time.perf_counter()
+    y_c = compiled.tail_forward(h, delta)
+    compile_s = time.perf_counter() - t0
+    made = graphs() - before
+    y_e = eager.tail_forward(h, delta)
+    _, dy_e = eager.tail_jvp(h, delta)
+    dy_c = compiled.tail_jvp(h, delta)[1]
+    scale = float(y_e.abs().max())
+    err = float((y_c - y_e).abs().max())
+    before = graphs()
+    for i in range(3):
+        d = compiled.random_delta(gen, scale=1e-2)
+        if i == 2:
+            d = {n: t for k, (n, t) in enumerate(d.items()) if k % 2}
+        compiled.tail_forward(h, d)
+    return {"compile_s": compile_s, "graphs_made_by_first_call": made,
+            "graphs_total": None,  # set after the timing rounds
+            "recompiles_for_3_new_deltas": graphs() - before,
+            "max_abs_err": err, "max_abs_err_dy": float((dy_c - dy_e).abs().max()),
+            "logit_scale": scale, "max_abs_err_over_logit_scale": err / scale,
+            "max_abs_dy": float(dy_e.abs().max())}
+
+
+def time_eager_and_compiled(label: str, group: str, eager: LinearizedNet,
+                            compiled: LinearizedNet, h: Any, delta: dict[str, torch.Tensor],
+                            repeats: int, budget_s: float) -> dict[str, Any]:
+    """Eager and compiled tail forwards in interleaved rounds: wall and CPU ms, and the
+    eager/compiled ratio per round."""
+    def run(net: LinearizedNet) -> None:
+        with torch.inference_mode():
+            net.tail_forward(h, delta)
+
+    cases = [common.Case(f"eager|{group}", lambda: run(eager), group=group),
+             common.Case(f"compiled|{group}", lambda: run(compiled), group=group)]
+    timings = common.run_rounds(cases, repeats, min_sample_s=0.1, budget_s=budget_s,
+                                progress=lambda message: common.log(f"  {label}: {message}"))
+    row: dict[str, Any] = {}
+    for kind in ("eager", "compiled"):
+        row[f"{kind}_ms"] = common.scale(common.summarize(timings[f"{kind}|{group}"]), 1e3)
+        row[f"{kind}_cpu_ms"] = common.scale(
+            common.summarize(timings.cpu[f"{kind}|{group}"]), 1e3)
+    row["speedup_eager_over_compiled"] = common.ratio_samples(
+        timings[f"eager|{group}"], timings[f"compiled|{group}"])
+    row["cpu_speedup_eager_over_compiled"] = common.ratio_samples(
+        timings.cpu[f"eager|{group}"], timings.cpu[f"compiled|{group}"])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,9 @@ The summing cost of (b) is also timed alone (``compose`` + cast of N random floa
 next to ``torch.Tensor.copy_`` of the same N·|Δ| bytes and an in-place ``add_`` reference,
 in the same rounds; bandwidth = N·|Δ| bytes / time.
 Results: bench/results/cost[_quick].json and .png.
+
+This module builds the fixtures and times the cases; bench.cost_config holds the methods and
+per-preset settings, bench.cost_report the analysis, targets and plot.
 """
 
 # ruff: noqa: E402
@@ -51,74 +54,13 @@ from app.composition import make_plan
 from app.executor import Executor
 from bases import Base, init_base, load_base, make_spec
 from bench import common
+from bench.cost_config import BATCHES, METHOD_LABELS, MIN_SAMPLE_S, PresetConfig, configs
+from bench.cost_report import analyse, plot, preset_targets
 from registry import ResolvedItem
 from tangent import Term, compose, delta_nbytes
 from tangent.delta import cast_delta
 
 NAME = "cost"
-BATCHES = (1, 32)
-METHODS = ("a", "b", "c", "c'", "d")
-C_PRIME = "c'"
-METHOD_LABELS = {
-    "a": "(a) TMC, Δ cached",
-    "b": "(b) TMC, new composition (Σ on the request)",
-    "c": "(c) N full non-linear models",
-    "c'": "(c') N non-linear tails, shared trunk",
-    "d": "(d) N separate linearized models",
-}
-
-
-@dataclass
-class PresetConfig:
-    key: str
-    preset: str
-    options: dict[str, Any]
-    ns: tuple[int, ...]
-    cap_full: int  # (c) and (d) measured for N <= cap_full, extrapolated beyond
-    cap_tails: int  # (c') measured for N <= cap_tails
-    repeats: int  # rounds at batch 32
-    budget_s: float  # per phase: batch 1, batch 32, compose
-    description: str
-    seq_len: int = 0  # text presets: tokens per input
-    repeats_b1: int = 15  # rounds at batch 1 (cheap, and noisier per call)
-    repeats_compose: int = 15
-
-
-FULL_NS = (1, 2, 5, 10, 20, 50)
-MIN_SAMPLE_S = 0.15  # cheap calls are averaged until one sample takes this long
-
-
-def configs(quick: bool) -> dict[str, PresetConfig]:
-    if quick:
-        return {
-            "effnet-r2": PresetConfig(
-                "effnet-r2", "effnet-lite0", {"image_size": 64, "tangent_blocks": 0},
-                (1, 2, 5, 10, 50), 2, 50, 2, 45.0,
-                "EfficientNet-Lite0 64×64, region R2 = conv head + BN + classifier",
-                repeats_b1=6, repeats_compose=6),
-            "minilm": PresetConfig(
-                "minilm", "minilm", {"tangent_layers": 1, "max_tokens": 32},
-                (1, 5, 50), 1, 5, 2, 30.0,
-                "MiniLM-L6, region = last encoder layer + classifier, 32 tokens (quick)",
-                seq_len=32, repeats_b1=4, repeats_compose=4),
-        }
-    return {
-        "effnet-r2": PresetConfig(
-            "effnet-r2", "effnet-lite0", {"image_size": 64, "tangent_blocks": 0},
-            FULL_NS, 10, 50, 7, 180.0,
-            "EfficientNet-Lite0 64×64, region R2 = conv head + BN + classifier",
-            repeats_b1=21, repeats_compose=21),
-        "effnet-r3": PresetConfig(
-            "effnet-r3", "effnet-lite0", {"image_size": 64, "tangent_blocks": 1},
-            FULL_NS, 5, 50, 5, 120.0,
-            "EfficientNet-Lite0 64×64, region R3 = last MBConv block + R2",
-            repeats_b1=15, repeats_compose=15),
-        "minilm": PresetConfig(
-            "minilm", "minilm", {"tangent_layers": 1, "max_tokens": 128},
-            FULL_NS, 2, 10, 3, 200.0,
-            "MiniLM-L6, region = last encoder layer + classifier, 128 tokens", seq_len=128,
-            repeats_b1=11, repeats_compose=11),
-    }
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -274,185 +216,6 @@ def compose_cases(fx: Fixture, cfg: PresetConfig) -> list[common.Case]:
     return cases
 
 
-# -- analysis ----------------------------------------------------------------------------------
-def method_series(samples: dict[str, list[float]], cfg: PresetConfig, method: str, n: int,
-                  batch: int) -> tuple[list[float], bool]:
-    """Per-round seconds of one method at N (measured, or extrapolated from the cap)."""
-    key = f"{method}|{n}|{batch}"
-    if key in samples:
-        return samples[key], False
-    if method in ("c", "d"):
-        cap = cfg.cap_full
-        return [t * n / cap for t in samples[f"{method}|{cap}|{batch}"]], True
-    cap = cfg.cap_tails
-    at_cap, tail = samples[f"c'|{cap}|{batch}"], samples[f"tail_plain|{batch}"]
-    return [t + (n - cap) * s for t, s in zip(at_cap, tail, strict=False)], True
-
-
-def analyse(timings: common.Timings, cfg: PresetConfig, fx: Fixture) -> dict[str, Any]:
-    """Wall-clock figures (latency, throughput, ratios) plus the same ratios in CPU time."""
-    out = analyse_clock(timings.wall, cfg)
-    cpu = analyse_clock(timings.cpu, cfg)
-    for method, info in out["methods"].items():
-        for point, cpu_point in zip(info["points"], cpu["methods"][method]["points"],
-                                    strict=True):
-            point["cpu_ms_per_call"] = cpu_point["ms_per_call"]
-    out["ratios_cpu"] = cpu["ratios"]
-    out["breakdown_cpu"] = cpu["breakdown"]
-    out["a_flatness_cpu"] = cpu["a_flatness"]
-    out["compose"] = compose_analysis(timings.wall, cfg, fx.delta_bytes)
-    return out
-
-
-def analyse_clock(samples: dict[str, list[float]], cfg: PresetConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {"methods": {}, "ratios": {}, "breakdown": {}}
-    series: dict[tuple[str, int, int], list[float]] = {}
-    for method in METHODS:
-        rows = []
-        for batch in BATCHES:
-            for n in cfg.ns:
-                xs, extrapolated = method_series(samples, cfg, method, n, batch)
-                series[(method, n, batch)] = xs
-                stats = common.summarize(xs)
-                rows.append({"n": n, "batch": batch, "extrapolated": extrapolated,
-                             "ms_per_call": common.scale(stats, 1e3),
-                             "ms_per_item": common.scale(stats, 1e3 / batch),
-                             "items_per_s": common.per_second(stats, batch)})
-        out["methods"][method] = {"label": METHOD_LABELS[method], "points": rows}
-    for batch in BATCHES:
-        for n in cfg.ns:
-            a = series[("a", n, batch)]
-            out["ratios"][f"{n}|{batch}"] = {
-                other: common.ratio_samples(series[(other, n, batch)], a)
-                for other in ("b", "c", "c'", "d")}
-        out["breakdown"][str(batch)] = {
-            piece: common.scale(common.summarize(samples[f"{piece}|{batch}"]), 1e3)
-            for piece in ("trunk", "tail_plain", "tail_jvp", "full_plain", "full_jvp_naive")}
-        out["breakdown"][str(batch)]["jvp_tail_over_plain_tail"] = common.ratio_samples(
-            samples[f"tail_jvp|{batch}"], samples[f"tail_plain|{batch}"])
-        out["breakdown"][str(batch)]["crossover_n_vs_c_prime"] = crossover(series, cfg, batch)
-    out["a_flatness"] = {str(b): common.ratio_samples(series[("a", cfg.ns[-1], b)],
-                                                      series[("a", cfg.ns[0], b)])
-                         for b in BATCHES}
-    return out
-
-
-def crossover(series: dict[tuple[str, int, int], list[float]], cfg: PresetConfig,
-              batch: int) -> float | None:
-    """N at which (c') costs as much as (a): a line through (c')'s measured medians."""
-    import statistics
-
-    ns = [n for n in cfg.ns if n <= cfg.cap_tails]
-    if len(ns) < 2:
-        return None
-    fit = common.linear_fit(ns, [statistics.median(series[("c'", n, batch)]) for n in ns])
-    a = statistics.median([t for n in cfg.ns for t in series[("a", n, batch)]])
-    return (a - fit["intercept"]) / fit["slope"] if fit["slope"] > 0 else None
-
-
-def compose_analysis(samples: dict[str, list[float]], cfg: PresetConfig, nbytes: int
-                     ) -> dict[str, Any]:
-    import statistics
-
-    rows = []
-    for n in cfg.ns:
-        payload = n * nbytes
-        row: dict[str, Any] = {"n": n, "bytes": payload}
-        for kind in ("compose", "copy", "add_inplace"):
-            xs = samples[f"{kind}|{n}"]
-            row[f"{kind}_ms"] = common.scale(common.summarize(xs), 1e3)
-            row[f"{kind}_gb_per_s"] = common.per_second(common.summarize(xs), payload / 1e9)
-        row["compose_over_copy_bandwidth"] = common.ratio_samples(
-            samples[f"copy|{n}"], samples[f"compose|{n}"])
-        rows.append(row)
-    fit = common.linear_fit([r["bytes"] / 1e6 for r in rows],
-                            [statistics.median(samples[f"compose|{r['n']}"]) * 1e3
-                             for r in rows])
-    return {"delta_bytes": nbytes, "points": rows,
-            "linear_fit_ms_vs_mb": fit,
-            "definition": "GB/s = N·|Δ| bytes / seconds (payload, not bytes moved: a copy "
-                          "reads and writes each byte once)"}
-
-
-def median_of(stats: dict[str, Any]) -> float | None:
-    return stats.get("median") if stats else None
-
-
-def preset_targets(cfg: PresetConfig, res: dict[str, Any]) -> dict[str, Any]:
-    t: dict[str, Any] = {}
-    ns = cfg.ns
-    for batch in BATCHES:
-        flat, flat_cpu = res["a_flatness"][str(batch)], res["a_flatness_cpu"][str(batch)]
-        t[f"{cfg.key}: (a) flat N={ns[0]}→{ns[-1]}, batch {batch} (abs(ratio − 1))"] = \
-            common.target(abs(flat["median"] - 1.0), 0.10, "<=",
-                          f"(a) at N={ns[-1]} / (a) at N={ns[0]}, per round: "
-                          f"{flat['median']:.3f} ({flat['min']:.3f}–{flat['max']:.3f}); "
-                          f"in CPU time {flat_cpu['median']:.3f}")
-    n5 = 5 if 5 in ns else ns[min(1, len(ns) - 1)]
-    r, r_cpu = res["ratios"][f"{n5}|32"], res["ratios_cpu"][f"{n5}|32"]
-    t[f"{cfg.key}: (c)/(a) at N={n5}, batch 32"] = common.target(
-        median_of(r["c"]), 2.5, ">=", "paper: TMC 2.5–10× cheaper than N full models"
-        + (" (c extrapolated)" if n5 > cfg.cap_full else "")
-        + f"; in CPU time {median_of(r_cpu['c']):.2f}")
-    t[f"{cfg.key}: (c')/(a) at N={n5}, batch 32"] = common.target(
-        median_of(r["c'"]), 1.0, ">=", "TMC should beat the shared-trunk tail ensemble from "
-        f"N≈4; in CPU time {median_of(r_cpu[C_PRIME]):.2f}")
-    comp = res["compose"]
-    t[f"{cfg.key}: (b) Σ time linear in N·|Δ| (R²)"] = common.target(
-        comp["linear_fit_ms_vs_mb"]["r2"], 0.95, ">=", "least squares over N")
-    last = comp["points"][-1]
-    name = f"{cfg.key}: Σ bandwidth / copy bandwidth at N={last['n']} (OMP_WAIT_POLICY=PASSIVE)"
-    t[name] = common.target(
-        median_of(last["compose_over_copy_bandwidth"]), 0.5, ">=",
-        f"compose {last['compose_gb_per_s']['median']:.2f} GB/s vs copy "
-        f"{last['copy_gb_per_s']['median']:.2f} GB/s; under the service's OpenMP setting "
-        "see bench/compose_bandwidth.py")
-    return t
-
-
-# -- plot --------------------------------------------------------------------------------------
-def plot(results: dict[str, Any], path: Path) -> None:
-    plt = common.pyplot()
-    keys = list(results)
-    fig, axes = plt.subplots(len(keys), 3, figsize=(15, 4.2 * len(keys)), squeeze=False)
-    for row, key in enumerate(keys):
-        res = results[key]
-        ax_lat, ax_thr, ax_bw = axes[row]
-        for info in res["methods"].values():
-            for ax, batch, field_, scale in ((ax_lat, 1, "ms_per_call", 1.0),
-                                             (ax_thr, 32, "items_per_s", 1.0)):
-                pts = [p for p in info["points"] if p["batch"] == batch]
-                xs = [p["n"] for p in pts]
-                ys = [p[field_]["median"] * scale for p in pts]
-                line, = ax.plot(xs, ys, marker="o", label=info["label"])
-                meas = [p for p in pts if not p["extrapolated"]]
-                if len(meas) < len(pts):
-                    line.set_linestyle("--")
-                    ax.plot([p["n"] for p in meas], [p[field_]["median"] for p in meas],
-                            marker="o", linestyle="-", color=line.get_color())
-                lo = [p[field_]["min"] for p in pts]
-                hi = [p[field_]["max"] for p in pts]
-                ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
-        ax_lat.set(title=f"{key}: latency, batch 1", xlabel="components N", ylabel="ms",
-                   xscale="log", yscale="log")
-        ax_thr.set(title=f"{key}: throughput, batch 32", xlabel="components N",
-                   ylabel="inputs / s", xscale="log", yscale="log")
-        comp = res["compose"]["points"]
-        for kind, label in (("compose", "tangent.compose + cast"), ("add_inplace",
-                            "in-place add_ (reference)"), ("copy", "Tensor.copy_")):
-            ax_bw.plot([p["bytes"] / 1e6 for p in comp],
-                       [p[f"{kind}_gb_per_s"]["median"] for p in comp], marker="o", label=label)
-        ax_bw.set(title=f"{key}: Σ w_k Δ_k bandwidth", xlabel="N·|Δ| (MB)", ylabel="GB/s",
-                  xscale="log")
-        ax_lat.legend(fontsize=7)
-        ax_bw.legend(fontsize=7)
-    fig.suptitle("TMC inference cost vs number of components (dashed: extrapolated; band: "
-                 "min–max over rounds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def prefixed_log(prefix: str, message: str) -> None:
     common.log(f"{prefix}: {message}")
 
@@ -475,7 +238,7 @@ def run_preset(cfg: PresetConfig, workdir: Path, repeats: int | None) -> dict[st
         timings.update(t.wall)
         timings.cpu.update(t.cpu)
         inner.update({c.key: c.inner for c in cases})
-    res = analyse(timings, cfg, fx)
+    res = analyse(timings, cfg, fx.delta_bytes)
     res["settings"] = {"description": cfg.description, "preset": cfg.preset,
                        "options": cfg.options, "ns": list(cfg.ns), "batches": list(BATCHES),
                        "cap_full_c_d": cfg.cap_full, "cap_tails_c_prime": cfg.cap_tails,

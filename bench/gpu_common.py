@@ -104,7 +104,7 @@ def load_eval_data(base: Base, payload: Path | None, limit: int) -> EvalData:
         return EvalData(list(x), torch.from_numpy(labels[rows]), DATASET[base.spec.preset])
     texts, text_labels = _bbc_test(payload)
     rows = _random_rows(len(texts), limit)
-    items = base.preprocessor.encode([texts[i] for i in rows])
+    items = base.preprocessor.decode_inputs([texts[i] for i in rows])
     return EvalData(items, torch.tensor([text_labels[i] for i in rows]),
                     DATASET[base.spec.preset])
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from bases import Base
-from bench import common
+from bench import common, processes
 from bench.gpu_common import Components, executor_for, plan_of
 
 
@@ -27,31 +27,32 @@ class HttpLoad:
 
 def check_http(base_dir: Path, base: Base, payload: Path | None, device: torch.device,
                load_spec: HttpLoad, workdir: Path) -> dict[str, Any]:
-    from bench import serving
+    from bench import http_load, serving
 
     images = _png_images(payload, 64)
     env = {"TMC_DEVICE": device.type, "TMC_MAX_BATCH_SIZE": str(max(64, load_spec.concurrency)),
            "TMC_LOG_LEVEL": "warning"}
-    with common.tmc_server(base_dir, workdir / "server", env=env) as server:
+    with processes.tmc_server(base_dir, workdir / "server", env=env) as server:
         by_digest, ids = serving.push_components(server, base.region, base.fingerprint)
         comp = serving.compositions()[0]
-        bodies = [serving.request_bytes(server.port, {"inputs": [img], "components": comp,
-                                                      "top_k": 1}) for img in images]
-        per_client = [serving._rotate(bodies, i) for i in range(load_spec.concurrency)]
-        asyncio.run(serving._prime(server, [bodies]))
+        bodies = [http_load.request_bytes(server.port, {"inputs": [img], "components": comp,
+                                                        "top_k": 1}) for img in images]
+        per_client = [http_load.rotate(bodies, i) for i in range(load_spec.concurrency)]
+        asyncio.run(serving.prime(server, [bodies]))
         warm = min(2.0, load_spec.duration_s / 3)
-        load = asyncio.run(serving._level(server, per_client, 1, warm, load_spec.duration_s))
-        eight = [serving.request_bytes(server.port, {
+        load = asyncio.run(http_load.run_level(server, per_client, 1, warm,
+                                               load_spec.duration_s))
+        eight = [http_load.request_bytes(server.port, {
             "inputs": [images[(j * 8 + i) % len(images)] for i in range(8)],
             "components": comp, "top_k": 1}) for j in range(len(images))]
-        load8 = asyncio.run(serving._level(
-            server, [serving._rotate(eight, i) for i in range(load_spec.concurrency)], 8,
+        load8 = asyncio.run(http_load.run_level(
+            server, [http_load.rotate(eight, i) for i in range(load_spec.concurrency)], 8,
             warm, load_spec.duration_s))
     comps = Components()
     comps.by_digest.update(by_digest)
     ex = executor_for(base, comps, device, torch.float32)
     plan = plan_of({ids[cid]: w for cid, w in comp.items()})
-    items = base.preprocessor.encode([base64.b64decode(i) for i in images])
+    items = base.preprocessor.decode_inputs([base64.b64decode(i) for i in images])
     mean_batch = max(1, round(load.get("mean_batch_size") or 1))
     batches = sorted({1, mean_batch, load_spec.concurrency})
     cases = [common.Case(f"offline|{b}", partial(

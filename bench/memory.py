@@ -9,8 +9,8 @@ throwaway component added, used and forgotten, so that the first linearized forw
 allocations are in the baseline), components are pushed through the admin API up to 1, 10
 and 50; after each milestone, one request composes all of them (mean weights), which loads
 every component tangent into the device cache and caches the composed Δ. Then every
-component is forgotten (DELETE). The server's VmRSS is read from /proc at each stage, next
-to the exact tensor accounting of /metrics (``tmc_cache_bytes``).
+component is forgotten (DELETE). The server's resident set size (VmRSS, read with psutil)
+is taken at each stage, next to the exact tensor accounting of /metrics (``tmc_cache_bytes``).
 
 glibc does not always return freed heap memory to the OS, so after forgetting, the server is
 asked (SIGUSR1, handled by this module's ``--serve-child`` wrapper around `tmc serve`) to call
@@ -34,6 +34,7 @@ import argparse
 import ctypes
 import ctypes.util
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ import httpx
 import torch
 
 from bases import init_base, load_base, make_spec
-from bench import common
+from bench import common, processes, scrape
 from tangent import encode_component
 
 NAME = "memory"
@@ -78,7 +79,7 @@ def serve_child() -> int:
     return tmc_main(["serve"])
 
 
-def request_trim(server: common.Server, marker: Path, timeout_s: float = 30.0) -> bool:
+def request_trim(server: processes.Server, marker: Path, timeout_s: float = 30.0) -> bool:
     before = _lines(marker)
     server.proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + timeout_s
@@ -97,19 +98,19 @@ def _lines(path: Path) -> int:
 class Probe:
     """Reads the server's RSS and its tensor accounting at named stages."""
 
-    def __init__(self, server: common.Server, client: httpx.Client, settle_s: float) -> None:
+    def __init__(self, server: processes.Server, client: httpx.Client, settle_s: float) -> None:
         self.server, self.client, self.settle_s = server, client, settle_s
         self.stages: list[dict[str, Any]] = []
 
     def read(self, stage: str, components: int, component_bytes: int) -> dict[str, Any]:
         time.sleep(self.settle_s)
-        m = common.parse_metrics(self.client.get("/metrics").text)
-        rss = [common.rss_bytes(self.server.proc.pid)]
+        m = scrape.parse_metrics(self.client.get("/metrics").text)
+        rss = [processes.rss_bytes(self.server.proc.pid)]
         for _ in range(2):
             time.sleep(0.1)
-            rss.append(common.rss_bytes(self.server.proc.pid))
+            rss.append(processes.rss_bytes(self.server.proc.pid))
         row: dict[str, Any] = {
-               "stage": stage, "components": components, "rss_bytes": sorted(rss)[1],
+               "stage": stage, "components": components, "rss_bytes": statistics.median(rss),
                "rss_bytes_samples": rss,
                "cache_bytes_components": m.get('tmc_cache_bytes{cache="components"}', 0.0),
                "cache_bytes_compositions": m.get('tmc_cache_bytes{cache="compositions"}', 0.0),
@@ -127,7 +128,7 @@ def random_component(region: dict[str, Any], fingerprint: str, k: int) -> bytes:
     return encode_component(tensors, fingerprint, {"bench": "memory", "index": k})
 
 
-def put(client: httpx.Client, server: common.Server, cid: str, data: bytes) -> None:
+def put(client: httpx.Client, server: processes.Server, cid: str, data: bytes) -> None:
     r = client.put(f"/v1/components/{cid}", content=data, headers={
         **server.admin_headers, "Content-Type": "application/octet-stream"})
     r.raise_for_status()
@@ -140,7 +141,7 @@ def predict(client: httpx.Client, ids: list[str], image: list[list[int]]) -> Non
     r.raise_for_status()
 
 
-def forget(client: httpx.Client, server: common.Server, cid: str) -> None:
+def forget(client: httpx.Client, server: processes.Server, cid: str) -> None:
     client.delete(f"/v1/components/{cid}", headers=server.admin_headers).raise_for_status()
 
 
@@ -148,7 +149,7 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run(server: common.Server, base_dir: Path, marker: Path, registry_dir: Path,
+def run(server: processes.Server, base_dir: Path, marker: Path, registry_dir: Path,
         settle_s: float) -> dict[str, Any]:
     base = load_base(base_dir, check_forward_ad=False)
     images, _ = common.fashion_mnist_images(1)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             work, marker = Path(tmp) / f"server{i}", Path(tmp) / f"trim{i}.log"
             env = {"TMC_CACHE_BYTES": str(4 << 30), TRIM_MARKER_ENV: str(marker), **extra_env}
             command = [sys.executable, "-m", "bench.memory", "--serve-child"]
-            with common.tmc_server(base_dir, work, env=env, command=command) as server:
+            with processes.tmc_server(base_dir, work, env=env, command=command) as server:
                 variants[name] = analyse(run(server, base_dir, marker, work / "registry",
                                              settle))
             variants[name]["server_env"] = extra_env

@@ -93,10 +93,10 @@ def make_inputs(base: Base, batch: int, gen: torch.Generator) -> tuple[Any, str]
     if base.spec.input_kind == "image":
         raw = [torch.randint(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), generator=gen,
                              dtype=torch.uint8).numpy() for _ in range(batch)]
-        return pre.collate(pre.encode(raw)), "random RGB pixels"
+        return pre.collate(pre.decode_inputs(raw)), "random RGB pixels"
     texts, source = bbc_texts(batch)
     if texts:
-        ids, mask = pre.collate(pre.encode(texts))
+        ids, mask = pre.collate(pre.decode_inputs(texts))
         if ids.shape[1] == TOKENS and bool(mask.all()):
             return (ids, mask), source
         common.log(f"BBC texts gave {ids.shape[1]} tokens with padding; using random ids")
@@ -127,49 +127,59 @@ def measure_preset(preset: str, base: Base, repeats: int, gen: torch.Generator
         rows: dict[int, dict[str, Any]] = {}
         for k, net in nets.items():
             delta = net.random_delta(gen, scale=1e-2)
-            h = net.trunk_forward(x)
-            tail = flops(partial(net.tail_forward, h))
-            linear = flops(partial(net.forward, x, delta))
-            rows[k] = {
-                "label": region_label(preset, k),
-                "tangent_params": len(net.names),
-                "tangent_numel": sum(net.params[n].numel() for n in net.names),
-                "split_index": net.split_index,
-                "first_tail_stage": next(iter(net.tail._modules)),
-                "flops": {"plain": plain_flops, "tail": tail, "linearized": linear,
-                          "full": full_flops},
-                "floor": 1 + 2 * tail / plain_flops,
-                "counted_linearized_over_plain": linear / plain_flops,
-                "counted_equals_plain_plus_2_tail": linear == plain_flops + 2 * tail,
-            }
+            rows[k] = region_row(preset, k, net, x, delta, plain_flops, full_flops)
             cases.append(common.Case(f"lin{k}", partial(net.forward, x, delta)))
         common.log(f"{preset} batch {batch}: timing {len(cases)} cases x {repeats} rounds")
         samples = common.run_rounds(cases, repeats, progress=common.log)
-        cpu: dict[str, list[float]] = getattr(samples, "cpu", {})  # process CPU s per call
         for k, row in rows.items():
-            if cpu:
-                row.update({
-                    "plain_cpu_s": common.summarize(cpu["plain"]),
-                    "linearized_cpu_s": common.summarize(cpu[f"lin{k}"]),
-                    "full_cpu_s": common.summarize(cpu["full"]),
-                    "ratio_linearized_plain_cpu": common.ratio_samples(cpu[f"lin{k}"],
-                                                                       cpu["plain"]),
-                    "ratio_full_plain_cpu": common.ratio_samples(cpu["full"], cpu["plain"]),
-                })
-            row.update({
-                "plain_s": common.summarize(samples["plain"]),
-                "linearized_s": common.summarize(samples[f"lin{k}"]),
-                "full_s": common.summarize(samples["full"]),
-                "ratio_linearized_plain": common.ratio_samples(samples[f"lin{k}"],
-                                                               samples["plain"]),
-                "ratio_full_plain": common.ratio_samples(samples["full"], samples["plain"]),
-                "ratio_linearized_full": common.ratio_samples(samples[f"lin{k}"],
-                                                              samples["full"]),
-                "raw_s": {"plain": samples["plain"], "linearized": samples[f"lin{k}"],
-                          "full": samples["full"]},
-            })
+            row.update(timing_fields(samples, f"lin{k}"))
             out["regions"].setdefault(str(k), {})[str(batch)] = row
     return out
+
+
+def region_row(preset: str, k: int, net: LinearizedNet, x: Any, delta: dict[str, torch.Tensor],
+               plain_flops: int, full_flops: int) -> dict[str, Any]:
+    """One tangent region: its size and split, and the FLOPs counted for each forward."""
+    h = net.trunk_forward(x)
+    tail = flops(partial(net.tail_forward, h))
+    linear = flops(partial(net.forward, x, delta))
+    return {
+        "label": region_label(preset, k),
+        "tangent_params": len(net.names),
+        "tangent_numel": sum(net.params[n].numel() for n in net.names),
+        "split_index": net.split_index,
+        "first_tail_stage": next(iter(net.tail._modules)),
+        "flops": {"plain": plain_flops, "tail": tail, "linearized": linear,
+                  "full": full_flops},
+        "floor": 1 + 2 * tail / plain_flops,
+        "counted_linearized_over_plain": linear / plain_flops,
+        "counted_equals_plain_plus_2_tail": linear == plain_flops + 2 * tail,
+    }
+
+
+def timing_fields(samples: common.Timings, lin: str) -> dict[str, Any]:
+    """Process CPU and wall seconds of plain, linearized (case ``lin``) and full forwards,
+    and their ratios per round."""
+    cpu, wall = samples.cpu, samples
+    fields: dict[str, Any] = {}
+    if cpu:
+        fields.update({
+            "plain_cpu_s": common.summarize(cpu["plain"]),
+            "linearized_cpu_s": common.summarize(cpu[lin]),
+            "full_cpu_s": common.summarize(cpu["full"]),
+            "ratio_linearized_plain_cpu": common.ratio_samples(cpu[lin], cpu["plain"]),
+            "ratio_full_plain_cpu": common.ratio_samples(cpu["full"], cpu["plain"]),
+        })
+    fields.update({
+        "plain_s": common.summarize(wall["plain"]),
+        "linearized_s": common.summarize(wall[lin]),
+        "full_s": common.summarize(wall["full"]),
+        "ratio_linearized_plain": common.ratio_samples(wall[lin], wall["plain"]),
+        "ratio_full_plain": common.ratio_samples(wall["full"], wall["plain"]),
+        "ratio_linearized_full": common.ratio_samples(wall[lin], wall["full"]),
+        "raw_s": {"plain": wall["plain"], "linearized": wall[lin], "full": wall["full"]},
+    })
+    return fields
 
 
 # -- output ------------------------------------------------------------------------------------

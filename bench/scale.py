@@ -40,6 +40,9 @@ results outside bench/results):
    device cache budget (``TMC_CACHE_BYTES``).
 
 Writes bench/results/scale[_quick].json and scale[_quick].png (``--out`` elsewhere).
+
+This module measures and writes; bench.scale_workload holds the plans and components,
+bench.scale_setups the two registry setups, bench.scale_report the analysis and the plot.
 """
 
 # ruff: noqa: E402
@@ -54,174 +57,44 @@ import argparse
 import asyncio
 import datetime as _dt
 import json
-import math
 import random
 import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench import common
-from bench.servers import S3Endpoint, binary_version, redis_server, weed_server
-from registry import Registry, open_registry
-from tangent import TangentParam, Term, compose, encode_component
+from bench.scale_report import device_cache, draw, o_k_check, targets
+from bench.scale_setups import (
+    Setup,
+    redis_bytes_memory,
+    redis_s3_setup,
+    s3_memory,
+    set_appendonly,
+    sqlite_files_setup,
+)
+from bench.scale_workload import (
+    PLANS,
+    REGION,
+    LargeMaker,
+    Plan,
+    fetch_defaults,
+    small_component,
+    stats_ms,
+    timed,
+)
+from bench.servers import binary_version
+from tangent import Term, compose
 from tangent.delta import delta_nbytes
 
 NAME = "scale"
-FP = "5c" * 32  # the synthetic base's fingerprint
-BODY_NUMEL = 2_097_152  # float32: 8 MiB
-REGION = {
-    "head.weight": TangentParam("head.weight", (32, 32), "float32"),
-    "head.bias": TangentParam("head.bias", (32,), "float32"),
-    "body.weight": TangentParam("body.weight", (BODY_NUMEL,), "float32"),
-}
-MAX_COMPONENT_BYTES = BODY_NUMEL * 4 + 1024 * 1024
-BUCKET = "tmc-scale"
-O_K_THRESHOLD = 2.0  # latency at the largest registry / at the smallest, per k
 
 
-@dataclass(frozen=True)
-class Plan:
-    small: int
-    large: int
-    batch: int
-    large_batch: int
-    sizes: tuple[int, ...]  # registry sizes where resolve/forget/"*" are probed
-    ks: tuple[int, ...] = (1, 10, 100, 1000)
-    resolve_rounds: int = 15
-    star_rounds: int = 5
-    forget_sample: int = 20
-    large_forgets: int = 20
-    large_loads: int = 20  # loaded cold, then warm, then composed
-    compose_rounds: int = 5
-    redis_bytes_small: int = 1000
-    redis_bytes_large: int = 5
-    star_active: int = 1000
-
-    @property
-    def active_every(self) -> int:
-        """Every n-th small component is active, so that ``star_active`` are at the end."""
-        return max(1, self.small // self.star_active)
-
-
-PLANS = {
-    "full": Plan(small=10_000, large=200, batch=500, large_batch=50,
-                 sizes=(100, 1000, 2500, 5000, 10_000)),
-    "quick": Plan(small=1000, large=20, batch=100, large_batch=10, sizes=(100, 500, 1000),
-                  resolve_rounds=9, star_rounds=3, forget_sample=10, large_forgets=5,
-                  large_loads=5, compose_rounds=3, redis_bytes_small=300,
-                  redis_bytes_large=2),
-    "smoke": Plan(small=40, large=2, batch=20, large_batch=2, sizes=(20, 40), ks=(1, 10),
-                  resolve_rounds=2, star_rounds=1, forget_sample=2, large_forgets=1,
-                  large_loads=1, compose_rounds=1, redis_bytes_small=10,
-                  redis_bytes_large=1, star_active=10),
-}
-
-
-# -- components ------------------------------------------------------------------------------
-def small_component(seed: int) -> bytes:
-    """A head-only component (4.5 KB): random float32 Δ, provenance naming its seed."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {"head.weight": torch.randn(32, 32, generator=gen) * 1e-2,  # [32, 32]
-               "head.bias": torch.randn(32, generator=gen) * 1e-2}  # [32]
-    return encode_component(tensors, FP, {"bench": "scale", "seed": seed})
-
-
-class LargeMaker:
-    """8 MiB components: one random body [BODY_NUMEL] whose first element differs per
-    component (so every one is new bytes, a new digest), plus a head."""
-
-    def __init__(self) -> None:
-        gen = torch.Generator().manual_seed(7)
-        self.body = torch.randn(BODY_NUMEL, generator=gen) * 1e-3  # [2097152]
-        self.head = torch.randn(32, 32, generator=gen) * 1e-2  # [32, 32]
-
-    def make(self, seed: int) -> bytes:
-        self.body[0] = float(seed) + 0.5
-        return encode_component({"body.weight": self.body, "head.weight": self.head}, FP,
-                                {"bench": "scale", "large": seed})
-
-
-# -- statistics --------------------------------------------------------------------------------
-def stats_ms(seconds: list[float]) -> dict[str, Any]:
-    """median / p90 / min / max in milliseconds, and the count."""
-    ms = sorted(s * 1e3 for s in seconds)
-    if not ms:
-        return {"median_ms": None, "p90_ms": None, "min_ms": None, "max_ms": None, "n": 0}
-    p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
-    return {"median_ms": statistics.median(ms), "p90_ms": p90, "min_ms": ms[0],
-            "max_ms": ms[-1], "n": len(ms)}
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-# -- one setup ---------------------------------------------------------------------------------
-@dataclass
-class Setup:
-    """One registry setup being measured, and what has been recorded for it."""
-
-    name: str
-    reg: Registry
-    redis_url: str | None = None
-    small_ids: list[str] = field(default_factory=list)
-    large_ids: list[str] = field(default_factory=list)
-    out: dict[str, Any] = field(default_factory=lambda: {
-        "add_small": [], "add_large": [], "resolve": [], "star": [], "forget": [],
-        "redis_memory": []})
-
-    def used_memory(self) -> dict[str, int] | None:
-        if self.redis_url is None:
-            return None
-        return redis_memory(self.redis_url)
-
-
-MEMORY_FIELDS = ("used_memory", "used_memory_dataset", "key_bytes")
-
-
-def redis_memory(url: str) -> dict[str, int]:
-    """INFO memory ``used_memory`` (everything Redis allocated, transient client buffers
-    included) and ``used_memory_dataset``; ``key_bytes``: MEMORY USAGE summed over every key
-    (exact, allocator size classes included, nothing transient)."""
-    import redis
-
-    with redis.Redis.from_url(url) as client:
-        info = client.info("memory")
-        pipe = client.pipeline(transaction=False)
-        for key in client.scan_iter(count=1000):
-            pipe.memory_usage(key, samples=0)
-        key_bytes = sum(int(n or 0) for n in pipe.execute())
-    return {"used_memory": int(info["used_memory"]),
-            "used_memory_dataset": int(info["used_memory_dataset"]), "key_bytes": key_bytes}
-
-
-def per_component(after: dict[str, int], before: dict[str, int], count: int) -> dict[str, float]:
-    """Growth per component, for each INFO field."""
-    return {f: (after[f] - before[f]) / count for f in MEMORY_FIELDS}
-
-
-def set_appendonly(url: str, on: bool) -> None:
-    """Turn the AOF on or off at runtime (on: Redis writes a fresh base file first)."""
-    import redis
-
-    with redis.Redis.from_url(url) as client:
-        client.config_set("appendonly", "yes" if on else "no")
-        if on:
-            while int(client.info("persistence")["aof_rewrite_in_progress"]):
-                time.sleep(0.05)
-
-
+# -- the registry growing: add, resolve, "*", forget at each size ------------------------------
 def add_batch(s: Setup, start: int, stop: int, payloads: list[bytes], plan: Plan) -> None:
     """Add small components start..stop-1; record this batch's latency."""
     times = []
@@ -331,20 +204,12 @@ def add_large_all(s: Setup, plan: Plan, maker: LargeMaker) -> None:
                                       **used})
 
 
-# -- "*" with many active components: staging, compose, device cache -------------------------
-def fetch_defaults() -> dict[str, Any]:
-    """The service's fetch pool and device cache defaults (app.settings)."""
-    from app.settings import Settings
-
-    fields = Settings.model_fields
-    return {name: fields[name].default
-            for name in ("fetch_threads", "fetch_queue_size", "cache_bytes")}
-
-
+# -- "*" with many active components: staging, compose ------------------------------------------
 def stage(s: Setup, digests: list[str], threads: int, waiting: int) -> tuple[float, Any]:
     """Stage ``digests`` through the service's fetch pool (fetch, sha256, decode on
     ``threads`` threads); (seconds, Staged). Raises what ``Fetcher.stage`` raises."""
-    from app.fetch import Fetcher, PurgeLog
+    from app.fetch import Fetcher
+    from app.purges import PurgeLog
 
     fetcher = Fetcher(s.reg.load_tensors, PurgeLog(), threads=threads, max_waiting=waiting,
                       timeout_s=600.0, store=s.reg.blob_where)
@@ -426,51 +291,6 @@ def forget_large(s: Setup, plan: Plan) -> None:
                             "receipts": _count_states(states), **stats_ms(times)})
 
 
-# -- setups ------------------------------------------------------------------------------------
-@contextmanager
-def aws_env(s3: S3Endpoint) -> Iterator[None]:
-    """The ``AWS_*`` variables boto3 reads, pointing at ``s3``; restored afterwards."""
-    names = [*s3.env(), "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE", "AWS_PROFILE",
-             "AWS_ENDPOINT_URL_S3"]
-    saved = {n: os.environ.get(n) for n in names}
-    for n in names:
-        os.environ.pop(n, None)
-    os.environ.update(s3.env())
-    try:
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
-
-
-@contextmanager
-def redis_s3_setup(tmp: Path) -> Iterator[tuple[Setup, dict[str, int]]]:
-    """Redis index (AOF on) + S3 bytes in a versioned bucket; and Redis's memory before."""
-    with redis_server(tmp / "redis") as url, weed_server(tmp / "weed") as s3, aws_env(s3):
-        s3.make_bucket(BUCKET, versioned=True)
-        before = redis_memory(url)
-        reg = open_registry(registry_dir=None, redis_url=url, base_fingerprint=FP,
-                            region=REGION, max_component_bytes=MAX_COMPONENT_BYTES,
-                            cache_dir=tmp / "replica-cache", blob_url=f"s3://{BUCKET}/scale")
-        try:
-            yield Setup("redis+s3", reg, url), before
-        finally:
-            reg.close()
-
-
-@contextmanager
-def sqlite_files_setup(tmp: Path) -> Iterator[tuple[Setup, dict[str, int]]]:
-    reg = open_registry(registry_dir=tmp / "registry", redis_url=None, base_fingerprint=FP,
-                        region=REGION, max_component_bytes=MAX_COMPONENT_BYTES)
-    try:
-        yield Setup("sqlite+files", reg), {}
-    finally:
-        reg.close()
-
-
 def run_setup(s: Setup, plan: Plan, payloads: list[bytes], rng: random.Random) -> dict[str, Any]:
     started = time.perf_counter()
     add_small_all(s, plan, payloads, rng)
@@ -484,100 +304,6 @@ def run_setup(s: Setup, plan: Plan, payloads: list[bytes], rng: random.Random) -
     return s.out
 
 
-def redis_bytes_memory(tmp: Path, plan: Plan, payloads: list[bytes]) -> dict[str, Any]:
-    """Redis memory per component when Redis holds the bytes too (TMC_BLOB_URL=redis)."""
-    maker = LargeMaker()
-    with redis_server(tmp / "redis-bytes", appendonly=False) as url:
-        before = redis_memory(url)
-        with open_registry(registry_dir=None, redis_url=url, base_fingerprint=FP,
-                           region=REGION, max_component_bytes=MAX_COMPONENT_BYTES,
-                           blob_url="redis") as reg:
-            for i in range(plan.redis_bytes_small):
-                reg.add(f"s-{i:05d}", payloads[i], active=False)
-            after_small = redis_memory(url)
-            for i in range(plan.redis_bytes_large):
-                reg.add(f"large-{i:04d}", maker.make(i), active=False)
-            after_large = redis_memory(url)
-    return {"small": plan.redis_bytes_small, "large": plan.redis_bytes_large,
-            "before": before, "after_small": after_small, "after_large": after_large,
-            "per_small": per_component(after_small, before, plan.redis_bytes_small),
-            "per_large": per_component(after_large, after_small, plan.redis_bytes_large),
-            "small_component_bytes": len(payloads[0]),
-            "large_component_bytes": len(maker.make(0))}
-
-
-def s3_memory(out: dict[str, Any], before: dict[str, int], plan: Plan) -> dict[str, Any]:
-    """Per component from the S3 setup's readings (victims are forgotten by then)."""
-    small = [m for m in out["redis_memory"] if "large" not in m]
-    after_small = small[-1]
-    after_large = next(m for m in out["redis_memory"] if "large" in m)
-    return {"small": plan.small, "large": plan.large, "before": before,
-            "after_small": after_small, "after_large": after_large,
-            "per_small": per_component(after_small, before, plan.small),
-            "per_large": per_component(after_large, after_small, plan.large),
-            "by_size": [{"components": m["components"],
-                         **per_component(m, before, m["components"])} for m in small]}
-
-
-# -- analysis ----------------------------------------------------------------------------------
-def o_k_check(resolve: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per k: median latency at each registry size, and largest-size / smallest-size."""
-    out: dict[str, Any] = {}
-    for k in sorted({r["k"] for r in resolve}):
-        rows = sorted((r["registry_size"], r["median_ms"]) for r in resolve if r["k"] == k)
-        out[str(k)] = {"sizes": [n for n, _ in rows], "median_ms": [ms for _, ms in rows],
-                       "largest_over_smallest": rows[-1][1] / rows[0][1] if len(rows) > 1
-                       else None, "size_ratio": rows[-1][0] / rows[0][0]}
-    at_largest = [r for r in resolve
-                  if r["registry_size"] == max(x["registry_size"] for x in resolve)]
-    if len(at_largest) > 1:
-        fit = common.linear_fit([math.log(r["k"]) for r in at_largest],
-                                [math.log(r["median_ms"]) for r in at_largest])
-        out["loglog_slope_in_k_at_largest_size"] = fit["slope"]
-    return out
-
-
-def device_cache(star: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
-    """What ``"*"`` over the active components asks of the device cache (``TMC_CACHE_BYTES``:
-    half for component Δ's, half for composed Δ's), and the same for large components."""
-    budget = fetch_defaults()["cache_bytes"]
-    half = budget // 2
-    active, per_large = star["active"], large["delta_bytes"]
-    compose_per_large_s = large["compose"]["median_ms"] / 1e3 / large["components"]
-    stage_per_large_s = large["load_cold"]["median_ms"] / 1e3
-    return {
-        "cache_bytes_default": budget, "component_budget": half, "composed_budget": half,
-        "small": {"component_delta_bytes": star["component_delta_bytes"],
-                  "fits_component_budget": star["component_delta_bytes"] <= half,
-                  "composed_delta_bytes": star["composed_delta_bytes"]},
-        "large_if_all_active": {
-            "active": active, "component_delta_bytes": active * per_large,
-            "components_that_fit": half // per_large,
-            "composed_delta_bytes": large["composed_delta_bytes"],
-            "estimated_recompose_s": active * compose_per_large_s,
-            "estimated_cold_stage_s_sequential": active * stage_per_large_s,
-            "note": "each generation change that touches the active set builds a new "
-                    "composed Δ: with component Δ's beyond the budget, every one is staged "
-                    "from storage again and summed (estimates: per-component medians × "
-                    "active)"},
-    }
-
-
-def targets(setups: dict[str, dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    """O(k): for the largest k measured at every registry size (100 in the full run), the
-    resolve latency at the largest size over that at the smallest (100× more components in
-    the full run) stays below O_K_THRESHOLD; O(registry size) would scale with the sizes."""
-    k = max(k for k in plan.ks if k <= min(plan.sizes))
-    out = {}
-    for name, res in setups.items():
-        check = res["o_k"].get(str(k), {})
-        out[f"resolve is O(k), {name}"] = common.target(
-            check.get("largest_over_smallest"), O_K_THRESHOLD, "<=",
-            f"k={k}: median resolve latency at registry size {max(plan.sizes)} / at "
-            f"{min(plan.sizes)}")
-    return out
-
-
 def versions() -> dict[str, str]:
     import boto3
     import redis
@@ -588,114 +314,6 @@ def versions() -> dict[str, str]:
             "weed": binary_version([weed_binary(), "version"]),
             "boto3": boto3.__version__, "redis_py": redis.__version__,
             "sqlite": sqlite3.sqlite_version}
-
-
-# -- plot --------------------------------------------------------------------------------------
-STYLE = {"redis+s3": {"color": "tab:red"}, "sqlite+files": {"color": "tab:blue"}}
-
-
-def _plot_adds(ax: Any, setups: dict[str, dict[str, Any]]) -> None:
-    for name, res in setups.items():
-        c = STYLE[name]["color"]
-        rows = res["add_small"]
-        ax.plot([r["count"] for r in rows], [r["median_ms"] for r in rows], "-", color=c,
-                label=f"{name} small, median")
-        ax.plot([r["count"] for r in rows], [r["p90_ms"] for r in rows], ":", color=c,
-                label=f"{name} small, p90")
-        big = res["add_large"]
-        ax.plot([r["count"] for r in big], [r["median_ms"] for r in big], "s", color=c,
-                label=f"{name} 8 MiB, median")
-    ax.set(xlabel="components in the registry", ylabel="add latency (ms)", yscale="log",
-           title="1. add, per batch")
-
-
-def _plot_resolve_k(ax: Any, setups: dict[str, dict[str, Any]]) -> None:
-    for name, res in setups.items():
-        sizes = sorted({r["registry_size"] for r in res["resolve"]})
-        for j, n in enumerate(sizes):
-            rows = sorted((r["k"], r["median_ms"]) for r in res["resolve"]
-                          if r["registry_size"] == n)
-            ax.plot(*zip(*rows, strict=True), "o-", color=STYLE[name]["color"],
-                    alpha=0.35 + 0.65 * j / max(1, len(sizes) - 1),
-                    label=f"{name}, N={n}" if j in (0, len(sizes) - 1) else None)
-    ax.set(xlabel="k (components in the composition)", ylabel="resolve latency (ms)",
-           xscale="log", yscale="log", title="2. resolve vs k (N = registry size)")
-
-
-def _plot_resolve_n(ax: Any, setups: dict[str, dict[str, Any]]) -> None:
-    for name, res in setups.items():
-        ks = sorted({r["k"] for r in res["resolve"]})
-        for j, k in enumerate(ks):
-            rows = sorted((r["registry_size"], r["median_ms"]) for r in res["resolve"]
-                          if r["k"] == k)
-            ax.plot(*zip(*rows, strict=True), "o-", color=STYLE[name]["color"],
-                    alpha=0.35 + 0.65 * j / max(1, len(ks) - 1), label=f"{name}, k={k}")
-    ax.set(xlabel="registry size N", ylabel="resolve latency (ms)", xscale="log",
-           yscale="log", title="2. resolve vs registry size (flat = O(k))")
-
-
-def _plot_forget(ax: Any, setups: dict[str, dict[str, Any]]) -> None:
-    marks = {"aof": "o-", "none": "o--", "sqlite-wal": "o-"}
-    words = {"aof": "AOF rewrite", "none": "AOF off", "sqlite-wal": "WAL"}
-    for name, res in setups.items():
-        for persistence in ("aof", "none", "sqlite-wal"):
-            rows = [r for r in res["forget"]
-                    if r["kind"] == "small" and r["persistence"] == persistence]
-            if rows:
-                ax.plot([r["registry_size"] for r in rows], [r["median_ms"] for r in rows],
-                        marks[persistence], color=STYLE[name]["color"],
-                        label=f"{name} ({words[persistence]})")
-        big = [r for r in res["forget"] if r["kind"] == "large"]
-        ax.plot([r["registry_size"] for r in big], [r["median_ms"] for r in big], "s",
-                color=STYLE[name]["color"], label=f"{name} 8 MiB")
-    ax.set(xlabel="registry size N", ylabel="forget latency (ms, median)", xscale="log",
-           yscale="log", title="3. forget")
-
-
-def _plot_star(ax: Any, setups: dict[str, dict[str, Any]]) -> None:
-    for name, res in setups.items():
-        rows = res["star"]
-        ax.plot([r["registry_size"] for r in rows], [r["median_ms"] for r in rows], "o-",
-                color=STYLE[name]["color"], label=f"{name} (active = N/{res['active_every']})")
-    ax.set(xlabel="registry size N", ylabel='resolve "*" (ms)', xscale="log", yscale="log",
-           title='5. "*" reads every head')
-
-
-def _plot_memory(ax: Any, memory: dict[str, Any]) -> None:
-    """Bars: MEMORY USAGE summed over the keys, per component; text: used_memory growth."""
-    cases = [(where, size) for size in ("per_small", "per_large")
-             for where in ("bytes_in_s3", "bytes_in_redis")]
-    keys = [memory[w][sz]["key_bytes"] for w, sz in cases]
-    used = [memory[w][sz]["used_memory"] for w, sz in cases]
-    ax.bar(range(4), keys, color=["tab:red", "tab:gray"] * 2)
-    ax.set_xticks(range(4), ["small, bytes in S3", "small, bytes in Redis",
-                             "8 MiB, bytes in S3", "8 MiB, bytes in Redis"],
-                  rotation=20, fontsize=7)
-    for i, (kb, ub) in enumerate(zip(keys, used, strict=True)):
-        ax.text(i, kb, f"keys {kb / 1024:,.1f} KiB\nused_memory {ub / 1024:,.1f} KiB",
-                ha="center", va="bottom", fontsize=6)
-    ax.set(ylabel="Redis bytes per component (MEMORY USAGE)", yscale="log",
-           ylim=(100, max(keys) * 20), title="4. Redis memory per component")
-
-
-def draw(png: Path, results: dict[str, Any], quick: bool) -> None:
-    plt = common.pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(17, 10))
-    setups = results["setups"]
-    _plot_adds(axes[0][0], setups)
-    _plot_resolve_k(axes[0][1], setups)
-    _plot_resolve_n(axes[0][2], setups)
-    _plot_forget(axes[1][0], setups)
-    _plot_star(axes[1][1], setups)
-    _plot_memory(axes[1][2], results["redis_memory"])
-    for ax in axes.flat[:5]:
-        ax.legend(fontsize=6)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("Registry at scale: Redis index + S3 bytes vs SQLite + files"
-                 + (" (quick run)" if quick else ""))
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -751,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine()
     with tempfile.TemporaryDirectory(prefix="tmc-scale-") as tmp:
         results = measure(plan, Path(tmp))
-    doc = {"name": NAME, "quick": name != "full", "mode": name,
-           "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-           "wall_seconds": time.perf_counter() - started,
-           "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
-           "settings": settings(plan, name), "results": results,
-           "targets": targets(results["setups"], plan)}
+    doc: dict[str, Any] = {
+        "name": NAME, "quick": name != "full", "mode": name,
+        "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
+        "settings": settings(plan, name), "results": results,
+        "targets": targets(results["setups"], plan)}
     stem = NAME if name == "full" else f"{NAME}_{name}"
     path = write(args.out, stem, doc)
     draw(args.out / f"{stem}.png", results, name != "full")

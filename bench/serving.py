@@ -34,10 +34,8 @@ import argparse
 import asyncio
 import base64
 import json
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,8 @@ import torch
 from app.composition import make_plan
 from app.executor import Executor
 from bases import init_base, load_base, make_spec
-from bench import common
+from bench import common, processes
+from bench.http_load import exchange, request_bytes, rotate, run_level
 from registry import ResolvedItem
 from tangent import encode_component
 
@@ -64,7 +63,7 @@ def compositions() -> list[dict[str, float]]:
     return [{f"c{j}": 0.5, f"c{(j + 1) % N_COMPONENTS}": 0.5} for j in range(N_COMPONENTS)]
 
 
-def push_components(server: common.Server, region: dict[str, Any], fingerprint: str
+def push_components(server: processes.Server, region: dict[str, Any], fingerprint: str
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """PUT 8 random components: (digest -> tensors for the offline executor, id -> digest)."""
     gen = torch.Generator().manual_seed(0)
@@ -82,137 +81,11 @@ def push_components(server: common.Server, region: dict[str, Any], fingerprint: 
     return by_digest, ids
 
 
-def request_bytes(port: int, body: dict[str, Any]) -> bytes:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
-    return head.encode() + payload
-
-
-# -- load generator ----------------------------------------------------------------------------
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes
-                    ) -> tuple[int, bytes]:
-    writer.write(req)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:])
-                  if k.strip().lower() == "content-length")
-    return status, await reader.readexactly(length)
-
-
-@dataclass
-class LevelStats:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    first_error: str = ""
-    completed: int = 0  # inputs answered inside the window
-    requests: int = 0  # requests answered inside the window
-
-
-async def _client(port: int, requests: list[bytes], per_request: int, warm_until: float,
-                  deadline: float, stats: LevelStats) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        k = 0
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            status, body = await _exchange(reader, writer, requests[k % len(requests)])
-            t1 = time.perf_counter()
-            k += 1
-            if status != 200:
-                stats.errors += 1
-                stats.first_error = stats.first_error or f"{status}: {body[:200]!r}"
-            elif warm_until <= t1 <= deadline:  # completions inside the window
-                stats.latencies.append(t1 - t0)
-                stats.completed += per_request
-                stats.requests += 1
-    finally:
-        writer.close()
-
-
-async def _scrape(url: str) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=30.0) as client:
-        return common.parse_metrics((await client.get(f"{url}/metrics")).text)
-
-
-async def _level(server: common.Server, per_client: list[list[bytes]], per_request: int,
-                 warmup_s: float, duration_s: float) -> dict[str, Any]:
-    stats = LevelStats()
-    start = time.perf_counter()
-    warm_until, deadline = start + warmup_s, start + warmup_s + duration_s
-    tasks = [asyncio.create_task(_client(server.port, reqs, per_request, warm_until, deadline,
-                                         stats)) for reqs in per_client]
-    await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
-    m0, cpu0, own0, t0 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
-                          time.process_time(), time.perf_counter())
-    await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-    m1, cpu1, own1, t1 = (await _scrape(server.url), common.cpu_seconds(server.proc.pid),
-                          time.process_time(), time.perf_counter())
-    await asyncio.gather(*tasks)
-    window = t1 - t0
-    return _level_result(stats, m0, m1, window, cpu1 - cpu0, own1 - own0)
-
-
-def _delta(m0: dict[str, float], m1: dict[str, float], key: str) -> float:
-    return m1.get(key, 0.0) - m0.get(key, 0.0)
-
-
-def _level_result(stats: LevelStats, m0: dict[str, float], m1: dict[str, float],
-                  window: float, server_cpu: float, client_cpu: float) -> dict[str, Any]:
-    lat = sorted(stats.latencies)
-    batches = _delta(m0, m1, "tmc_batch_size_count")
-    return {
-        "completed_inputs": stats.completed, "completed_requests": stats.requests,
-        "errors": stats.errors, "first_error": stats.first_error,
-        "window_s": window,
-        "throughput_inputs_per_s": stats.completed / window if window else None,
-        "latency_ms": {"p50": _pct(lat, 50) * 1e3 if lat else None,
-                       "p99": _pct(lat, 99) * 1e3 if lat else None,
-                       "mean": statistics.fmean(lat) * 1e3 if lat else None,
-                       "min": lat[0] * 1e3 if lat else None,
-                       "max": lat[-1] * 1e3 if lat else None},
-        "batches": batches,
-        "mean_batch_size": _delta(m0, m1, "tmc_batch_size_sum") / batches if batches else None,
-        "mean_groups_per_batch": (_delta(m0, m1, "tmc_batch_groups_sum") / batches
-                                  if batches else None),
-        "composition_cache_misses": _delta(m0, m1, "tmc_composition_cache_misses_total"),
-        "server_forward_ms_mean": _mean_ms(m0, m1, FORWARD),  # tail per composition group
-        "server_trunk_ms_mean": _mean_ms(m0, m1, TRUNK),  # shared trunk per device batch
-        "server_queue_wait_ms_mean": _mean_ms(m0, m1, "tmc_queue_wait_seconds"),
-        "server_request_ms_mean": _mean_ms(m0, m1, REQUEST),
-        "server_cpu_cores": server_cpu / window if window else None,
-        "server_cpu_ms_per_input": server_cpu / stats.completed * 1e3 if stats.completed
-        else None,
-        "client_cpu_cores": client_cpu / window if window else None,
-    }
-
-
-FORWARD = 'tmc_forward_duration_seconds{kind="linearized"}'
-TRUNK = "tmc_trunk_duration_seconds"
-REQUEST = 'tmc_request_duration_seconds{route="/v1/predict"}'
-
-
-def _mean_ms(m0: dict[str, float], m1: dict[str, float], metric: str) -> float | None:
-    """Mean of a Prometheus histogram over the window, in ms (labels kept in place)."""
-    name, brace, labels = metric.partition("{")
-    count = _delta(m0, m1, f"{name}_count{brace}{labels}")
-    total = _delta(m0, m1, f"{name}_sum{brace}{labels}")
-    return total / count * 1e3 if count else None
-
-
-def _pct(sorted_xs: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    rank = max(1, min(len(sorted_xs), round(q / 100 * len(sorted_xs) + 0.5)))
-    return sorted_xs[rank - 1]
-
-
 # workload -> (inputs per request, distinct compositions among the clients)
 MODES = {"homogeneous": (1, 1), "mixed": (1, N_COMPONENTS), "homogeneous, 8 per request": (8, 1)}
 
 
-def run_load(server: common.Server, images_b64: list[str], levels: list[int],
+def run_load(server: processes.Server, images_b64: list[str], levels: list[int],
              warmup_s: float, duration_s: float) -> dict[str, Any]:
     comps = compositions()
 
@@ -222,13 +95,13 @@ def run_load(server: common.Server, images_b64: list[str], levels: list[int],
             "inputs": [images_b64[(j * per_request + i) % n] for i in range(per_request)],
             "components": comp, "top_k": 1}) for j in range(n)]
 
-    asyncio.run(_prime(server, [bodies(c, 1) for c in comps]))
+    asyncio.run(prime(server, [bodies(c, 1) for c in comps]))
     out: dict[str, Any] = {mode: {} for mode in MODES}
     for conc in levels:
         for mode, (per_request, distinct) in MODES.items():
             reqs = [bodies(c, per_request) for c in comps[:distinct]]
-            per_client = [_rotate(reqs[i % distinct], i) for i in range(conc)]
-            res = asyncio.run(_level(server, per_client, per_request, warmup_s, duration_s))
+            per_client = [rotate(reqs[i % distinct], i) for i in range(conc)]
+            res = asyncio.run(run_level(server, per_client, per_request, warmup_s, duration_s))
             out[mode][str(conc)] = res
             lat = res["latency_ms"]
             common.log(f"{mode:26s} c={conc:2d}: {res['throughput_inputs_per_s']:.1f} inputs/s,"
@@ -237,17 +110,12 @@ def run_load(server: common.Server, images_b64: list[str], levels: list[int],
     return out
 
 
-def _rotate(xs: list[bytes], k: int) -> list[bytes]:
-    k %= len(xs)
-    return xs[k:] + xs[:k]
-
-
-async def _prime(server: common.Server, reqs: list[list[bytes]]) -> None:
+async def prime(server: processes.Server, reqs: list[list[bytes]]) -> None:
     """One request per composition (composes and caches each Δ); checks the answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         for j, per_comp in enumerate(reqs):
-            status, body = await _exchange(reader, writer, per_comp[0])
+            status, body = await exchange(reader, writer, per_comp[0])
             if status != 200:
                 raise RuntimeError(f"composition {j}: HTTP {status}: {body[:300]!r}")
             prov = json.loads(body)["provenance"]
@@ -268,7 +136,7 @@ def offline_cases(base_dir: Path, by_digest: dict[str, dict[str, torch.Tensor]],
     plan = make_plan([ResolvedItem(cid, ids[cid], w) for cid, w in sorted(comp.items())],
                      1, "none", False)
     raw = [base64.b64decode(common.png_base64(img)) for img in images]
-    items = base.preprocessor.encode(raw)
+    items = base.preprocessor.decode_inputs(raw)
     cases = []
     for b in OFFLINE_BATCHES:
         x = base.preprocessor.collate([items[i % len(items)] for i in range(b)])
@@ -425,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         common.log("base ready; starting tmc serve")
         server_env = ({"TMC_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads
                       else {})
-        with common.tmc_server(base_dir, Path(tmp) / "server", env=server_env) as server:
+        with processes.tmc_server(base_dir, Path(tmp) / "server", env=server_env) as server:
             base = load_base(base_dir, check_forward_ad=False)
             by_digest, ids = push_components(server, base.region, base.fingerprint)
             cases = offline_cases(base_dir, by_digest, ids, images)

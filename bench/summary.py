@@ -9,102 +9,25 @@ One section per benchmark: where a full run's file exists it is used, else the q
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.summary_accuracy import accuracy_block, accuracy_docs
+from bench.summary_format import (
+    Doc,
+    load,
+    num,
+    pick,
+    png_link,
+    source_line,
+    span,
+    table,
+    targets_table,
+)
+from bench.summary_scale import scale_section
+
 RESULTS = Path(__file__).resolve().parent / "results"
-Doc = dict[str, Any]
-
-
-# -- loading -----------------------------------------------------------------------------------
-def load(path: Path) -> Doc | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def pick(name: str, results: Path) -> tuple[Doc | None, Path | None]:
-    """The full run's file if there is one, else the quick run's."""
-    for stem in (name, f"{name}_quick"):
-        path = results / f"{stem}.json"
-        doc = load(path) if path.is_file() else None
-        if doc is not None:
-            return doc, path
-    return None, None
-
-
-# -- formatting --------------------------------------------------------------------------------
-def num(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        if x == 0:
-            return "0"
-        mag = abs(x)
-        if mag >= 100:
-            return f"{x:.0f}"
-        if mag >= 10:
-            return f"{x:.1f}"
-        return f"{x:.{digits - 1}f}" if mag >= 1 else f"{x:.{digits}g}"
-    return str(x)
-
-
-def span(stats: Any, digits: int = 3) -> str:
-    """'median (min–max)' of a summary dict."""
-    if not isinstance(stats, dict) or stats.get("median") is None:
-        return "–"
-    return (f"{num(stats['median'], digits)} ({num(stats.get('min'), digits)}–"
-            f"{num(stats.get('max'), digits)})")
-
-
-def table(header: list[str], rows: Iterable[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
-              for row in rows]
-    return "\n".join(lines)
-
-
-def source_line(doc: Doc, path: Path) -> str:
-    m = doc.get("machine")
-    parts = [f"file `{path.name}`"]
-    if doc.get("quick"):
-        parts.append("**quick (smoke) run**")
-    if doc.get("written"):
-        parts.append(f"written {doc['written']}")
-    if isinstance(m, dict):
-        load_avg = m.get("load_average_at_start")
-        parts.append(f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, torch "
-                     f"{m.get('torch', '?')} ({m.get('torch_threads', '?')} threads), "
-                     f"{m.get('device', '?')}")
-        if isinstance(load_avg, list) and load_avg:
-            parts.append(f"load average at start {load_avg[0]:.1f}")
-    return "_" + "; ".join(parts) + "_"
-
-
-def png_link(path: Path) -> str:
-    png = path.with_suffix(".png")
-    return f"\n![{png.stem}]({png.name})\n" if png.is_file() else ""
-
-
-def targets_table(doc: Doc) -> str:
-    targets = doc.get("targets")
-    if not isinstance(targets, dict) or not targets:
-        return ""
-    rows = []
-    for name, t in targets.items():
-        if not isinstance(t, dict):
-            continue
-        rows.append([name, num(t.get("value")), f"{t.get('op', '')} {num(t.get('threshold'))}",
-                     "✅ met" if t.get("met") else "❌ not met", t.get("note", "")])
-    return "Targets:\n\n" + table(["target", "value", "threshold", "", "note"], rows)
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -149,29 +72,39 @@ def cost_section(doc: Doc, path: Path) -> str:
                        f"{span(flat.get('1'), 3)}, batch 32 {span(flat.get('32'), 3)}; in CPU "
                        f"time {num(flat_cpu.get('1', {}).get('median'))} and "
                        f"{num(flat_cpu.get('32', {}).get('median'))}.")
-        rows = []
-        for b, br in res["breakdown"].items():
-            rows.append([b, span(br["trunk"]), span(br["tail_plain"]), span(br["tail_jvp"]),
-                         span(br["jvp_tail_over_plain_tail"], 2), span(br["full_plain"]),
-                         span(br["full_jvp_naive"]), num(br.get("crossover_n_vs_c_prime"))])
-        out.append("\nPieces (ms per call): trunk, one plain tail, the JVP tail, a full plain "
-                   "forward, the whole network under JVP (no trunk split); N* = where (c') "
-                   "meets (a):\n")
-        out.append(table(["batch", "trunk", "plain tail", "JVP tail", "JVP/plain",
-                          "full plain", "full JVP", "N*"], rows))
-        comp = res["compose"]
-        fit = comp["linear_fit_ms_vs_mb"]
-        out.append(f"\nΣ w_k Δ_k (the cache miss of (b)) vs `copy_` of the same bytes "
-                   f"(|Δ| = {num(comp['delta_bytes'] / 1e6)} MB; linear fit "
-                   f"{num(fit['slope'])} ms/MB, R² {num(fit['r2'])}):\n")
-        out.append(table(["N", "MB", "compose ms", "compose GB/s", "in-place add_ GB/s",
-                          "copy_ GB/s", "compose/copy"], [
-            [p["n"], num(p["bytes"] / 1e6), span(p["compose_ms"]),
-             num(p["compose_gb_per_s"]["median"]), num(p["add_inplace_gb_per_s"]["median"]),
-             num(p["copy_gb_per_s"]["median"]), span(p["compose_over_copy_bandwidth"], 2)]
-            for p in comp["points"]]))
+        out += _cost_pieces(res)
+        out += _cost_compose(res)
         out.append("")
     return "\n".join(out)
+
+
+def _cost_pieces(res: Doc) -> list[str]:
+    """The pieces table of one cost preset: trunk, tails, full forwards, crossover N*."""
+    rows = []
+    for b, br in res["breakdown"].items():
+        rows.append([b, span(br["trunk"]), span(br["tail_plain"]), span(br["tail_jvp"]),
+                     span(br["jvp_tail_over_plain_tail"], 2), span(br["full_plain"]),
+                     span(br["full_jvp_naive"]), num(br.get("crossover_n_vs_c_prime"))])
+    return ["\nPieces (ms per call): trunk, one plain tail, the JVP tail, a full plain "
+            "forward, the whole network under JVP (no trunk split); N* = where (c') "
+            "meets (a):\n",
+            table(["batch", "trunk", "plain tail", "JVP tail", "JVP/plain",
+                   "full plain", "full JVP", "N*"], rows)]
+
+
+def _cost_compose(res: Doc) -> list[str]:
+    """Σ w_k Δ_k against copy_ of the same bytes, per N, with the linear fit."""
+    comp = res["compose"]
+    fit = comp["linear_fit_ms_vs_mb"]
+    return [f"\nΣ w_k Δ_k (the cache miss of (b)) vs `copy_` of the same bytes "
+            f"(|Δ| = {num(comp['delta_bytes'] / 1e6)} MB; linear fit "
+            f"{num(fit['slope'])} ms/MB, R² {num(fit['r2'])}):\n",
+            table(["N", "MB", "compose ms", "compose GB/s", "in-place add_ GB/s",
+                   "copy_ GB/s", "compose/copy"], [
+                [p["n"], num(p["bytes"] / 1e6), span(p["compose_ms"]),
+                 num(p["compose_gb_per_s"]["median"]), num(p["add_inplace_gb_per_s"]["median"]),
+                 num(p["copy_gb_per_s"]["median"]), span(p["compose_over_copy_bandwidth"], 2)]
+                for p in comp["points"]])]
 
 
 def _rounds(rounds: Any) -> str:
@@ -234,122 +167,6 @@ def memory_section(doc: Doc, path: Path) -> str:
     return table(header, rows)
 
 
-def _ms(row: Any) -> str:
-    """'median (p90)' ms of a bench.scale latency row."""
-    if not isinstance(row, dict) or row.get("median_ms") is None:
-        return "–"
-    return f"{num(row['median_ms'])} ({num(row.get('p90_ms'))})"
-
-
-def _scale_adds(setups: Doc) -> str:
-    rows = []
-    for name, res in setups.items():
-        small, large = res["add_small"], res["add_large"]
-        rows.append([name, f"{small[0]['count']}: {_ms(small[0])}",
-                     f"{small[-1]['count']}: {_ms(small[-1])}",
-                     f"{large[-1]['count']}: {_ms(large[-1])}"])
-    return table(["setup", "small, first batch", "small, last batch", "large, last batch"],
-                 rows)
-
-
-def _scale_resolve(setups: Doc) -> str:
-    ks = sorted({r["k"] for res in setups.values() for r in res["resolve"]})
-    rows = []
-    for name, res in setups.items():
-        for n in sorted({r["registry_size"] for r in res["resolve"]}):
-            cells = {r["k"]: _ms(r) for r in res["resolve"] if r["registry_size"] == n}
-            rows.append([name, n, *(cells.get(k, "–") for k in ks)])
-    ratios = "; ".join(
-        f"{name}: " + ", ".join(f"k={k} {num(v['largest_over_smallest'], 2)}×"
-                                for k, v in res["o_k"].items()
-                                if isinstance(v, dict) and v.get("largest_over_smallest"))
-        for name, res in setups.items())
-    return (table(["setup", "registry size", *(f"k={k}" for k in ks)], rows)
-            + f"\n\nLatency at the largest registry size / at the smallest, per k: {ratios}.")
-
-
-def _scale_forget(setups: Doc) -> str:
-    rows = [[name, r["kind"], r["persistence"], r["registry_size"], _ms(r)]
-            for name, res in setups.items() for r in res["forget"]]
-    return table(["setup", "component", "persistence", "registry size", "forget ms"], rows)
-
-
-def _scale_star(setups: Doc) -> str:
-    rows = []
-    for name, res in setups.items():
-        star, cache = res["star_cost"], res["device_cache"]
-        rows.append([name, ", ".join(f"{r['registry_size']}: {num(r['median_ms'])}"
-                                     for r in res["star"]), star["active"],
-                     num(star["stage_cold_s"]), num(star["stage_warm_s"]),
-                     _ms(star["compose"]), num(star["component_delta_bytes"] / 2**20),
-                     num(cache["large_if_all_active"]["component_delta_bytes"] / 2**30)])
-    first = next(iter(setups.values()))
-    return (table(['setup', '"*" resolve ms by registry size', "active",
-                   "stage cold s", "stage warm s", "compose ms", "Δ_k MiB",
-                   "if 8 MiB each: GiB"], rows)
-            + f"\n\nWith the service's default fetch pool: {first['star_cost']['default_pool']}"
-            f" Device cache budget (default TMC_CACHE_BYTES): "
-            f"{num(first['device_cache']['component_budget'] / 2**20)} MiB for component Δ's.")
-
-
-def _scale_memory(memory: Doc) -> str:
-    rows = []
-    for where in ("bytes_in_s3", "bytes_in_redis"):
-        m = memory[where]
-        for size in ("small", "large"):
-            per = m[f"per_{size}"]
-            rows.append([where.replace("_", " "), size, m[size], num(per["used_memory"]),
-                         num(per["key_bytes"])])
-    return table(["Redis", "component", "count", "used_memory B/component",
-                  "MEMORY USAGE B/component"], rows)
-
-
-def _scale_reading(setups: Doc) -> str:
-    """The curves in words, from the figures (no number typed in by hand)."""
-    lines = []
-    for name, res in setups.items():
-        star = res["star"]
-        forgets = {r["persistence"]: r for r in res["forget"]
-                   if r["kind"] == "small" and r["registry_size"] == star[-1]["registry_size"]}
-        growth = star[-1]["registry_size"] / star[0]["registry_size"]
-        line = (f"- {name}: registry {num(growth)}× larger → explicit resolve at k=100 "
-                f"{num(res['o_k'].get('100', {}).get('largest_over_smallest'), 2)}× (O(k)), "
-                f'"*" {num(star[-1]["median_ms"] / star[0]["median_ms"], 2)}× (reads every '
-                "head: O(registry size))")
-        if "aof" in forgets and "none" in forgets:
-            line += (f"; forget at {star[-1]['registry_size']} components "
-                     f"{num(forgets['aof']['median_ms'])} ms with the AOF rewrite it waits for, "
-                     f"{num(forgets['none']['median_ms'])} ms without")
-        lines.append(line + ".")
-    cache = next(iter(setups.values()))["device_cache"]["large_if_all_active"]
-    lines.append(f"- \"*\" over {cache['active']} components of 8 MiB would need "
-                 f"{num(cache['component_delta_bytes'] / 2**30)} GiB of component Δ's; the "
-                 f"default component cache holds {cache['components_that_fit']}: every change "
-                 "of the active set re-stages them all from storage.")
-    return "\n".join(lines)
-
-
-def scale_section(doc: Doc, path: Path) -> str:
-    """bench.scale: the registry at 10,000 small + 200 large components, two setups."""
-    res, st = doc["results"], doc["settings"]
-    setups = res["setups"]
-    versions = ", ".join(f"{k} {v}" for k, v in st.get("versions", {}).items())
-    return "\n\n".join([
-        f"Small components {num(st['small_component_bytes'])} B, large "
-        f"{num(st['large_component_bytes'] / 2**20)} MiB; Redis: {st['redis']}; S3: {st['s3']}."
-        f" Versions: {versions}.",
-        "Add latency, median (p90) ms per batch:", _scale_adds(setups),
-        "Resolve an explicit composition of k components, median (p90) ms:",
-        _scale_resolve(setups),
-        "Forget, median (p90) ms (Redis: with the AOF rewrite the forget waits for, and with "
-        "the AOF off):", _scale_forget(setups),
-        '"*" (`resolve_all_active`) and the composition of every active component:',
-        _scale_star(setups),
-        "Redis memory per component (INFO used_memory growth / count, and MEMORY USAGE "
-        "summed over the keys):", _scale_memory(res["redis_memory"]),
-        "Reading:", _scale_reading(setups)])
-
-
 def compose_bandwidth_section(doc: Doc, path: Path) -> str:
     out = []
     for preset, by_policy in doc["results"].items():
@@ -367,96 +184,6 @@ def compose_bandwidth_section(doc: Doc, path: Path) -> str:
         out += [f"**{preset}** (|Δ| = {num(by_policy[policies[0]]['delta_bytes'] / 1e6)} MB):",
                 "", table(header, rows), ""]
     return "\n".join(out)
-
-
-ACCURACY_METHODS = (
-    ("tmc_mean", "TMC (mean of the components)"), ("tmc_sum", "TMC (sum)"),
-    ("nl_ensemble_softmax", "non-linear ensemble (softmax mean)"),
-    ("nl_ensemble_logits", "non-linear ensemble (logit mean)"),
-    ("nl_weight_average", "non-linear weight average"),
-    ("component_alone_mean", "one tangent component alone (mean)"),
-    ("nl_alone_mean", "one non-linear fine-tune alone (mean)"),
-    ("joint_tangent", "joint tangent fine-tune (all data)"),
-    ("linear_probe", "linear probe (all data)"), ("base_theta0", "θ0 (untrained head)"))
-
-
-def mean_spread(stats: Any) -> str:
-    """'mean ± std (min–max)' of a spread dict, or a plain number (single-seed files)."""
-    if isinstance(stats, dict) and "mean" in stats:
-        return (f"{stats['mean']:.3f} ± {stats.get('std', 0.0):.3f} "
-                f"({stats['min']:.3f}–{stats['max']:.3f})")
-    return num(stats)
-
-
-def seed_count(stats: Any, seeds: int) -> str:
-    """' (first k of n seeds)' when a figure exists for fewer seeds than the run had."""
-    k = len(stats.get("values", [])) if isinstance(stats, dict) else seeds
-    return f" (first {k} of {seeds} seeds)" if k < seeds else ""
-
-
-def accuracy_experiment(doc: Doc, path: Path) -> str:
-    test = doc.get("accuracy", {}).get("test", {})
-    s = doc.get("settings", {})
-    seeds = doc.get("seeds", [s.get("experiment", {}).get("seed", 0)])
-    tangent, nl = s.get("tangent", {}), s.get("nonlinear", {})
-    exp = s.get("experiment", {})
-    parts = [f"### {doc.get('experiment', path.stem)}", "",
-             source_line(doc, path), "",
-             f"{len(seeds)} seed(s) {seeds}; {num(s.get('pool_rows'))} training rows in "
-             f"{exp.get('tasks', '?')} tasks; test rows {num(test.get('rows'))}; tangent κ="
-             f"{num(tangent.get('kappa'))}, lr {num(tangent.get('lr'))}, {tangent.get('epochs')}"
-             f" epochs; non-linear lr {num(nl.get('lr'))}; chosen on the validation split "
-             f"({exp.get('selected_on') or 'see the *_select.json files'}); seeds vary "
-             f"{s.get('seeds_vary', 'the training seed')}.", "",
-             table(["method", "test accuracy, mean ± std (min–max over seeds)"],
-                   [[label + seed_count(test.get(key), len(seeds)),
-                     mean_spread(test.get(key))] for key, label in ACCURACY_METHODS
-                    if key in test])]
-    c = doc.get("continual")
-    if isinstance(c, dict):
-        keys = ("tmc_mean", "nl_ensemble_softmax", "nl_weight_average",
-                "newest_component_alone")
-        rows = [[k, c["rows"][i], *(f"{c[key][i]['mean']:.3f}" for key in keys)]
-                for i, k in enumerate(c["k"])]
-        parts += ["", f"Continual (tasks arrive one by one; mean over seeds; scored on "
-                  f"{c.get('scope')}):", "",
-                  table(["k", "rows", "TMC", "NL ensemble", "NL weight avg", "newest alone"],
-                        rows)]
-    f = doc.get("forgetting")
-    if isinstance(f, dict):
-        rows = [[r["forgotten"], num(r["own_rows_with"]), num(r["own_rows_after_forget"]),
-                 num(r["own_rows_never"]), num(r["other_rows_with"]),
-                 num(r["other_rows_after_forget"]),
-                 "yes" if r["delta_bit_identical_to_never"] and
-                 r["logits_bit_identical_to_never"] else "**no**"] for r in f["per_component"]]
-        parts += ["", f"Forgetting (first seed; registry forget vs a registry that never had "
-                  f"it; own rows = {f.get('own_rows_are')}, other rows = "
-                  f"{f.get('other_rows_are')}):", "",
-                  table(["forgotten", "own: with", "own: after forget", "own: never",
-                         "other: with", "other: after forget", "bit-identical to never"],
-                        rows)]
-    tt = targets_table(doc)
-    if tt:
-        parts += ["", tt]
-    if doc.get("note"):
-        parts += ["", f"_Note: {doc['note']}_"]
-    return "\n".join(parts)
-
-
-def accuracy_docs(results: Path) -> list[tuple[Doc, Path]]:
-    """The main result per experiment (full run, else quick); sweeps and caches left out."""
-    chosen: dict[str, tuple[Doc, Path]] = {}
-    for path in sorted(results.glob("accuracy_*.json")):
-        stem = path.stem.removeprefix("accuracy_")
-        if any(t in stem for t in ("_select", ".partial", "cache_")):
-            continue
-        name = stem.removesuffix("_quick")
-        doc = load(path)
-        if doc is None or not doc.get("accuracy", {}).get("test"):
-            continue
-        if name not in chosen or not stem.endswith("_quick"):
-            chosen[name] = (doc, path)
-    return list(chosen.values())
 
 
 def generic_section(doc: Doc, path: Path) -> str:
@@ -573,29 +300,6 @@ def section(title: str, intro: str, results: Path, name: str, render: Renderer) 
     if tt:
         parts += ["", tt]
     parts.append(png_link(path))
-    return "\n".join(parts)
-
-
-def accuracy_block(results: Path) -> str:
-    docs = accuracy_docs(results)
-    if not docs:
-        return "## 5. Accuracy\n\n_No results yet (`accuracy_*.json` missing)._\n"
-    parts = ["## 5. Accuracy (TMC vs the paper's baselines)", ""]
-    for png in ("accuracy.png", "accuracy_forgetting.png", "accuracy_quick.png",
-                "accuracy_forgetting_quick.png"):
-        if (results / png).is_file() and (not png.endswith("_quick.png") or not any(
-                (results / p).is_file() for p in ("accuracy.png",))):
-            parts += [f"![{png.removesuffix('.png')}]({png})", ""]
-    for doc, path in docs:
-        try:
-            parts += [accuracy_experiment(doc, path), ""]
-        except Exception as exc:  # a changed format must not break the whole summary
-            parts += [f"_Could not render `{path.name}`: {type(exc).__name__}: {exc}_", ""]
-    others = sorted(p.name for p in results.glob("accuracy_*.json")
-                    if p not in {path for _, path in docs})
-    if others:
-        parts.append("Other accuracy files (validation sweeps, trunk-cache check, quick runs): "
-                     + ", ".join(f"`{o}`" for o in others))
     return "\n".join(parts)
 
 

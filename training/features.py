@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 import torch
@@ -30,40 +30,49 @@ import torch
 from training.data import Dataset
 from training.errors import UsageError
 
+if TYPE_CHECKING:
+    from bases import Base
+    from bases.contracts import ModelInput
+
 DEFAULT_MEMORY_LIMIT = 4 * 1024**3  # bytes of trunk features kept in RAM; beyond: on disk
+# What the trunk hands the tail: a tensor [B, ...], or (hidden [B, T, ...], mask [B, T]).
+TailInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class InputEncoder:
-    """Raw dataset rows -> the base's model input for a batch (what collate(encode()) gives)."""
+    """Raw dataset rows -> the base's model input for a batch (what
+    collate(decode_inputs()) gives)."""
 
-    def __init__(self, base: Any) -> None:
+    def __init__(self, base: Base) -> None:
         self.base = base
         self.kind = base.spec.input_kind
         self.pre = base.preprocessor
 
     def check(self, ds: Dataset) -> None:
+        from bases.inputs import TensorPreprocessor
+
         if ds.kind != self.kind:
             raise UsageError(f"the base takes {self.kind} inputs but {ds.source} holds "
                              f"{ds.kind} inputs")
-        if self.kind == "tensor":
-            shape = tuple(ds.inputs.shape[1:])
+        if isinstance(self.pre, TensorPreprocessor):
+            shape = tuple(np.asarray(ds.inputs).shape[1:])  # an ndarray: no copy
             if shape != tuple(self.pre.shape):
                 raise UsageError(f"{ds.source} rows have shape {list(shape)}, the base takes "
                                  f"{list(self.pre.shape)}")
 
-    def batch(self, ds: Dataset, rows: np.ndarray) -> Any:
-        if self.kind == "image":
-            from bases.inputs import images_to_tensor
+    def batch(self, ds: Dataset, rows: np.ndarray) -> ModelInput:
+        from bases.inputs import ImagePreprocessor, TextPreprocessor, images_to_tensor
 
+        if isinstance(self.pre, ImagePreprocessor):
             size = self.pre.size
             if isinstance(ds.inputs, np.ndarray):
                 return images_to_tensor(torch.from_numpy(ds.inputs[rows]), size)
             return torch.cat([images_to_tensor(torch.from_numpy(ds.inputs[int(i)])[None], size)
                               for i in rows])
-        if self.kind == "text":
-            limit = getattr(self.pre, "max_chars", None)
+        if isinstance(self.pre, TextPreprocessor):
+            limit = self.pre.max_chars
             texts = [ds.inputs[int(i)][:limit] if limit else ds.inputs[int(i)] for i in rows]
-            return self.pre.collate(self.pre.encode(texts))
+            return self.pre.collate(self.pre.decode_inputs(texts))
         return torch.from_numpy(np.ascontiguousarray(ds.inputs[rows], dtype=np.float32))
 
 
@@ -80,7 +89,7 @@ class Features:
     def __len__(self) -> int:
         return int(self.data.shape[0])
 
-    def take(self, rows: torch.Tensor | np.ndarray) -> Any:
+    def take(self, rows: torch.Tensor | np.ndarray) -> TailInput:
         """The tail input for these rows."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         if self.kind == "tensor":
@@ -104,7 +113,7 @@ class Features:
         return self.data.numel() * self.data.element_size()
 
 
-def _is_masked(out: Any) -> bool:
+def _is_masked(out: object) -> TypeGuard[tuple[torch.Tensor, torch.Tensor]]:
     return (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
             and isinstance(out[1], torch.Tensor) and out[1].dim() == 2
             and out[0].dim() >= 2 and out[0].shape[:2] == out[1].shape
@@ -116,7 +125,7 @@ def batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
         yield np.arange(start, min(n, start + batch_size))
 
 
-def trunk_features(base: Any, ds: Dataset, *, batch_size: int = 64, progress: bool = False,
+def trunk_features(base: Base, ds: Dataset, *, batch_size: int = 64, progress: bool = False,
                    desc: str = "trunk features",
                    memory_limit: int = DEFAULT_MEMORY_LIMIT) -> Features:
     """Run the frozen trunk once over every row of ds (eval mode, no grad)."""
@@ -147,12 +156,14 @@ def trunk_features(base: Any, ds: Dataset, *, batch_size: int = 64, progress: bo
     return feats
 
 
-def _max_tokens(base: Any) -> int | None:
-    value = base.spec.options.get("max_tokens")
-    return int(value) if value is not None else None
+def _max_tokens(base: Base) -> int | None:
+    from bases.spec import int_option
+
+    options = base.spec.options
+    return None if options.get("max_tokens") is None else int_option(options, "max_tokens")
 
 
-def _allocate(out: Any, n: int, max_len: int | None, memory_limit: int) -> Features:
+def _allocate(out: TailInput, n: int, max_len: int | None, memory_limit: int) -> Features:
     if isinstance(out, torch.Tensor):
         shape = (n, *out.shape[1:])
         return Features("tensor", _empty(shape, out.dtype, memory_limit), None)
@@ -180,9 +191,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, memory_limit: int) -> tor
     return t
 
 
-def _store(feats: Features, out: Any, rows: np.ndarray) -> None:
+def _store(feats: Features, out: TailInput, rows: np.ndarray) -> None:
     lo, hi = int(rows[0]), int(rows[-1]) + 1
-    if feats.kind == "tensor":
+    if isinstance(out, torch.Tensor):  # feats.kind "tensor"
         feats.data[lo:hi] = out
         return
     hidden, mask = out
@@ -201,13 +212,14 @@ def _store(feats: Features, out: Any, rows: np.ndarray) -> None:
 class TrunkSource:
     """Tail inputs for rows of a dataset: from cached Features, or the trunk each time."""
 
-    def __init__(self, base: Any, ds: Dataset, features: Features | None) -> None:
+    def __init__(self, base: Base, ds: Dataset, features: Features | None) -> None:
         self.base, self.ds, self.features = base, ds, features
         self.encoder = InputEncoder(base)
         if features is not None and len(features) != len(ds):
             raise ValueError(f"features have {len(features)} rows, the dataset {len(ds)}")
 
-    def take(self, rows: np.ndarray) -> Any:
+    def take(self, rows: np.ndarray) -> TailInput:
         if self.features is not None:
             return self.features.take(rows)
-        return self.base.net.trunk_forward(self.encoder.batch(self.ds, rows))
+        out: TailInput = self.base.net.trunk_forward(self.encoder.batch(self.ds, rows))
+        return out

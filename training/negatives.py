@@ -46,6 +46,7 @@ def make_negatives(ds: Dataset, kind: str, seed: int = 0) -> Dataset:
     """One negative row per shard row (labels -1: they belong to no class)."""
     check_kind(kind, ds.kind)
     rng = np.random.Generator(np.random.PCG64(seed))
+    inputs: np.ndarray | list[np.ndarray] | list[str]
     if kind == "rot+jigsaw":
         half = len(ds) // 2
         a, b = _images(ds, "rot", rng)[:half], _images(ds, "jigsaw", rng)[half:]
@@ -53,7 +54,7 @@ def make_negatives(ds: Dataset, kind: str, seed: int = 0) -> Dataset:
     elif ds.kind == "image":
         inputs = _images(ds, kind, rng)
     elif ds.kind == "text":
-        inputs = _mixed_texts(list(ds.inputs), rng)
+        inputs = _mixed_texts([str(text) for text in ds.inputs], rng)
     else:
         x = np.asarray(ds.inputs, dtype=np.float32)
         inputs = 0.5 * (x + x[_partners(ds.labels, rng)])

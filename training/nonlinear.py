@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,43 +22,41 @@ from safetensors.torch import save as st_save
 from torch.func import functional_call
 
 from training.data import Dataset
-from training.errors import EmptyShardError, UsageError
-from training.features import Features, InputEncoder, TrunkSource, trunk_features
-from training.loop import fit
+from training.errors import UsageError
+from training.features import Features, TailInput
+from training.loop import (
+    Objective,
+    Params,
+    TrainConfig,
+    TrainResult,
+    check_shard,
+    shard_features,
+    train_region,
+)
+
+if TYPE_CHECKING:
+    from bases import Base
+    from tangent import LinearizedNet
 
 FORMAT = "tmc.nonlinear/1"
-Params = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class NonlinearConfig:
-    epochs: int = 10
-    batch_size: int = 32
+class NonlinearConfig(TrainConfig):
+    """The loop's settings (training.loop.TrainConfig), with this baseline's default lr."""
+
     lr: float = 1e-4
-    weight_decay: float = 0.01
-    lr_step: int | None = None
-    lr_gamma: float = 0.1
-    seed: int = 0
-    cache: bool = True
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
-@dataclass
-class NonlinearResult:
-    params: Params
-    epoch_losses: list[float]
-    initial_loss: float
-    steps: int
-    samples: int
-    train_seconds: float
-    trunk_seconds: float
-    rows_per_s: float
-    config: NonlinearConfig
+class NonlinearResult(TrainResult[NonlinearConfig]):
+    """A non-linear fine-tune: ``params`` (= ``tensors``), the region's trained values."""
+
+    @property
+    def params(self) -> Params:
+        return self.tensors
 
 
-def default_nonlinear_lr(base: Any, rule: str = "all") -> float:
+def default_nonlinear_lr(base: Base, rule: str = "all") -> float:
     """AdamW learning rate of the non-linear baseline, chosen on validation data like the
     tangent defaults (Fashion-MNIST 5×2, effnet R2, NL ensemble val accuracy at lr
     1e-4/3e-4/1e-3/3e-3: 0.46/0.53/0.51/0.34); data shards as the tangent default."""
@@ -67,39 +65,37 @@ def default_nonlinear_lr(base: Any, rule: str = "all") -> float:
     return 3e-4 if rule == "classes" else default_lr(base, rule)
 
 
-def tail_with(net: Any, h: Any, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def tail_with(net: LinearizedNet, h: TailInput, params: Mapping[str, torch.Tensor]
+              ) -> torch.Tensor:
     """The plain tail forward with some region parameters replaced."""
     out: torch.Tensor = functional_call(net.tail, dict(params), (h,), strict=False)
     return out
 
 
-def train_nonlinear(base: Any, ds: Dataset, config: NonlinearConfig, *,
-                    features: Features | None = None, progress: bool = False,
-                    desc: str = "non-linear") -> NonlinearResult:
-    if len(ds) == 0:
-        raise EmptyShardError("the training shard is empty")
-    InputEncoder(base).check(ds)
-    net = base.net
-    trunk_seconds = 0.0
-    if config.cache and features is None:
-        features = trunk_features(base, ds, progress=progress)
-        trunk_seconds = features.seconds
-    source = TrunkSource(base, ds, features if config.cache else None)
-    params = {n: net.params[n].detach().clone().requires_grad_(True) for n in net.names}
+def plain_objective(net: LinearizedNet) -> Objective:
+    """The region's parameters trained from θ0 through the plain tail, cross-entropy."""
 
-    def loss_fn(out: torch.Tensor, y: torch.Tensor, p: Params) -> torch.Tensor:
+    def start() -> Params:
+        return {n: net.params[n].detach().clone().requires_grad_(True) for n in net.names}
+
+    def forward(h: TailInput, params: Params) -> torch.Tensor:
+        return tail_with(net, h, params)  # [B, C]
+
+    def loss(out: torch.Tensor, y: torch.Tensor, params: Params) -> torch.Tensor:
         return F.cross_entropy(out, y)
 
-    torch.manual_seed(config.seed)
-    with torch.enable_grad():
-        stats = fit(source, torch.from_numpy(ds.labels), params,
-                    lambda h, p: tail_with(net, h, p), loss_fn,
-                    epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                    weight_decay=config.weight_decay, lr_step=config.lr_step,
-                    lr_gamma=config.lr_gamma, seed=config.seed, progress=progress, desc=desc)
-    return NonlinearResult({n: p.detach().clone() for n, p in params.items()},
-                           stats.epoch_losses, stats.initial_loss, stats.steps, len(ds),
-                           stats.seconds, trunk_seconds, stats.rows_per_s, config)
+    return Objective(start, forward, loss)
+
+
+def train_nonlinear(base: Base, ds: Dataset, config: NonlinearConfig, *,
+                    features: Features | None = None, progress: bool = False,
+                    desc: str = "non-linear") -> NonlinearResult:
+    """Fine-tune the tangent region's parameters on ds (labels indexing base.labels)."""
+    check_shard(base, ds)
+    features, trunk_seconds = shard_features(base, ds, config, features, progress)
+    trained, stats = train_region(base, ds, config, plain_objective(base.net), features,
+                                  progress=progress, desc=desc)
+    return NonlinearResult.of(trained, stats, len(ds), trunk_seconds, config)
 
 
 def weight_average(models: Sequence[Mapping[str, torch.Tensor]]) -> Params:
@@ -123,7 +119,7 @@ def encode_nonlinear(params: Mapping[str, torch.Tensor], base_fingerprint: str,
     return data
 
 
-def decode_nonlinear(data: bytes, base: Any) -> Params:
+def decode_nonlinear(data: bytes, base: Base) -> Params:
     """Parameters of a tmc.nonlinear/1 file, checked against the base's region."""
     from tangent import read_metadata
 

@@ -10,7 +10,7 @@ any other set of region parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from torch import nn
 
 from training.data import Dataset
 from training.features import Features, batches, trunk_features
+
+if TYPE_CHECKING:
+    from bases import Base
 
 
 @dataclass
@@ -33,16 +36,17 @@ class LinearProbe:
         return {f"{self.stage}.weight": self.weight, f"{self.stage}.bias": self.bias}
 
 
-def last_linear(base: Any) -> tuple[str, nn.Linear]:
+def last_linear(base: Base) -> tuple[str, nn.Linear]:
     name, module = list(base.net.net.named_children())[-1]
     if not isinstance(module, nn.Linear):
         raise ValueError(f"the last stage {name!r} is not an nn.Linear; no linear probe")
     return name, module
 
 
-def penultimate(base: Any, features: Features, batch_size: int = 256) -> torch.Tensor:
+def penultimate(base: Base, features: Features, batch_size: int = 256) -> torch.Tensor:
     """Inputs of the last linear layer at θ0, for every row of ``features``: [N, D]."""
-    body = base.net.tail[:-1]
+    net = base.net
+    body = net.net[net.split_index:-1]  # the tail (net[split:]) without its last stage
     out = []
     with torch.no_grad():
         for rows in batches(len(features), batch_size):
@@ -50,7 +54,7 @@ def penultimate(base: Any, features: Features, batch_size: int = 256) -> torch.T
     return torch.cat(out)
 
 
-def train_linear_probe(base: Any, ds: Dataset, *, features: Features | None = None,
+def train_linear_probe(base: Base, ds: Dataset, *, features: Features | None = None,
                        l2: float = 1e-4, max_iter: int = 300) -> LinearProbe:
     stage, layer = last_linear(base)
     if features is None:
@@ -65,11 +69,11 @@ def train_linear_probe(base: Any, ds: Dataset, *, features: Features | None = No
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = F.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
-        loss.backward()
+        torch.autograd.backward(loss)
         return loss
 
     with torch.enable_grad():
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[no-untyped-call]  # torch.optim's step is untyped
     with torch.no_grad():
         acc = float(((x @ w.T + b).argmax(-1) == y).float().mean())
     return LinearProbe(stage, w.detach().clone(), b.detach().clone(), l2, acc)

@@ -26,7 +26,7 @@ CVPR 2017; Janson et al., 2022; Zhou et al., SimpleCIL, IJCV 2024).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,8 +36,11 @@ from training.data import Dataset
 from training.errors import UsageError
 from training.features import Features, batches
 
+if TYPE_CHECKING:
+    from tangent import LinearizedNet
 
-def output_layer(net: Any) -> tuple[str, nn.Linear]:
+
+def output_layer(net: LinearizedNet) -> tuple[str, nn.Linear]:
     """(parameter-name prefix, module) of the tail's last nn.Linear, which must produce the
     model output and have its weight in the tangent region."""
     last: tuple[str, nn.Linear] | None = None
@@ -50,7 +53,7 @@ def output_layer(net: Any) -> tuple[str, nn.Linear]:
     return last
 
 
-def penultimate(net: Any, features: Features, batch_size: int = 256) -> torch.Tensor:
+def penultimate(net: LinearizedNet, features: Features, batch_size: int = 256) -> torch.Tensor:
     """φ(x): the inputs of the output layer at θ0, [N, D], for every row of ``features``."""
     _, layer = output_layer(net)
     captured: list[torch.Tensor] = []
@@ -65,7 +68,7 @@ def penultimate(net: Any, features: Features, batch_size: int = 256) -> torch.Te
     return torch.cat(captured)
 
 
-def prototype_rows(net: Any, ds: Dataset, features: Features) -> dict[int, torch.Tensor]:
+def prototype_rows(net: LinearizedNet, ds: Dataset, features: Features) -> dict[int, torch.Tensor]:
     """{class: μ̂_c [D]} for every class of the shard (unit-length means of φ)."""
     phi = penultimate(net, features)  # [N, D]
     labels = torch.from_numpy(ds.labels)
@@ -76,7 +79,7 @@ def prototype_rows(net: Any, ds: Dataset, features: Features) -> dict[int, torch
     return out
 
 
-def class_means(net: Any, ds: Dataset, features: Features) -> dict[int, torch.Tensor]:
+def class_means(net: LinearizedNet, ds: Dataset, features: Features) -> dict[int, torch.Tensor]:
     """{class: μ_c [D]}: the mean of φ over the shard's rows of each of its classes."""
     phi = penultimate(net, features).to(torch.float64)  # [N, D]
     labels = torch.from_numpy(ds.labels)
@@ -106,7 +109,7 @@ class PoolWhitening:
     shrinkage: float
 
 
-def pool_whitening(net: Any, pool_features: Features, shrinkage: float) -> PoolWhitening:
+def pool_whitening(net: LinearizedNet, pool_features: Features, shrinkage: float) -> PoolWhitening:
     if not 0.0 < shrinkage <= 1.0:
         raise UsageError(f"shrinkage must be within (0, 1], got {shrinkage}")
     phi = penultimate(net, pool_features).to(torch.float64)  # [P, D]
@@ -119,7 +122,7 @@ def pool_whitening(net: Any, pool_features: Features, shrinkage: float) -> PoolW
     return PoolWhitening(torch.linalg.inv(shrunk), phi.shape[0], shrinkage)
 
 
-def add_prototypes(delta: dict[str, torch.Tensor], net: Any, ds: Dataset,
+def add_prototypes(delta: dict[str, torch.Tensor], net: LinearizedNet, ds: Dataset,
                    features: Features, scale: float, pool: PoolWhitening | None = None
                    ) -> dict[str, torch.Tensor]:
     """Δ plus the prototype term for the shard's classes: scale·μ̂_c on row c of the output

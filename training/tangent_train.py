@@ -8,17 +8,31 @@ outputs are computed once (eval mode, no augmentation) and reused every epoch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training.data import Dataset
-from training.errors import EmptyShardError, UsageError
-from training.features import Features, InputEncoder, TrunkSource, trunk_features
-from training.loop import fit
+from training.errors import UsageError
+from training.features import Features, TailInput, trunk_features
+from training.loop import (
+    Loss,
+    Objective,
+    Params,
+    TrainConfig,
+    TrainResult,
+    check_shard,
+    shard_features,
+    train_region,
+)
+
+if TYPE_CHECKING:
+    from bases import Base
+    from tangent import LinearizedNet
+    from training.prototypes import PoolWhitening
 
 # Defaults per shard rule, chosen on validation splits carved from the training data
 # (bench/accuracy.py --select; the tables are in training/README.md).
@@ -40,16 +54,25 @@ LR_CLASSES, LR_SMALL_REGION, LR_LARGE_REGION, SMALL_REGION_PARAMS = 1e-4, 1e-3, 
 
 # The off-distribution / composition options per shard rule (see training/README.md):
 # class shards are where components must be made comparable with one another.
-RECIPE_BY_RULE: dict[str, dict[str, Any]] = {
+class Recipe(TypedDict):
+    """The composition options of TangentConfig a shard rule sets by default."""
+
+    targets: str
+    quiet: float
+    negatives: str
+    prototypes: float
+
+
+RECIPE_BY_RULE: dict[str, Recipe] = {
     "classes": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.1},
     "shard": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.0},
     "all": {"targets": "all", "quiet": 0.0, "negatives": "rot", "prototypes": 0.0},
 }
 
 
-def default_recipe(rule: str) -> dict[str, Any]:
-    """targets / quiet / negatives / prototypes for a shard rule."""
-    return dict(RECIPE_BY_RULE.get(rule, RECIPE_BY_RULE["all"]))
+def default_recipe(rule: str) -> Recipe:
+    """targets / quiet / negatives / prototypes for a shard rule (a fresh copy)."""
+    return RECIPE_BY_RULE.get(rule, RECIPE_BY_RULE["all"]).copy()
 
 
 def default_kappa(rule: str) -> float:
@@ -57,11 +80,11 @@ def default_kappa(rule: str) -> float:
     return KAPPA_BY_RULE.get(rule, KAPPA_BY_RULE["all"])
 
 
-def region_size(base: Any) -> int:
+def region_size(base: Base) -> int:
     return sum(int(np.prod(p.shape)) for p in base.region.values())
 
 
-def default_lr(base: Any, rule: str = "all") -> float:
+def default_lr(base: Base, rule: str = "all") -> float:
     """AdamW learning rate for the tangent trainer, by shard rule and tangent-region size."""
     if rule == "classes":
         return LR_CLASSES
@@ -69,50 +92,37 @@ def default_lr(base: Any, rule: str = "all") -> float:
 
 
 @dataclass(frozen=True)
-class TangentConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
+class TangentConfig(TrainConfig):
+    """The loop's settings (training.loop.TrainConfig) and the tangent loss's options."""
+
     kappa: float = 50.0
     l2: float = 1e-5  # weight of ‖Δ‖₂ (the norm, not its square)
-    weight_decay: float = 0.01  # AdamW's decoupled decay (pulls Δ towards 0, i.e. θ0)
-    lr_step: int | None = None  # epochs between decays; None: once, after 70% of epochs
-    lr_gamma: float = 0.1
-    seed: int = 0
-    cache: bool = True
     targets: str = "all"  # "all": κ·one-hot on every output; "own": see TARGETS
     quiet: float = 0.0  # weight of mean ‖J(x̃)·Δ‖² over negatives x̃ (0: off)
     negatives: str = "rot"  # how x̃ is made from the shard's own rows (training.negatives)
     prototypes: float = 0.0  # p: add p·κ·(unit class mean of φ) to the output rows of own classes
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+class TangentResult(TrainResult[TangentConfig]):
+    """A trained component: ``delta`` (= ``tensors``), float32, one tensor per parameter."""
+
+    @property
+    def delta(self) -> Params:
+        return self.tensors
 
 
-@dataclass
-class TangentResult:
-    delta: dict[str, torch.Tensor]  # float32, one tensor per tangent-region parameter
-    epoch_losses: list[float]
-    initial_loss: float
-    steps: int
-    samples: int
-    train_seconds: float  # optimisation time (trunk included only when not cached)
-    trunk_seconds: float  # time to compute the cached trunk features (0 if given/not cached)
-    rows_per_s: float
-    config: TangentConfig
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def delta_norm(delta: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta_norm(delta: Params) -> torch.Tensor:
     """‖Δ‖₂ over the whole region (its gradient at Δ = 0 is 0, not NaN)."""
-    return torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(t) for t in delta.values()]))
+    norms = torch.stack([torch.linalg.vector_norm(t) for t in delta.values()])  # [P]
+    norm: torch.Tensor = torch.linalg.vector_norm(norms)
+    return norm
 
 
 def square_loss(out: torch.Tensor, y: torch.Tensor, kappa: float) -> torch.Tensor:
     """Rescaled square loss: MSE between outputs [B, C] and κ·one-hot(y)."""
     target = F.one_hot(y, out.shape[-1]).to(out.dtype) * kappa  # [B, C]
-    return F.mse_loss(out, target)
+    loss: torch.Tensor = F.mse_loss(out, target)
+    return loss
 
 
 def own_square_loss(y0: torch.Tensor, dy: torch.Tensor, y: torch.Tensor, kappa: float,
@@ -123,7 +133,8 @@ def own_square_loss(y0: torch.Tensor, dy: torch.Tensor, y: torch.Tensor, kappa: 
     out = y0 + dy  # [B, C]
     target = torch.where(own[None, :], F.one_hot(y, out.shape[-1]).to(out.dtype) * kappa,
                          y0)  # [B, C]
-    return F.mse_loss(out, target)
+    loss: torch.Tensor = F.mse_loss(out, target)
+    return loss
 
 
 class NegativeBatches:
@@ -133,12 +144,12 @@ class NegativeBatches:
         self.features, self.batch_size = features, batch_size
         self.gen = torch.Generator().manual_seed(seed + 7919)
 
-    def next(self) -> Any:
+    def next(self) -> TailInput:
         rows = torch.randint(len(self.features), (self.batch_size,), generator=self.gen)
         return self.features.take(rows)
 
 
-def negative_features(base: Any, ds: Dataset, config: TangentConfig, progress: bool
+def negative_features(base: Base, ds: Dataset, config: TangentConfig, progress: bool
                       ) -> Features:
     """Trunk features of the shard's negatives (made from its own rows only)."""
     from training.negatives import make_negatives
@@ -147,17 +158,16 @@ def negative_features(base: Any, ds: Dataset, config: TangentConfig, progress: b
                           progress=progress, desc="negatives")
 
 
-def make_loss(net: Any, ds: Dataset, config: TangentConfig,
-              negatives: Features | None) -> Any:
-    """loss(out, y, Δ) for fit(): out is the (f0, J·Δ) pair stacked [2, B, C]."""
+def make_loss(net: LinearizedNet, ds: Dataset, config: TangentConfig,
+              negatives: Features | None) -> Loss:
+    """loss(out, y, Δ) for the loop: out is the (f0, J·Δ) pair stacked [2, B, C]."""
     kappa, l2 = config.kappa, config.l2
     own = torch.zeros(len(ds.label_names), dtype=torch.bool)  # [C]
     own[np.unique(ds.labels)] = True
     sampler = (NegativeBatches(negatives, config.batch_size, config.seed)
                if negatives is not None and config.quiet else None)
 
-    def loss_fn(out: torch.Tensor, y: torch.Tensor, d: dict[str, torch.Tensor]
-                ) -> torch.Tensor:
+    def loss_fn(out: torch.Tensor, y: torch.Tensor, d: Params) -> torch.Tensor:
         y0, dy = out[0], out[1]
         if config.targets == "own":
             loss = own_square_loss(y0, dy, y, kappa, own)
@@ -171,7 +181,21 @@ def make_loss(net: Any, ds: Dataset, config: TangentConfig,
     return loss_fn
 
 
-def check_config(config: TangentConfig, ds: Dataset, net: Any) -> None:
+def linearized_objective(net: LinearizedNet, loss: Loss) -> Objective:
+    """Δ trained from zero (float32) through the linearized tail: the output is the pair
+    (f(x;θ0), J·Δ) stacked [2, B, C], the one linearization serving uses."""
+
+    def start() -> Params:
+        return {n: torch.zeros_like(net.params[n], dtype=torch.float32).requires_grad_(True)
+                for n in net.names}
+
+    def forward(h: TailInput, delta: Params) -> torch.Tensor:
+        return torch.stack(net.tail_jvp_with_grad(h, delta))  # [2, B, C]
+
+    return Objective(start, forward, loss)
+
+
+def check_config(config: TangentConfig, ds: Dataset, net: LinearizedNet) -> None:
     from training.negatives import check_kind
 
     if config.targets not in TARGETS:
@@ -186,45 +210,39 @@ def check_config(config: TangentConfig, ds: Dataset, net: Any) -> None:
         check_kind(config.negatives, ds.kind)
 
 
-def train_tangent(base: Any, ds: Dataset, config: TangentConfig, *,
+def shard_negatives(base: Base, ds: Dataset, config: TangentConfig,
+                    negatives: Features | None, progress: bool) -> tuple[Features | None, float]:
+    """The negatives' trunk features when quieting: the given ones, else made from the
+    shard's own rows now; and the seconds spent computing them here."""
+    if not config.quiet or negatives is not None:
+        return negatives, 0.0
+    if config.negatives.startswith("pool:"):
+        raise UsageError("negatives from a pool: pass the pool's trunk features")
+    computed = negative_features(base, ds, config, progress)
+    return computed, computed.seconds
+
+
+def train_tangent(base: Base, ds: Dataset, config: TangentConfig, *,
                   features: Features | None = None, negatives: Features | None = None,
-                  pool: Any = None, progress: bool = False, desc: str = "tangent"
-                  ) -> TangentResult:
+                  pool: PoolWhitening | None = None, progress: bool = False,
+                  desc: str = "tangent") -> TangentResult:
     """Train Δ on ds (labels already indexing base.labels). ``features``: precomputed trunk
     features of ds's rows (reused across components by benchmarks); ``negatives``: those of
     make_negatives(ds, config.negatives, config.seed), computed here when not given;
     ``pool``: a training.prototypes.PoolWhitening for whitened prototypes (else cosine)."""
-    if len(ds) == 0:
-        raise EmptyShardError("the training shard is empty")
-    InputEncoder(base).check(ds)
-    net = base.net
-    check_config(config, ds, net)
-    trunk_seconds = 0.0
-    if config.cache and features is None:
-        features = trunk_features(base, ds, progress=progress)
-        trunk_seconds = features.seconds
-    if config.quiet and negatives is None:
-        if config.negatives.startswith("pool:"):
-            raise UsageError("negatives from a pool: pass the pool's trunk features")
-        negatives = negative_features(base, ds, config, progress)
-        trunk_seconds += negatives.seconds
-    source = TrunkSource(base, ds, features if config.cache else None)
-    delta = {n: torch.zeros_like(net.params[n], dtype=torch.float32).requires_grad_(True)
-             for n in net.names}
-    loss_fn = make_loss(net, ds, config, negatives)
-    torch.manual_seed(config.seed)
-    stats = fit(source, torch.from_numpy(ds.labels), delta,
-                lambda h, d: torch.stack(net.tail_jvp_with_grad(h, d)), loss_fn,
-                epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                weight_decay=config.weight_decay, lr_step=config.lr_step,
-                lr_gamma=config.lr_gamma, seed=config.seed, progress=progress, desc=desc)
-    trained = {n: t.detach().clone() for n, t in delta.items()}
+    check_shard(base, ds)
+    check_config(config, ds, base.net)
+    features, trunk_seconds = shard_features(base, ds, config, features, progress)
+    negatives, negatives_seconds = shard_negatives(base, ds, config, negatives, progress)
+    objective = linearized_objective(base.net, make_loss(base.net, ds, config, negatives))
+    trained, stats = train_region(base, ds, config, objective, features, progress=progress,
+                                  desc=desc)
     if config.prototypes:
         from training.prototypes import add_prototypes
 
         if features is None:
             features = trunk_features(base, ds, progress=progress)
-        trained = add_prototypes(trained, net, ds, features,
+        trained = add_prototypes(trained, base.net, ds, features,
                                  config.prototypes * config.kappa, pool)
-    return TangentResult(trained, stats.epoch_losses, stats.initial_loss, stats.steps, len(ds),
-                         stats.seconds, trunk_seconds, stats.rows_per_s, config)
+    return TangentResult.of(trained, stats, len(ds), trunk_seconds + negatives_seconds,
+                            config)

@@ -26,6 +26,7 @@ from app.routes.v2_binary import (
 )
 from app.service import Prediction, Service
 from bases import InputError
+from bases.inputs import TensorPreprocessor
 from tangent import NORMALIZATIONS
 
 router = APIRouter(tags=["open inference protocol"])
@@ -90,7 +91,8 @@ def raise_not_found(name: str, service: Service) -> None:
 async def model_metadata(model: str, service: ServiceDep) -> dict[str, Any]:
     _model(service, model)
     kind, classes = service.base.spec.input_kind, len(service.base.labels)
-    shape = [-1, *service.base.preprocessor.shape] if kind == "tensor" else [-1]
+    pre = service.base.preprocessor
+    shape = [-1, *pre.shape] if isinstance(pre, TensorPreprocessor) else [-1]
     return {
         "name": model, "versions": [service.base.fingerprint[:12]], "platform": "tmc",
         "inputs": [{"name": "input", "datatype": DATATYPES[kind], "shape": shape}],

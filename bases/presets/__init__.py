@@ -1,14 +1,14 @@
-"""Backbone presets. Each module exposes NAME, INPUT_KIND, DEFAULT_OPTIONS, build,
-init_weights, default_tangent, extra_files and preprocessor."""
+"""Backbone presets: each module satisfies bases.contracts.Preset (NAME, INPUT_KIND,
+DEFAULT_OPTIONS, build, init_weights, default_tangent, extra_files, preprocessor)."""
 
 from __future__ import annotations
 
-from types import ModuleType
-
+from bases.contracts import Preset
 from bases.errors import BaseSpecError
 from bases.presets import effnet, generic, minilm, tiny
 
-PRESETS: dict[str, ModuleType] = {m.NAME: m for m in (minilm, effnet, tiny, generic)}
+_MODULES: list[Preset] = [minilm, effnet, tiny, generic]
+PRESETS: dict[str, Preset] = {m.NAME: m for m in _MODULES}
 DEFAULT_LABELS: dict[str, list[str]] = {
     "minilm": minilm.BBC_LABELS,
     "effnet-lite0": effnet.FASHION_LABELS,
@@ -16,7 +16,7 @@ DEFAULT_LABELS: dict[str, list[str]] = {
 }
 
 
-def get_preset(name: str) -> ModuleType:
+def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:

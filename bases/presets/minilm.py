@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from bases.heads import reset_head
 from bases.inputs import TextPreprocessor
-from bases.spec import BaseSpec
+from bases.spec import BaseSpec, Options, int_option
 
 NAME = "minilm"
 INPUT_KIND = "text"
 BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
-DEFAULT_OPTIONS: dict[str, Any] = {"tangent_layers": 1, "max_tokens": 128, "max_chars": 20000}
+DEFAULT_OPTIONS: Options = {"tangent_layers": 1, "max_tokens": 128, "max_chars": 20000}
 TOKENIZER_FILE = "tokenizer.json"
 REDUCED = (torch.bfloat16, torch.float16)
 
@@ -84,7 +85,7 @@ class DenseNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        out = self.LayerNorm(self.dense(x) + residual)
+        out: torch.Tensor = self.LayerNorm(self.dense(x) + residual)
         if out.dtype in REDUCED:  # a real copy casts the tangent too: torch 2.11's CUDA
             # layer_norm JVP returned a float32 tangent for bfloat16 (measured on an H200)
             out = out.to(out.dtype, copy=True)
@@ -98,7 +99,8 @@ class Attention(nn.Module):
         self.output = DenseNorm(dim, dim, eps)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(h, mask), h)
+        out: torch.Tensor = self.output(self.self(h, mask), h)
+        return out
 
 
 class Intermediate(nn.Module):
@@ -157,25 +159,24 @@ def init_weights(spec: BaseSpec, net: nn.Sequential) -> None:
 
     hf = load_file(str(model_dir() / "model.safetensors"))
     state = {ours: t for name, t in hf.items() if (ours := _hf_name(name)) is not None}
-    with torch.random.fork_rng():
-        torch.manual_seed(spec.head_seed)
-        net.classifier.reset_parameters()
-    state.update({f"classifier.{k}": v for k, v in net.classifier.state_dict().items()})
+    head = reset_head(net, spec.head_seed)
+    state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
     net.load_state_dict(state, strict=True)
 
 
-def default_tangent(options: dict[str, Any]) -> list[str]:
-    k = int({**DEFAULT_OPTIONS, **options}["tangent_layers"])
+def default_tangent(options: Options) -> list[str]:
+    k = int_option({**DEFAULT_OPTIONS, **options}, "tangent_layers")
     layers = _config()["num_hidden_layers"]
     if not 0 <= k <= layers:
         raise ValueError(f"tangent_layers must be within 0..{layers}, got {k}")
     return [f"layer{i}.*" for i in range(layers - k, layers)] + ["classifier.*"]
 
 
-def extra_files(options: dict[str, Any]) -> dict[str, Path]:
+def extra_files(options: Options) -> dict[str, Path]:
     return {TOKENIZER_FILE: model_dir() / TOKENIZER_FILE}
 
 
 def preprocessor(spec: BaseSpec, base_dir: Path) -> TextPreprocessor:
     o = {**DEFAULT_OPTIONS, **spec.options}
-    return TextPreprocessor(base_dir / TOKENIZER_FILE, int(o["max_tokens"]), int(o["max_chars"]))
+    return TextPreprocessor(base_dir / TOKENIZER_FILE, int_option(o, "max_tokens"),
+                            int_option(o, "max_chars"))

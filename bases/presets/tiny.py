@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from bases.inputs import TensorPreprocessor
-from bases.spec import BaseSpec
+from bases.spec import BaseSpec, Options, int_option
 
 NAME = "tiny-mlp"
 INPUT_KIND = "tensor"
-DEFAULT_OPTIONS: dict[str, Any] = {"in_features": 64, "hidden": 32, "tangent_stages": 2}
+DEFAULT_OPTIONS: Options = {"in_features": 64, "hidden": 32, "tangent_stages": 2}
 
 
 def build(spec: BaseSpec) -> nn.Sequential:
     o = {**DEFAULT_OPTIONS, **spec.options}
-    d, h, c = int(o["in_features"]), int(o["hidden"]), len(spec.labels)
+    d, h, c = int_option(o, "in_features"), int_option(o, "hidden"), len(spec.labels)
     return nn.Sequential(OrderedDict([
         ("hidden1", nn.Sequential(nn.Linear(d, h), nn.Tanh())),
         ("hidden2", nn.Sequential(nn.Linear(h, h), nn.Tanh())),
@@ -35,18 +34,17 @@ def init_weights(spec: BaseSpec, net: nn.Sequential) -> None:
                 m.reset_parameters()
 
 
-def default_tangent(options: dict[str, Any]) -> list[str]:
+def default_tangent(options: Options) -> list[str]:
     stages = ["hidden1", "hidden2", "classifier"]
-    k = int({**DEFAULT_OPTIONS, **options}["tangent_stages"])
+    k = int_option({**DEFAULT_OPTIONS, **options}, "tangent_stages")
     if not 1 <= k <= len(stages):
         raise ValueError(f"tangent_stages must be within 1..{len(stages)}, got {k}")
     return [f"{s}.*" for s in stages[-k:]]
 
 
-def extra_files(options: dict[str, Any]) -> dict[str, Path]:
+def extra_files(options: Options) -> dict[str, Path]:
     return {}
 
 
 def preprocessor(spec: BaseSpec, base_dir: Path) -> TensorPreprocessor:
-    o = {**DEFAULT_OPTIONS, **spec.options}
-    return TensorPreprocessor((int(o["in_features"]),))
+    return TensorPreprocessor((int_option({**DEFAULT_OPTIONS, **spec.options}, "in_features"),))

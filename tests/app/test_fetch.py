@@ -27,8 +27,10 @@ import uvicorn
 import registry as reg
 from app.composition import AllActive, Explicit
 from app.errors import OverloadedError, status_for
-from app.fetch import PurgeLog, StagingTooLargeError, decode_tensors
+from app.fetch import StagingTooLargeError
+from app.host_tensors import decode_tensors
 from app.main import create_app
+from app.purges import PurgeLog
 from app.service import Service
 from app.worker import Control, _name
 from bases import Base

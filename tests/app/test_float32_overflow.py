@@ -40,23 +40,23 @@ def warnings_are_errors() -> Iterator[None]:
 def test_a_vector_beyond_float32_is_an_input_error(big: float) -> None:
     pre = TensorPreprocessor((4,))
     with warnings_are_errors(), pytest.raises(InputError, match=f"input 1: .*{RANGE}"):
-        pre.encode([[1.0, 2.0, 3.0, 4.0], [1.0, big, 3.0, 4.0]])
+        pre.decode_inputs([[1.0, 2.0, 3.0, 4.0], [1.0, big, 3.0, 4.0]])
 
 
 def test_the_largest_float32_values_are_accepted() -> None:
     with warnings_are_errors():
-        (t,) = TensorPreprocessor((2,)).encode([[3.4e38, -3.4e38]])
+        (t,) = TensorPreprocessor((2,)).decode_inputs([[3.4e38, -3.4e38]])
     assert t.tolist() == pytest.approx([3.4e38, -3.4e38], rel=1e-6)
 
 
 def test_the_wrong_shape_is_still_named_first() -> None:
     with warnings_are_errors(), pytest.raises(InputError, match=r"shape \[1\], expected \[4\]"):
-        TensorPreprocessor((4,)).encode([[FLOAT64_NEAR_MAX]])
+        TensorPreprocessor((4,)).decode_inputs([[FLOAT64_NEAR_MAX]])
 
 
 def test_a_pixel_array_beyond_float32_is_an_input_error() -> None:
     with warnings_are_errors(), pytest.raises(InputError, match="within 0-255"):
-        ImagePreprocessor(8).encode([[[0.0, OVER_FLOAT32], [1.0, 2.0]]])
+        ImagePreprocessor(8).decode_inputs([[[0.0, OVER_FLOAT32], [1.0, 2.0]]])
 
 
 def _vector(big: float) -> list[float]:

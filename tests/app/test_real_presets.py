@@ -55,7 +55,7 @@ def test_effnet_png_prediction_equals_offline(effnet):
                                           "components": {"img": 1.0}})
         assert out.status_code == 200, out.text
         got = torch.tensor([o["logits"] for o in out.json()["outputs"]])
-        x = base.preprocessor.collate(base.preprocessor.encode([pixels.tolist()]))
+        x = base.preprocessor.collate(base.preprocessor.decode_inputs([pixels.tolist()]))
         want = base.net.forward(x, compose([Term("d", 1.0, delta)]))
         torch.testing.assert_close(got, want.expand(2, -1), rtol=1e-4, atol=1e-5)
         bad = c.post("/v1/predict", json={"inputs": [base64.b64encode(b"not an image").decode()]})
@@ -77,7 +77,7 @@ def test_minilm_text_predictions_native_and_v2(minilm):
         native = c.post("/v1/predict", json={"inputs": texts, "components": {"txt": 1.0}})
         assert native.status_code == 200, native.text
         got = torch.tensor([o["logits"] for o in native.json()["outputs"]])
-        x = base.preprocessor.collate(base.preprocessor.encode(texts))
+        x = base.preprocessor.collate(base.preprocessor.decode_inputs(texts))
         want = base.net.forward(x, compose([Term("d", 1.0, delta)]))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         v2 = c.post(f"/v2/models/{base.spec.name}/infer", json={

@@ -37,7 +37,7 @@ def test_trunk_features_separate_two_fashion_classes(effnet_base: Base, seed: in
     picks = [rng.choice(np.flatnonzero(y == c), 2 * n, replace=False) for c in (a, b)]
     pre = effnet_base.preprocessor
     with torch.no_grad():
-        feats = [effnet_base.net.net[:-1](pre.collate(pre.encode(list(x[p])))).double()
+        feats = [effnet_base.net.net[:-1](pre.collate(pre.decode_inputs(list(x[p])))).double()
                  for p in picks]  # [2n, 1280] each: everything but the classifier
     train = torch.cat([f[:n] for f in feats])
     test = torch.cat([f[n:] for f in feats])

@@ -56,7 +56,7 @@ def test_big_png_is_decoded_near_the_input_size(seed: int,
     del big
     tracemalloc.start()
     try:
-        (got,) = pre.encode([png])
+        (got,) = pre.decode_inputs([png])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -65,7 +65,7 @@ def test_big_png_is_decoded_near_the_input_size(seed: int,
     # numpy arrays are traced: the full-size uint8 array alone would be 48 MiB.
     assert peak < 4 * 1024 * 1024, peak
     # Pixel-repeated blocks reduce exactly: the same as the small image given directly.
-    (want,) = pre.encode([small.tolist()])
+    (want,) = pre.decode_inputs([small.tolist()])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -76,10 +76,10 @@ def test_big_jpeg_is_decoded_near_the_input_size(seed: int,
     jpeg = _save(big, "JPEG", quality=95, subsampling=0)
     pre = ImagePreprocessor(size)
     del big
-    (got,) = pre.encode([jpeg])
+    (got,) = pre.decode_inputs([jpeg])
     (shape,) = converted[:1]
     assert shape[0] == 1 and 2 * size <= shape[1] <= 4 * size and 2 * size <= shape[2] <= 4 * size
-    (want,) = pre.encode([small.tolist()])
+    (want,) = pre.decode_inputs([small.tolist()])
     assert float((got - want).abs().mean()) < 0.1  # JPEG loss, normalized units
 
 
@@ -89,8 +89,8 @@ def test_small_and_medium_images_decode_exactly_as_before(seed: int) -> None:
     rng = np.random.default_rng(seed)
     for h, w in ((16, 16), (63, 40), (40, 63)):
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        (from_png,) = pre.encode([_save(pixels, "PNG")])
-        (from_array,) = pre.encode([pixels.tolist()])
+        (from_png,) = pre.decode_inputs([_save(pixels, "PNG")])
+        (from_array,) = pre.decode_inputs([pixels.tolist()])
         assert torch.equal(from_png, from_array)
 
 

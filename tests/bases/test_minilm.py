@@ -35,7 +35,8 @@ def test_pooled_features_match_sentence_transformers(minilm_base: Base, seed: in
                                        show_progress_bar=False)
     pre = minilm_base.preprocessor
     with torch.no_grad():
-        ours = minilm_base.net.net[:-1](pre.collate(pre.encode(texts)))  # all but the classifier
+        # all but the classifier
+        ours = minilm_base.net.net[:-1](pre.collate(pre.decode_inputs(texts)))
     assert ours.shape == (3, 384)
     assert_close(ours, want.cpu(), rtol=1e-4, atol=1e-5, context=f"texts={texts}")
     assert_close(torch.nn.functional.normalize(ours, dim=-1), want_normalized.cpu(), rtol=1e-4,
@@ -46,8 +47,8 @@ def test_padding_does_not_change_a_text(minilm_base: Base, gen: torch.Generator,
                                         seed: int) -> None:
     short, long = _texts(seed, 1, 2, 5)[0], _texts(seed + 1, 1, 40, 60)[0]
     pre, net = minilm_base.preprocessor, minilm_base.net
-    alone = pre.collate(pre.encode([short]))
-    batch = pre.collate(pre.encode([short, long]))
+    alone = pre.collate(pre.decode_inputs([short]))
+    batch = pre.collate(pre.decode_inputs([short, long]))
     assert batch[0].shape[1] > alone[0].shape[1] + 10 and batch[1][0].sum() == alone[1].sum()
     delta = net.random_delta(gen, scale=1e-2)
     for d in (None, delta):

@@ -40,7 +40,7 @@ def make_inputs(base: Base, gen: torch.Generator, seed: int, n: int = 2) -> obje
     else:
         raw = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(3, 12))) for _ in range(n)]
     pre = base.preprocessor
-    return pre.collate(pre.encode(raw))
+    return pre.collate(pre.decode_inputs(raw))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
