@@ -59,6 +59,7 @@ COPY bases/ bases/
 COPY registry/ registry/
 COPY training/ training/
 COPY app/ app/
+COPY cli/ cli/
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip check \
     && python -c "import torch, app.settings; print('torch', torch.__version__)"

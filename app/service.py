@@ -59,6 +59,17 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def open_registry_for(settings: Settings, base: Base) -> reg.Registry:
+    """The registry of ``base`` as ``settings`` configure it: the embedded folder, or the
+    shared Redis index when $TMC_REDIS_URL is set; the bytes where $TMC_BLOB_URL says."""
+    return reg.open_registry(
+        registry_dir=None if settings.redis_url else settings.registry_dir,
+        redis_url=settings.redis_url, base_fingerprint=base.fingerprint,
+        region=base.region, max_component_bytes=settings.max_component_bytes,
+        cache_dir=settings.blob_cache_dir,
+        blob_url=settings.blob_url)
+
+
 class Service:
     def __init__(self, settings: Settings, base: Base, registry: reg.Registry,
                  metrics: Metrics) -> None:
@@ -86,13 +97,7 @@ class Service:
     @classmethod
     def build(cls, settings: Settings) -> Service:
         base = load_base(settings.base_dir)
-        registry = reg.open_registry(
-            registry_dir=None if settings.redis_url else settings.registry_dir,
-            redis_url=settings.redis_url, base_fingerprint=base.fingerprint,
-            region=base.region, max_component_bytes=settings.max_component_bytes,
-            cache_dir=settings.blob_cache_dir,
-            blob_url=settings.blob_url)
-        return cls(settings, base, registry, Metrics())
+        return cls(settings, base, open_registry_for(settings, base), Metrics())
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

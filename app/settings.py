@@ -13,7 +13,20 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_HOME = Path(os.environ.get("TMC_HOME", ".tmc"))
+
+def tmc_home() -> Path:
+    """Where tmc keeps its state: $TMC_HOME, else .tmc (read at each call)."""
+    return Path(os.environ.get("TMC_HOME", ".tmc"))
+
+
+def default_base_dir() -> Path:
+    """The base directory when none is given: a non-empty $TMC_BASE_DIR, else
+    ``tmc_home() / "base"`` (read at each call; the commands' --base/--out default)."""
+    return Path(os.environ.get("TMC_BASE_DIR") or tmc_home() / "base")
+
+
+# the Settings' defaults read $TMC_HOME once, at import (pydantic reads $TMC_BASE_DIR itself)
+DEFAULT_HOME = tmc_home()
 
 
 class Settings(BaseSettings):

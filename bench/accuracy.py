@@ -48,12 +48,6 @@ import torch
 
 from bench.accuracy_data import Prepared, Task, prepare
 from bench.accuracy_experiments import DEFAULT_RUN, DEFAULT_SEEDS, EXPERIMENTS, Experiment
-from bench.accuracy_protocols import (
-    continual_curve,
-    forgetting_check,
-    method_scores,
-    summarize_scores,
-)
 from bench.accuracy_report import (
     accuracy_targets,
     aggregate_accuracy,
@@ -69,6 +63,12 @@ from bench.accuracy_training import (
 from bench.common import log, machine
 from training.nonlinear import NonlinearConfig, default_nonlinear_lr
 from training.probe import train_linear_probe
+from training.protocols import (
+    continual_curve,
+    forgetting_check,
+    method_scores,
+    summarize_scores,
+)
 from training.prototypes import PoolWhitening, add_prototypes
 from training.tangent_train import (
     TangentConfig,

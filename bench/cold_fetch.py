@@ -123,7 +123,8 @@ def serve_command(code: Path | None) -> list[str] | None:
     """`tmc serve` from ``code`` (a checkout) instead of this one, or None for this one."""
     if code is None:
         return None
-    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); from app.cli import main; "
+    module = "cli.main" if (code / "cli" / "main.py").is_file() else "app.cli"  # older checkouts
+    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); from {module} import main; "
             "sys.exit(main())")
     return [sys.executable, "-c", boot, "serve"]
 

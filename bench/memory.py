@@ -74,7 +74,7 @@ def serve_child() -> int:
             f.write(f"{released}\n")
 
     signal.signal(signal.SIGUSR1, trim)
-    from app.cli import main as tmc_main
+    from cli.main import main as tmc_main
 
     return tmc_main(["serve"])
 

@@ -36,7 +36,7 @@ def tmc_command() -> list[str]:
     script = Path(sys.executable).with_name("tmc")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 
 def rss_bytes(pid: int | None = None) -> int:

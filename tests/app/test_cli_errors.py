@@ -2,8 +2,9 @@
 documented exit code (README, "## CLI"): 1 server unreachable/error, 2 bad usage or a 4xx,
 3 missing dataset (tests/training/test_cli.py), 4 base missing or tampered; never a traceback.
 
-Each test runs the real console script in a subprocess, with TMC_* pointing at temp dirs;
-the 4xx cases talk to the in-process uvicorn of tests/app/conftest.py."""
+Each test runs the real command, `python -m cli` (what the `tmc` console script calls:
+test_the_console_script_runs_cli_main), of this checkout in a subprocess, with TMC_*
+pointing at temp dirs; the 4xx cases talk to the in-process uvicorn of tests/app/conftest.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from bases import init_base, make_spec
 from tests.app.conftest import ADMIN, free_port, live_server, settings_for
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = Path(sys.executable).with_name("tmc")  # the venv's console script (app.cli:main)
 
 
 def tmc(tmp_path: Path, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -30,9 +30,8 @@ def tmc(tmp_path: Path, *argv: str, **env: str) -> subprocess.CompletedProcess[s
                 TMC_PORT=str(free_port()), TMC_LOG_LEVEL="warning",
                 TMC_SERVER=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     base.update(env)
-    cmd = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "app.cli"]
-    return subprocess.run([*cmd, *argv], env=base, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "cli", *argv], env=base, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
 
 
 def assert_fails(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
@@ -96,6 +95,18 @@ def test_base_init_bad_preset_or_option_exits_2(tmp_path: Path) -> None:
                  "unknown preset")
     assert_fails(tmc(tmp_path, "base", "init", "--preset", "tiny-mlp", "--out", out,
                      "--option", "image_size"), 2, "KEY=VALUE")
+
+
+def test_the_console_script_runs_cli_main() -> None:
+    """`tmc` (pyproject's [project.scripts]) calls the function `python -m cli` runs."""
+    import importlib
+    import tomllib
+
+    from cli.main import main
+
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["tmc"]
+    module, _, function = entry.partition(":")
+    assert getattr(importlib.import_module(module), function) is main, entry
 
 
 def test_usage_errors_end_with_an_error_line(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.cli import _unfinished_purges
+from cli.client_cmds import unfinished_purges
 
 
 def test_only_stores_not_surely_purged_are_named_with_what_to_do() -> None:
@@ -15,8 +15,8 @@ def test_only_stores_not_surely_purged_are_named_with_what_to_do() -> None:
         {"store": "redis-persistence", "kind": "rdb", "state": "not-persisted", "detail": "",
          "check": ""},
     ]}
-    assert _unfinished_purges(receipt) == (
+    assert unfinished_purges(receipt) == (
         "\n  redis-persistence (aof): rewriting — BGREWRITEAOF running; "
         "check: GET /v1/admin/registry/persistence")
-    assert _unfinished_purges({"purged": receipt["purged"][:2]}) == ""
-    assert _unfinished_purges({}) == ""  # an older server's receipt
+    assert unfinished_purges({"purged": receipt["purged"][:2]}) == ""
+    assert unfinished_purges({}) == ""  # an older server's receipt

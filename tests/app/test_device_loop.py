@@ -182,7 +182,7 @@ def test_tmc_serve_exits_non_zero_with_the_reason_when_the_warm_up_fails(tmp_pat
     env.update(TMC_BASE_DIR=str(base_dir), TMC_REGISTRY_DIR=str(tmp_path / "registry"),
                TMC_DEVICE="cpu", TMC_DTYPE="bfloat16", TMC_PORT=str(free_port()),
                TMC_LOG_LEVEL="warning", TMC_LOG_FORMAT="text")  # lines, not JSON
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "cli", "serve"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()

@@ -21,10 +21,10 @@ import uvicorn
 
 import registry
 import registry.file_blobs
-from app.cli import KEEP_ALIVE_S, MAX_HEAD_BYTES, uvicorn_options
 from app.errors import status_for
 from app.main import create_app
 from app.settings import Settings
+from cli.serve import KEEP_ALIVE_S, MAX_HEAD_BYTES, uvicorn_options
 from tests.app.conftest import (
     ADMIN,
     component_bytes,

@@ -57,7 +57,7 @@ BODY_MARKER = "0.123456789"  # an input value: must never appear in a log line
 
 @dataclass
 class Served:
-    """A `python -m app.cli serve` process and the lines of its stderr, as they come."""
+    """A `python -m cli serve` process and the lines of its stderr, as they come."""
 
     url: str
     proc: subprocess.Popen[bytes]
@@ -88,7 +88,7 @@ def serve_process(base_dir: Path, registry_dir: Path, **env: str) -> Iterator[Se
     full.update({"TMC_BASE_DIR": str(base_dir), "TMC_REGISTRY_DIR": str(registry_dir),
                  "TMC_ADMIN_TOKEN": ADMIN, "TMC_DEVICE": "cpu", "TMC_PORT": str(port),
                  "TMC_LOG_FORMAT": "json", **env})
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=full, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=full, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     served = Served(f"http://127.0.0.1:{port}", proc)
     assert proc.stderr is not None

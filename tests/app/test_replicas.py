@@ -95,7 +95,7 @@ def start_replica(base_dir: Path, stores: Stores, cache_dir: Path) -> tuple[subp
     env = {**stores.env(), "TMC_BASE_DIR": str(base_dir), "TMC_ADMIN_TOKEN": ADMIN,
            "TMC_DEVICE": "cpu", "TMC_BLOB_CACHE_DIR": str(cache_dir),
            "TMC_LOG_LEVEL": "warning", "TMC_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return proc, f"http://127.0.0.1:{port}"
 

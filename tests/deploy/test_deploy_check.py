@@ -192,7 +192,7 @@ def test_dockerignore_semantics() -> None:
 
 def test_repo_dockerignore_admits_only_the_app() -> None:
     ig = dockerfile.DockerIgnore(dockerfile.DOCKERIGNORE.read_text())
-    for path in ("app/cli.py", "tangent/linearize.py", "registry/core.py", "pyproject.toml"):
+    for path in ("cli/main.py", "tangent/linearize.py", "registry/core.py", "pyproject.toml"):
         assert not ig.excluded(path), path
     for path in (".venv/bin/python", ".git/config", "tests/deploy/test_deploy_check.py",
                  "helm/tmc/values.yaml", ".tools/helm/helm", "bench/results/a.json", ".env"):

@@ -1,4 +1,4 @@
-"""A real `python -m app.cli serve` process killed or stopped at a bad moment (issue 14,
+"""A real `python -m cli serve` process killed or stopped at a bad moment (issue 14,
 items 2 and 3): kill -9 during a large component upload leaves a consistent registry; SIGTERM
 drains the requests in flight, refuses new connections, and exits within the drain timeout.
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bases import Base, init_base, load_base, make_spec
-from training.cli import add_train_parser
+from cli.train_args import add_train_parser
 from training.data import Dataset, Splits, align_labels, load_digits, split_train_val_test
 
 # torch 2.13: the first forward-AD call imports torch._decomp.decompositions_for_jvp, which
@@ -54,7 +54,7 @@ def parse_train(argv: list[str]) -> argparse.Namespace:
 
 
 def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
-    from training.cli import run_train
+    from cli.train import run_train
 
     capsys.readouterr()  # drop what fixtures printed
     code = run_train(parse_train(argv))

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from bases import Base
-from bench.accuracy_protocols import (
-    continual_curve,
-    forgetting_check,
-    method_scores,
-    summarize_scores,
-)
 from tests.training.conftest import JIT_WARNING
 from training.data import Splits, shard_random
 from training.evaluate import Evaluator, compose_deltas
 from training.features import trunk_features
 from training.probe import train_linear_probe
+from training.protocols import (
+    continual_curve,
+    forgetting_check,
+    method_scores,
+    summarize_scores,
+)
 
 pytestmark = pytest.mark.filterwarnings(JIT_WARNING)
 

@@ -136,15 +136,15 @@ def test_base_missing_or_tampered(tiny_dir: Path, tmp_path: Path, capsys: Any,
     one_error_line(err, "does not match its fingerprint")
 
 
-def test_python_m_training_exits_without_traceback(tmp_path: Path) -> None:
+def test_python_m_cli_train_exits_without_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--base", str(tmp_path / "none"),
+        [sys.executable, "-m", "cli", "train", "--base", str(tmp_path / "none"),
          "--data", "digits"], capture_output=True, text=True, env=env, cwd=tmp_path,
         timeout=120)
     assert proc.returncode == 4
     one_error_line(proc.stderr, "no base at")
-    proc = subprocess.run([sys.executable, "-m", "training", "train", "--epochs", "0",
+    proc = subprocess.run([sys.executable, "-m", "cli", "train", "--epochs", "0",
                            "--data", "digits"], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "must be >= 1" in proc.stderr

@@ -16,7 +16,10 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 EXAMPLES = 3
 EXAMPLE_SAMPLES = 2000  # per component
@@ -24,10 +27,10 @@ EXAMPLE_EPOCHS = 6
 SAMPLE_IMAGES = {"ankle-boot": 9, "trouser": 1, "bag": 8, "shirt": 6}  # name -> class index
 
 
-def run_demo(overrides: dict[str, Any]) -> int:
-    from app.settings import load_settings
+def run_demo(overrides: dict[str, str | int]) -> int:
+    from app.settings import load_settings, tmc_home
 
-    home = Path(os.environ.get("TMC_HOME", ".tmc"))
+    home = tmc_home()
     token = os.environ.get("TMC_ADMIN_TOKEN") or _stored_token(home)
     settings = load_settings(admin_token=token, **overrides)
     _ensure_base(settings.base_dir)
@@ -57,7 +60,7 @@ def _ensure_base(base_dir: Path) -> None:
 
 
 def _ensure_examples(base_dir: Path, out_dir: Path) -> list[Path]:
-    from app.cli import main as tmc
+    from cli.main import main as tmc
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -90,16 +93,12 @@ def _write_sample_images(out_dir: Path) -> None:
         Image.fromarray(test.inputs[row]).save(out_dir / f"{name}.png")
 
 
-def _register(settings: Any, files: list[Path]) -> None:
-    import registry
+def _register(settings: Settings, files: list[Path]) -> None:
+    from app.service import open_registry_for
     from bases import load_base
 
     base = load_base(settings.base_dir, check_forward_ad=False)
-    reg = registry.open_registry(
-        registry_dir=None if settings.redis_url else settings.registry_dir,
-        redis_url=settings.redis_url, base_fingerprint=base.fingerprint, region=base.region,
-        max_component_bytes=settings.max_component_bytes, cache_dir=settings.blob_cache_dir,
-        blob_url=settings.blob_url)
+    reg = open_registry_for(settings, base)
     try:
         known = {c.id for c in reg.list()}
         for path in files:
@@ -131,7 +130,7 @@ curl -s -X DELETE {url}/v1/components/fmnist-shard-2 -H "authorization: Bearer $
 """, flush=True)
 
 
-def _serve(settings: Any) -> int:
+def _serve(settings: Settings) -> int:
     import uvicorn
 
     from app.main import create_app

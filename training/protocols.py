@@ -1,5 +1,6 @@
-"""What bench.accuracy measures on one seed: every method's scores, the continual curve,
-and the forgetting check through a real registry.
+"""The accuracy protocols, on one seed: every method's scores, the continual curve
+(class- or data-incremental tasks arriving one by one), and the forgetting check through a
+real registry. bench/accuracy.py runs them on real data; tests/training checks them.
 
 Scores are [N, C] logits on one split, computed once per method and reused by every figure
 (accuracy, continual prefixes, the linearity check).
@@ -9,16 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from tangent import Normalize
 from training.evaluate import Evaluator, compose_deltas
 from training.nonlinear import weight_average
 
+if TYPE_CHECKING:
+    from bases import Base
+    from registry import Registry
+
 Delta = Mapping[str, torch.Tensor]
 Params = Mapping[str, torch.Tensor]
+# a variant's figures: <name>_mean (mean-normalized) and <name>_sum (plain sum)
+VARIANT_MODES: tuple[tuple[str, Normalize], ...] = (("mean", "mean"), ("sum", "none"))
 
 
 def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -42,7 +50,7 @@ def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Param
         "variants": list(variants or {}),
     }
     for name, ds in (variants or {}).items():
-        for norm, mode in (("mean", "mean"), ("sum", "none")):
+        for norm, mode in VARIANT_MODES:
             scores[f"{name}_{norm}"] = ev.tangent_logits(compose_deltas(ds, normalize=mode))
     if selection_only:
         return scores
@@ -132,18 +140,19 @@ def accuracy_on(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) 
 
 
 # -- forgetting through the registry -------------------------------------------------------
-def served_delta(reg: Any) -> dict[str, torch.Tensor]:
-    """The composition "*" (every active component, mean) exactly as the service builds it."""
-    from app.composition import make_plan
-    from tangent import Term, compose
+def served_delta(reg: Registry) -> dict[str, torch.Tensor]:
+    """The composition "*" (every active component, mean) as the service builds it: the
+    registry resolves it, tangent.effective_weights normalizes the weights (what the
+    service's plan applies), tangent.compose sums the terms with those weights."""
+    from tangent import Term, compose, effective_weights
 
     res = reg.resolve_all_active("mean")
-    plan = make_plan(res.items, res.generation, res.normalize, False)
-    return compose([Term(t.digest, t.weight, reg.load_tensors(t.digest)) for t in plan.terms],
-                   "none")
+    weights = effective_weights([float(i.weight) for i in res.items], res.normalize)
+    return compose([Term(i.digest, w, reg.load_tensors(i.digest))
+                    for i, w in zip(res.items, weights, strict=True)], "none")
 
 
-def registry_with(base: Any, path: Path, blobs: Mapping[str, bytes]) -> Any:
+def registry_with(base: Base, path: Path, blobs: Mapping[str, bytes]) -> Registry:
     import registry
 
     reg = registry.open_registry(registry_dir=path, redis_url=None,
