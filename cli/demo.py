@@ -88,9 +88,10 @@ def _write_sample_images(out_dir: Path) -> None:
     if all((out_dir / f"{n}.png").is_file() for n in SAMPLE_IMAGES):
         return
     _, test = load_fashion_mnist()
+    images = np.asarray(test.inputs)  # (N, 28, 28) uint8
     for name, label in SAMPLE_IMAGES.items():
         row = int(np.flatnonzero(test.labels == label)[0])
-        Image.fromarray(test.inputs[row]).save(out_dir / f"{name}.png")
+        Image.fromarray(images[row]).save(out_dir / f"{name}.png")
 
 
 def _register(settings: Settings, files: list[Path]) -> None:

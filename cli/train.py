@@ -215,9 +215,14 @@ def _fit_tangent(args: argparse.Namespace, base: Base, shard: Shard, progress: b
 
     kappa = args.kappa if args.kappa is not None else default_kappa(shard.rule)
     recipe = default_recipe(shard.rule)
-    given = {"targets": args.targets, "quiet": args.quiet_weight,
-             "negatives": args.negatives, "prototypes": args.prototypes}
-    recipe.update({k: v for k, v in given.items() if v is not None})
+    if args.targets is not None:
+        recipe["targets"] = args.targets
+    if args.quiet_weight is not None:
+        recipe["quiet"] = args.quiet_weight
+    if args.negatives is not None:
+        recipe["negatives"] = args.negatives
+    if args.prototypes is not None:
+        recipe["prototypes"] = args.prototypes
     if recipe["negatives"] in IMAGE_ONLY and base.spec.input_kind != "image":
         recipe["negatives"] = "mix"
     config = TangentConfig(kappa=kappa, l2=args.l2, **recipe, **common)
