@@ -22,6 +22,11 @@ from training.nonlinear import weight_average
 if TYPE_CHECKING:
     from bases import Base
     from registry import Registry
+    from training.data import Dataset
+    from training.features import Features
+    from training.probe import LinearProbe
+
+Task = tuple[str, "Dataset", "Features | None"]  # (label, training shard, its trunk features)
 
 Delta = Mapping[str, torch.Tensor]
 Params = Mapping[str, torch.Tensor]
@@ -35,7 +40,7 @@ def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
-                  joint: Delta | None, probe: Any, selection_only: bool = False,
+                  joint: Delta | None, probe: LinearProbe, selection_only: bool = False,
                   variants: Mapping[str, Sequence[Delta]] | None = None) -> dict[str, Any]:
     """Logits [N, C] of every method on ``ev``'s split (each tail runs once); no joint
     tangent entry when ``joint`` is None. ``selection_only`` (the validation split): only
@@ -166,7 +171,7 @@ def same_delta(a: Delta, b: Delta) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def forgetting_check(base: Any, tasks: Sequence[tuple[str, Any, Any]], deltas: Sequence[Delta],
+def forgetting_check(base: Base, tasks: Sequence[Task], deltas: Sequence[Delta],
                      test: Evaluator, classes: list[list[int]] | None, workdir: Path
                      ) -> dict[str, Any]:
     """For each component j: registry A holds all K, then forgets j; registry B never had j.
@@ -224,7 +229,7 @@ def forgetting_check(base: Any, tasks: Sequence[tuple[str, Any, Any]], deltas: S
                                      and r["logits_bit_identical_to_never"] for r in rows)}
 
 
-def forgotten_rows(base: Any, test: Evaluator, ds: Any, feats: Any,
+def forgotten_rows(base: Base, test: Evaluator, ds: Dataset, feats: Features | None,
                    classes: list[list[int]] | None, j: int) -> tuple[Evaluator, Evaluator]:
     """(rows that tell whether component j is still there, the other rows) as evaluators."""
     if classes is None:
