@@ -43,9 +43,6 @@ from typing import Any
 
 import torch
 
-# scripts/soak.py imports these from here; the benchmarks use bench.processes directly.
-from bench.processes import Server, rss_bytes, stop_process, tmc_server  # noqa: F401
-
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
