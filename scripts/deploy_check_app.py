@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # TMC_* names the code reads that are not service settings: the chart must never set them.
 INTERNAL_ENV = {
-    "TMC_DEBUG": "app/cli.py: re-raise unexpected CLI errors with their traceback",
-    "TMC_SERVER": "app/cli.py: the CLI client's default --server, not a server setting",
+    "TMC_DEBUG": "cli/main.py: re-raise unexpected CLI errors with their traceback",
+    "TMC_SERVER": "cli/client_cmds.py: the CLI client's default --server, not a server setting",
     "TMC_TEST_CRASH_POINT": "registry/core.py: crash-consistency test hook (SIGKILL at a point)",
 }
 SOURCE_SKIP = {"tests", "scripts", "bench", "helm"}

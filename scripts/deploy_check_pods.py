@@ -1,6 +1,17 @@
-"""The pods of one rendered value set: every workload's containers, and what the server, Redis,
-object storage and the helm test need in THIS project (see scripts/deploy_check_rules.py for
-the container-level rules and why each is hand-written).
+"""The pods of one rendered value set: each workload's containers through the rules of
+deploy_check_rules.py, then what THIS project's pods need (no tool knows the app):
+
+- every app container's env parses with ``app.settings.Settings`` (catches 5.36870912e+08);
+- rendered tokens meet the app's 16-character minimum; no credential is a ConfigMap key;
+- the server runs ``tmc serve`` on TMC_PORT with one worker on 0.0.0.0, has the required
+  settings, probes on the app's GET routes (/healthz startup + liveness, /readyz readiness)
+  with >= 300 s for the model load, a grace period above preStop + the app's drain, the
+  registry mode of the value set (embedded: one replica, Recreate; Redis: a byte cache), a GPU
+  limit and toleration iff GPU, the admin token from a Secret;
+- object storage: TMC_BLOB_URL parses as registry.s3_blobs parses it, keys from a Secret, a
+  region, an endpoint without credentials, the CA bundle a projected item on a read-only mount;
+- Redis: AOF, noeviction, data on a PVC template, --maxmemory below the memory limit;
+- the helm test Pod is a test hook that calls /readyz and runs one ``tmc predict``.
 """
 
 from __future__ import annotations

@@ -1,32 +1,20 @@
-"""The hand-written checks of one rendered value set: what only THIS project knows.
+"""Container-level rules of the deploy checks, and the types they share.
 
-Generic Kubernetes hygiene (security contexts, probes present, resources, image tags, token
-automount, seccomp) is checkov's (see scripts/deploy_check.py); what stays here is about tmc,
-or a rule no tool has. Each, and why it is hand-written:
+Generic hygiene (security contexts, probes present, resources, image tags, token automount,
+seccomp) is checkov's (scripts/deploy_check.py has the table of what it replaced). Kept here,
+each with why it is hand-written:
 
-- env names the chart gives a container are settings the app reads (``app.settings.ENV_NAMES``)
-  or helpers listed in NON_TMC_ENV; the rendered settings parse with ``app.settings.Settings``
-  (catches 5.36870912e+08) -- only the app knows its settings;
-- $(VAR) references resolve (in env, command, args) -- the kubelet silently leaves them as text;
-- every path the app writes (TMC_HOME, registry, byte cache, HOME) is on a writable mount and
-  TMC_BASE_DIR on a mount -- the app's own paths under a read-only root;
-- credentials (tokens, Redis password, S3 keys) only from a Secret (secretKeyRef), never a plain
-  value nor a ConfigMap key; rendered tokens >= 16 characters -- the app's credential names and
-  its token validator (checkov's CKV_K8S_35 is skipped: the app reads them from env);
-- the server container: runs ``tmc serve`` on TMC_PORT, one worker, host 0.0.0.0, the required
-  settings, probes on the app's GET routes (/healthz startup + liveness, /readyz readiness), a
-  startup budget >= 300 s for the model load, a grace period above preStop + the app's drain,
-  registry mode (embedded: one replica, Recreate; Redis: a byte cache), GPU limit/toleration
-  iff GPU;
-- object storage: TMC_BLOB_URL parses as registry.s3_blobs parses it, keys from a Secret, a
-  region, an endpoint without credentials, the CA bundle a projected item on a read-only mount;
-- Redis: AOF, noeviction, data on a PVC template, --maxmemory below the memory limit;
-- the helm test Pod is a test hook that calls /readyz and one ``tmc predict``;
-- shell scripts in command/args parse (sh -n) and embedded Python compiles;
-- init containers run as a non-root, non-zero user: checkov's CKV_K8S_23 / CKV_K8S_40 read
+- env names are settings the app reads (``app.settings.ENV_NAMES``) or helpers in NON_TMC_ENV:
+  only the app knows its settings (the parse with ``Settings`` is in deploy_check_pods.py);
+- $(VAR) references in env, command and args resolve: the kubelet silently leaves them as text;
+- the paths the app writes (TMC_HOME, registry, byte cache, HOME) sit on a writable mount and
+  TMC_BASE_DIR on a mount: the app's own paths under a read-only root;
+- credentials never as a plain value: the app's credential names (checkov's CKV_K8S_35 is
+  skipped because the app reads them from env, so which env is a credential is ours to say);
+- shell scripts in command/args parse (sh -n) and embedded Python compiles: no tool reads them;
+- init containers run as non-root with a non-zero UID: CKV_K8S_23 / CKV_K8S_40 read
   spec.containers only;
-- references between objects (volumes, Secrets, ConfigMaps, PVCs) exist: no offline tool
-  checks them (the cross-object ones are in scripts/deploy_check_refs.py).
+- mounts, secretKeyRefs and volumes name objects that exist: no offline tool follows them.
 """
 
 from __future__ import annotations
