@@ -76,7 +76,7 @@ UV_VERSION := 0.13.8
 LOCK_DATE := 2026-11-28T00:00:00Z
 TORCH_VERSION := 2.13.0
 LOCK_FLAGS = --quiet --upgrade --generate-hashes --python-version 3.11 \
-  --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+  --python-platform x86_64-manylinux_2_28 \
   --exclude-newer $(LOCK_DATE) --excludes requirements/torch-cuda.exclude \
   --no-emit-package torch --custom-compile-command "make lock TORCH_VERSION=$(TORCH_VERSION)"
 
