@@ -1,7 +1,7 @@
 """The HTTP API's client commands: push, ls, reweight, forget, compose, predict.
 
 Each talks to ``--server`` (default $TMC_SERVER, else http://127.0.0.1:8000) through
-app.client.TmcClient, which reads the tokens from $TMC_ADMIN_TOKEN / $TMC_INFERENCE_TOKEN,
+cli.client.TmcClient, which reads the tokens from $TMC_ADMIN_TOKEN / $TMC_INFERENCE_TOKEN,
 and prints a table, or the server's JSON with ``--json``. A 4xx exits 2, an unreachable
 server or a 5xx exits 1 (cli/errors.py).
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.client import ClientError, TmcClient
+from cli.client import ClientError, TmcClient
 from cli.errors import CliError, Subparsers
 
 DEFAULT_SERVER = os.environ.get("TMC_SERVER", "http://127.0.0.1:8000")

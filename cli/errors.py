@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
-from app.client import ClientError
+from cli.client import ClientError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError

@@ -2,9 +2,9 @@
 an exit code (cli/errors.py says which).
 
 Commands live by concept: cli/serve.py (serve, demo), cli/base.py (base init/show),
-cli/train.py (train), cli/client_cmds.py (push, ls, reweight, forget, compose, predict:
-the HTTP API's client). Building the parser imports only the standard library and the
-HTTP client; torch and the rest load when a command runs.
+cli/train.py (train), cli/client_cmds.py (push, ls, reweight, forget, compose, predict over
+the HTTP client in cli/client.py). Building the parser imports only the standard library and
+the HTTP client; torch and the rest load when a command runs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import importlib.util
 import os
 import sys
 
-from app.client import ClientError
 from cli.base import add_base_parsers
+from cli.client import ClientError
 from cli.client_cmds import add_client_parsers
 from cli.errors import Subparsers, UsageParser, classify, fail, one_line
 from cli.serve import add_serve_parsers
