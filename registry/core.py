@@ -9,7 +9,8 @@ the digests removed, the compositions changed and, in ``purged``, what each stor
 "index", then "blobs" (file/redis/s3, with what was deleted where), then "local-cache"
 (shared mode), then each added stage's answer. If a blob delete fails after the index
 change, the forget raises StorageError (503) saying which bytes remain where: the id is
-already gone from the index, and the next ``sweep`` (every open runs one) deletes the bytes.
+already gone from the index, and the next ``sweep`` (every open runs one) deletes the bytes
+(registry.blob_eraser).
 A resolve that starts after ``forget`` returned never sees the id:
 every resolve reads the shared index; nothing about ids is cached in the process.
 
@@ -47,6 +48,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from registry import ops
+from registry.blob_eraser import BlobEraser
 from registry.errors import (
     BlobMissingError,
     BusyError,
@@ -110,6 +112,8 @@ class Registry:
         self._index, self._blobs, self._cache = index, blobs, cache
         self._watch = Watch()
         self._loader = Loader(index, blobs, cache, self._watch, blob_where)
+        self._eraser = BlobEraser(blobs, index_holds_blobs=index.holds_blobs, kind=blob_kind,
+                                  where=blob_where)
         marks = getattr(index, "marks", None)  # shared stores only: see registry.lost_store
         self._guard = LostStoreGuard(marks, base_fingerprint) if marks is not None else None
         self._forget_stages: builtins.list[ForgetStage] = []
@@ -164,7 +168,7 @@ class Registry:
         try:
             with self._index.mutation_lock([digest], wait=False):
                 dropped = self._index.mutate(partial(ops.drop_orphans, candidates=[digest]),
-                                             then=self._delete_after_commit)
+                                             then=self._eraser.after_commit)
                 return bool(dropped)
         except BusyError:
             return False
@@ -270,47 +274,13 @@ class Registry:
             self._watch.changed(receipt.generation)
             crash_point("after_forget_index")
             try:
-                blobs.append(self._delete_forgotten_bytes(cid, receipt.digests_removed))
+                blobs.append(self._eraser.after_forget(cid, receipt.digests_removed))
             finally:  # the id is gone from the index: purge this process anyway
                 self._loader.purge(receipt.digests_removed, own=True)
 
         receipt = self._index.mutate(partial(ops.forget, cid=cid, locked=digests),
                                      then=after_commit)
         return receipt, blobs[0]
-
-    def _delete_forgotten_bytes(self, cid: str, digests: builtins.list[str]) -> StorePurge:
-        """After the index change: delete the bytes (unless the change did) or fail loudly."""
-        count = len(digests)
-        if self._index.holds_blobs:
-            return StorePurge("blobs", self.blob_kind, "purged",
-                              f"{count} blob(s) deleted from {self.blob_where} together with "
-                              "the index entries")
-        removed = 0
-        for digest in digests:
-            try:
-                removed += self._delete_blob(digest)
-            except StorageError as exc:
-                raise StorageError(
-                    f"{cid!r} is forgotten from the index, but the bytes of version {digest} "
-                    f"remain in {self.blob_where} ({exc}); they are deleted by the next sweep "
-                    "(every replica runs one when it opens: restart one) — nothing serves "
-                    "them meanwhile, since the index no longer references them") from exc
-        unit = "object version(s)" if self.blob_kind == "s3" else "blob(s)"
-        return StorePurge("blobs", self.blob_kind, "purged",
-                          f"{removed} {unit} deleted from {self.blob_where}")
-
-    def _delete_after_commit(self, digests: builtins.list[str]) -> None:
-        if not self._index.holds_blobs:  # else the index change deleted them
-            for digest in digests:
-                self._blobs.delete(digest)
-
-    def _delete_blob(self, digest: str) -> int:
-        """Delete every copy of ``digest``; how many there were (S3: object versions)."""
-        purge: Callable[[str], int] | None = getattr(self._blobs, "purge", None)
-        if purge is not None:
-            return purge(digest)
-        self._blobs.delete(digest)
-        return 1
 
     # -- bytes and tensors -----------------------------------------------------------
 
