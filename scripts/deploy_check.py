@@ -11,7 +11,8 @@ Established tools carry the generic rules; only what is about THIS project is ha
    schemas in tests/deploy/schemas/);
 3. checkov's Kubernetes and Dockerfile checks, ONE run over all rendered value sets and the
    Dockerfile (config: .checkov.yaml, each skipped check with its reason; skips for one object
-   are ``checkov.io/skipN`` annotations on it in the chart);
+   are ``checkov.io/skipN`` annotations on it in the chart); the runners of 1–3 are in
+   scripts/deploy_check_tools.py;
 4. the project's own rules: scripts/deploy_check_pods.py and deploy_check_rules.py (containers,
    server, Redis, object storage, helm test), deploy_check_refs.py (references between objects),
    deploy_check_dockerfile.py (the image runs ``tmc serve``, .dockerignore), reading the app
@@ -48,35 +49,35 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import functools
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import deploy_check_app as app_facts
-import yaml
 from deploy_check_dockerfile import DOCKERFILE, check_dockerfile
 from deploy_check_pods import check_workloads
 from deploy_check_refs import NAMESPACE, check_references
 from deploy_check_rules import Doc, Rendered, Report, ValueSet
+from deploy_check_tools import (
+    K8S_VERSION,
+    TOOLS,
+    find_tool,
+    helm_cmd,
+    load_documents,
+    run_checkov,
+    run_hadolint,
+    validate_documents,
+    values_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tmc"
 VALUES_DIR = ROOT / "tests" / "deploy" / "values"
 INVALID_DIR = ROOT / "tests" / "deploy" / "values-invalid"
-SCHEMA_DIR = ROOT / "tests" / "deploy" / "schemas"
-CHECKOV_CONFIG = ROOT / ".checkov.yaml"
-K8S_VERSION = "1.30.0"
 RELEASE = "ci"
-TOOLS = ROOT / ".tools"
 INSTALL_HINT = "run `bash scripts/deploy-check.sh`, which installs it into .tools/"
 
 
@@ -185,18 +186,6 @@ INVALID_SETS = [
 
 
 # ------------------------------------------------------------------------------------ helm
-def helm_cmd(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    cache = TOOLS / "helm-home"
-    env.update(HELM_CACHE_HOME=str(cache / "cache"), HELM_CONFIG_HOME=str(cache / "config"),
-               HELM_DATA_HOME=str(cache / "data"))
-    return subprocess.run([helm, *args], capture_output=True, text=True, env=env, check=False)
-
-
-def values_args(files: Iterable[Path]) -> list[str]:
-    return [a for f in files for a in ("-f", str(f))]
-
-
 def helm_lint(helm: str, vs: ValueSet) -> tuple[ValueSet, subprocess.CompletedProcess[str]]:
     return vs, helm_cmd(helm, "lint", "--strict", str(CHART), *values_args(vs.files))
 
@@ -204,66 +193,6 @@ def helm_lint(helm: str, vs: ValueSet) -> tuple[ValueSet, subprocess.CompletedPr
 def helm_template(helm: str, files: list[Path], *extra: str) -> subprocess.CompletedProcess[str]:
     return helm_cmd(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
                     "--kube-version", K8S_VERSION, "--include-crds", *values_args(files), *extra)
-
-
-def load_documents(text: str) -> list[Doc]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return [d for d in yaml.load_all(text, Loader=loader) if d]  # noqa: S506 (safe loader)
-
-
-# ----------------------------------------------------------------------------- k8s schemas
-# Prometheus operator kinds (CRDs, not in the Kubernetes schemas) -> our schema of the subset
-# the chart renders, in SCHEMA_DIR.
-CRD_SCHEMAS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.schema.json",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.schema.json",
-}
-
-
-@functools.cache
-def crd_schema(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads((SCHEMA_DIR / name).read_text())
-    return schema
-
-
-def cache_k8s_schemas() -> None:
-    """kubernetes-validate re-reads and re-parses its JSON schemas (incl. the large
-    _definitions.json) on every call; cache them (read-only use, pinned 1.37.0)."""
-    import kubernetes_validate.utils as kvu  # noqa: PLC0415 (a tool, imported when used)
-
-    if not hasattr(kvu.schema_contents, "cache_info"):
-        kvu.schema_contents = functools.cache(kvu.schema_contents)
-
-
-def validate_crd(doc: Doc, schema_name: str, ident: str, rep: Report) -> None:
-    import jsonschema  # noqa: PLC0415
-
-    validator = jsonschema.Draft202012Validator(crd_schema(schema_name))
-    for e in sorted(validator.iter_errors(doc), key=str):
-        rep.error(ident, f"{doc['kind']} schema: {e.message} at "
-                         f"{'/'.join(map(str, e.absolute_path))}")
-
-
-def validate_documents(docs: list[Doc], where: str, rep: Report) -> None:
-    import kubernetes_validate  # noqa: PLC0415
-
-    cache_k8s_schemas()
-    for doc in docs:
-        ident = f"{where}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        schema_name = CRD_SCHEMAS.get((str(doc.get("apiVersion")), str(doc.get("kind"))))
-        if schema_name:
-            validate_crd(doc, schema_name, ident, rep)
-            continue
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.SchemaNotFoundError:
-            rep.error(ident, f"no Kubernetes {K8S_VERSION} schema for "
-                             f"{doc.get('apiVersion')} {doc.get('kind')} (unknown kind)")
-        except kubernetes_validate.ValidationError as e:
-            path = "/".join(str(p) for p in e.path)
-            rep.error(ident, f"schema: {e.message} at {path or '(root)'}")
-        except kubernetes_validate.InvalidSchemaError as e:
-            rep.error(ident, f"invalid schema: {e}")
 
 
 # ------------------------------------------------------------------------------- value sets
@@ -315,67 +244,6 @@ def check_manifests(docs: list[Doc], vs: ValueSet, _settings: object, rep: Repor
 
 
 load_settings_module = app_facts.settings_module  # the old name, for tests/ops/test_dashboard.py
-
-
-# ---------------------------------------------------------------------------- linter tools
-def run_hadolint(hadolint: str, dockerfile: Path, rep: Report) -> None:
-    proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning",
-                           str(dockerfile)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        rep.error("hadolint", (proc.stdout + proc.stderr).strip() or f"exit {proc.returncode}")
-    else:
-        infos = len([ln for ln in proc.stdout.splitlines() if ln.strip()])
-        rep.ok(f"hadolint: clean at warning level ({infos} info/style notes)")
-
-
-def checkov_failures(checkov: str, directory: Path) -> dict[str, list[str]]:
-    """One checkov run over a directory: file (relative, "/x.yaml") -> ["CHECK_ID name:
-    resource", ...] of its failed checks. Raises RuntimeError when checkov itself fails."""
-    proc = subprocess.run([checkov, "--config-file", str(CHECKOV_CONFIG), "-d", str(directory),
-                           "-o", "json"], capture_output=True, text=True, check=False)
-    try:
-        reports = json.loads(proc.stdout)
-    except json.JSONDecodeError as exc:
-        raise RuntimeError(f"checkov exit {proc.returncode}: "
-                           f"{proc.stderr.strip()[-2000:]}") from exc
-    failed: dict[str, list[str]] = {}
-    for report in reports if isinstance(reports, list) else [reports]:
-        results = report.get("results", {})
-        for err in results.get("parsing_errors", []):
-            failed.setdefault(str(err), []).append("parsing error")
-        for f in results.get("failed_checks", []):
-            failed.setdefault(f["file_path"], []).append(
-                f"{f['check_id']} {f['check_name']}: {f['resource']}")
-    return failed
-
-
-def run_checkov(checkov: str, rendered: dict[str, str], rep: Report) -> None:
-    """checkov once over every rendered value set (<name>.yaml) and the Dockerfile."""
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tmc-checkov-") as tmp:
-        for name, text in rendered.items():
-            (Path(tmp) / f"{name}.yaml").write_text(text)
-        shutil.copy(DOCKERFILE, Path(tmp) / "Dockerfile")
-        try:
-            failed = checkov_failures(checkov, Path(tmp))
-        except RuntimeError as exc:
-            rep.error("checkov", str(exc))
-            return
-    for path, checks in sorted(failed.items()):
-        for check in checks:
-            rep.error(f"checkov {path.lstrip('/')}", check)
-    if not failed:
-        rep.ok(f"checkov: {len(rendered)} value sets and the Dockerfile pass "
-               f"({time.monotonic() - t0:.1f}s)")
-
-
-def find_tool(explicit: str | None, candidates: list[Path], name: str) -> str | None:
-    if explicit:
-        return explicit
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c)
-    return shutil.which(name)
 
 
 # ------------------------------------------------------------------------------- main flow

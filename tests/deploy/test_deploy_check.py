@@ -31,6 +31,7 @@ pods = load_script_module("deploy_check_pods")
 app_facts = load_script_module("deploy_check_app")
 dockerfile = load_script_module("deploy_check_dockerfile")
 values_schema = load_script_module("values_schema")
+tools = load_script_module("deploy_check_tools")
 HELM = dc.find_tool(os.environ.get("HELM"), [ROOT / ".tools" / "helm" / "helm"], "helm")
 CHECKOV = dc.find_tool(os.environ.get("CHECKOV"), [ROOT / ".tools" / "checkov" / "bin" /
                                                    "checkov"], "checkov")
@@ -518,13 +519,13 @@ def checkov_failed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[st
         docs = render(name)
         mutate(docs)
         (root / f"{case.replace(' ', '-')}.yaml").write_text(
-            dc.yaml.safe_dump_all(docs, sort_keys=False))
+            tools.yaml.safe_dump_all(docs, sort_keys=False))
     text = dockerfile.DOCKERFILE.read_text()
     for case, (old, new, _) in {"baseline": ("", "", ""), **DOCKERFILE_MUTATIONS}.items():
         assert old in text, f"the Dockerfile no longer has {old!r}: update this test"
         (root / case.replace(" ", "-")).mkdir()
         (root / case.replace(" ", "-") / "Dockerfile").write_text(text.replace(old, new, 1))
-    failed = dc.checkov_failures(checkov(), root)
+    failed = tools.checkov_failures(checkov(), root)
     return {path.lstrip("/"): {c.split()[0] for c in checks} for path, checks in failed.items()}
 
 
