@@ -188,15 +188,16 @@ class Fetcher:
         """Each flight's tensors as it lands (its failure at once), watching the fetch
         timeout of those running and the request's byte budget."""
         loop = asyncio.get_running_loop()
-        landed: asyncio.Queue[_Flight] = asyncio.Queue()
-        for f in flights:
-            f.future.add_done_callback(partial(_tell, loop, landed, f))
+        landed: asyncio.Queue[str] = asyncio.Queue()  # digests, as their flights land
+        for f in flights:  # the callback names the digest, not the flight: see _tell
+            f.future.add_done_callback(partial(_tell, loop, landed, f.digest))
+        by_digest = {f.digest: f for f in flights}
         mine, nbytes = set(flights), 0
         tensors: dict[str, HostTensors] = {}
         while len(tensors) < len(flights):
             wait_s = self._next_check(mine)  # raises for a fetch past its timeout
             try:
-                flight = await asyncio.wait_for(landed.get(), wait_s)
+                flight = by_digest[await asyncio.wait_for(landed.get(), wait_s)]
             except TimeoutError:
                 continue
             tensors[flight.digest] = _outcome(flight)
@@ -331,15 +332,16 @@ class Fetcher:
         with self._lock:
             return sum(b.unfinished for b in self._turns) + len(self._running)
 
-    def shutdown(self) -> None:
-        """Stop taking fetches; queued ones are cancelled (their requests get 503)."""
+    def shutdown(self, wait: bool = False) -> None:
+        """Stop taking fetches; queued ones are cancelled (their requests get 503). With
+        ``wait``, return once the fetch threads have ended (a running fetch lands first)."""
         with self._lock:
             self._closed = True
             queued = [f for b in self._turns for f in b.queued] + list(self._running)
             self._turns.clear()
         for f in queued:
             f.future.cancel()  # a running one is not cancelled: it lands as usual
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _next_queued(batch: _Batch) -> _Flight | None:
@@ -350,11 +352,15 @@ def _next_queued(batch: _Batch) -> _Flight | None:
     return None
 
 
-def _tell(loop: asyncio.AbstractEventLoop, landed: asyncio.Queue[_Flight], flight: _Flight,
+def _tell(loop: asyncio.AbstractEventLoop, landed: asyncio.Queue[str], digest: str,
           _: concurrent.futures.Future[HostTensors]) -> None:
-    """A flight's future is done (on the thread that finished it): tell its waiter's loop."""
+    """A flight's future is done (on the thread that finished it): tell its waiter's loop
+    which digest landed. A future keeps its done callbacks, so a callback holding the flight
+    would make a cycle (flight -> future -> callback -> flight) that keeps the decoded
+    tensors (the future's result) alive until the cyclic garbage collector happens to run,
+    long after a forget; with the digest, they go when the last request lets go of them."""
     with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(landed.put_nowait, flight)
+        loop.call_soon_threadsafe(landed.put_nowait, digest)
 
 
 def _outcome(flight: _Flight) -> HostTensors:

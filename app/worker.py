@@ -153,12 +153,18 @@ class DeviceWorker:
 
     def _loop(self) -> None:
         try:
-            stopping = False
-            while not stopping:
-                batch, stopping = self._collect()
-                self._run_jobs(batch)
+            while self._collect_and_run():
+                pass
         finally:
             self._refuse_leftovers()
+
+    def _collect_and_run(self) -> bool:
+        """Collect one batch and run it; False once a stop arrived. The batch lives in this
+        frame only: the jobs (and the host tensors they brought) are released when it has
+        run, not kept while the thread waits for the next batch or runs a purge."""
+        batch, stopping = self._collect()
+        self._run_jobs(batch)
+        return not stopping
 
     def _run_jobs(self, batch: list[Job]) -> None:
         live = [j for j in batch if not j.future.done() and self._still_valid(j)]
