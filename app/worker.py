@@ -11,6 +11,10 @@ thread logs it and keeps serving). Just before a batch runs, a job one of whose 
 versions was purged since it was admitted fails with NotFoundError (the service re-plans
 it): it never uses tensors it brought from before the purge (app/purges.py). The device
 thread reads no storage: components it lacks come with the job, staged at admission.
+Once its batch has run, a job lets go of the host tensors it brought, and nothing on this
+thread keeps them (no batch between batches, no locals in the traceback of an error a
+request gets), so what a forget purges leaves the process then
+(tests/app/test_forget_releases_tensors.py).
 A stop ends the loop after the batch being collected has run; whatever is still queued
 then is refused, and so is any later job or command.
 """
@@ -23,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeAlias, TypeVar, cast
@@ -59,6 +64,11 @@ class Job:
     # the request's id (read from the context where the job is made), for the device
     # thread's log lines about it
     request_id: str | None = field(default_factory=current_request_id)
+
+    def release_staged(self) -> None:
+        """Let go of the host tensors it brought (its batch has run: the device caches keep
+        what they need); the epoch stays."""
+        self.staged = Staged(self.staged.epoch)
 
 
 @dataclass
@@ -161,9 +171,15 @@ class DeviceWorker:
     def _collect_and_run(self) -> bool:
         """Collect one batch and run it; False once a stop arrived. The batch lives in this
         frame only: the jobs (and the host tensors they brought) are released when it has
-        run, not kept while the thread waits for the next batch or runs a purge."""
+        run, not kept while the thread waits for the next batch or runs a purge. The jobs
+        also let go of their tensors then: an exception handed to a request keeps this
+        thread's frames of the batch (its traceback), and through them the jobs."""
         batch, stopping = self._collect()
-        self._run_jobs(batch)
+        try:
+            self._run_jobs(batch)
+        finally:
+            for job in batch:
+                job.release_staged()
         return not stopping
 
     def _run_jobs(self, batch: list[Job]) -> None:
@@ -274,22 +290,34 @@ class DeviceWorker:
     def _launch_group(self, jobs: list[Job], h: object | None) -> Launched | None:
         """Queue the tail (or, with h None, the whole network) of one composition on the
         device; a group that fails to launch fails alone (None)."""
-        plan, staged = jobs[0].plan, _staged_tensors(jobs)
-        started = time.perf_counter()
+        plan, started = jobs[0].plan, time.perf_counter()
+        staged = _staged_tensors(jobs)
         try:
-            if h is None:
-                h = self.executor.trunk(self.collate([i for j in jobs for i in j.items]))
-            if plan.explain:
-                logits, contrib = self.executor.explain_tail_async(plan, h, staged)
-            else:
-                logits, contrib = self.executor.tail_async(plan, h, staged), None
+            logits, contrib = self._queue_tail(plan, h, jobs, staged)
         except Exception as exc:  # this group fails alone
+            # its requests get exc; the finished frames of its traceback would keep their
+            # locals (the staged host tensors) alive with it: cleared, lines kept for logs
+            traceback.clear_frames(exc.__traceback__)
             log.warning("group %s failed: %s", plan.group_key[:12], exc,
                         extra={"group": plan.group_key[:12], "request_ids": _ids(jobs)})
             for j in jobs:
                 _resolve(j, error=exc)
             return None
+        finally:
+            # queued (the device caches hold what they keep) or failed: a cleared frame
+            # still holds its function, and a closure over this dict (the executor's
+            # builders) would keep every tensor in it with a failed group's traceback
+            staged.clear()
         return Launched(jobs, logits, contrib, started)
+
+    def _queue_tail(self, plan: Plan, h: object | None, jobs: list[Job],
+                    staged: dict[str, HostTensors]) -> JobResult:
+        """``_launch_group``'s work: logits [B, C] and, with explain, contributions [K, B, C]."""
+        if h is None:
+            h = self.executor.trunk(self.collate([i for j in jobs for i in j.items]))
+        if plan.explain:
+            return self.executor.explain_tail_async(plan, h, staged)
+        return self.executor.tail_async(plan, h, staged), None
 
     def _finish(self, launched: Sequence[Launched | None]) -> None:
         """Wait once for the device, then hand each job its rows."""
