@@ -56,7 +56,7 @@ import redis
 from registry.core import Registry
 from registry.errors import StorageError
 from registry.redis_probe import AOF, KINDS, FileKind, Probe, read_probe
-from registry.types import StorePurge
+from registry.types import JsonObject, StorePurge
 
 PURGE_WAIT_S = 2.0  # how long a forget's receipt waits for the rewrite it asked for
 POLL_S = 0.05  # how often the pump reads INFO while a rewrite is wanted
@@ -298,7 +298,7 @@ class RedisPersistence:
 
     # -- the admin route -------------------------------------------------------------
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> JsonObject:
         """The state now: rewrites in progress, and whether every forget this process made
         is covered by a finished rewrite. StorageError when Redis does not answer."""
         try:
@@ -409,7 +409,7 @@ def watch_persistence(registry: Registry, client: redis.Redis) -> RedisPersisten
     return watcher
 
 
-def persistence_report(registry: Registry) -> dict[str, Any]:
+def persistence_report(registry: Registry) -> JsonObject:
     """What the admin route answers: the Redis watcher's state, or the embedded story."""
     watcher = _WATCHERS.get(registry)
     if watcher is not None:

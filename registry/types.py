@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from tangent import Normalize
 
+JsonObject = dict[str, object]  # a JSON object as the registry answers it (str keys, JSON values)
+
 
 class _JsonMixin:
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """A plain ``dict`` of JSON types (lists, dicts, str, int, float, bool)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 

@@ -9,6 +9,7 @@ Scores are [N, C] logits on one split, computed once per method and reused by ev
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,62 +40,83 @@ def softmax_mean(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.softmax(lg, -1) for lg in logits]).mean(0)
 
 
+@dataclass
+class MethodLogits:
+    """Logits [N, C] of every method on one split. The fields after ``variants`` are None on
+    the validation split (only what is chosen there is computed) and ``joint_tangent`` when
+    no joint model was trained."""
+
+    tmc_mean: torch.Tensor  # TMC, mean-normalized weights
+    tmc_sum: torch.Tensor  # TMC, plain sum
+    nl: list[torch.Tensor]  # each non-linear fine-tune alone
+    nl_weight_average: torch.Tensor
+    # other component sets composed like TMC: name -> {"mean": [N, C], "sum": [N, C]}
+    variants: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    alone: list[torch.Tensor] | None = None  # each tangent component alone
+    linear_probe: torch.Tensor | None = None
+    base_theta0: torch.Tensor | None = None
+    joint_tangent: torch.Tensor | None = None
+
+    def optional(self) -> dict[str, torch.Tensor]:
+        """The single-logit methods present on this split, by their result name."""
+        found = {"linear_probe": self.linear_probe, "base_theta0": self.base_theta0,
+                 "joint_tangent": self.joint_tangent}
+        return {name: lg for name, lg in found.items() if lg is not None}
+
+
 def method_scores(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
                   joint: Delta | None, probe: LinearProbe, selection_only: bool = False,
-                  variants: Mapping[str, Sequence[Delta]] | None = None) -> dict[str, Any]:
+                  variants: Mapping[str, Sequence[Delta]] | None = None) -> MethodLogits:
     """Logits [N, C] of every method on ``ev``'s split (each tail runs once); no joint
-    tangent entry when ``joint`` is None. ``selection_only`` (the validation split): only
-    what is chosen on validation — TMC's normalization and the non-linear combination.
+    tangent when ``joint`` is None. ``selection_only`` (the validation split): only what is
+    chosen on validation — TMC's normalization and the non-linear combination.
     ``variants``: other sets of components (e.g. without prototypes), composed the same
-    way, as ``<name>_mean`` / ``<name>_sum``."""
-    scores: dict[str, Any] = {
-        "tmc_mean": ev.tangent_logits(compose_deltas(deltas, normalize="mean")),
-        "tmc_sum": ev.tangent_logits(compose_deltas(deltas, normalize="none")),
-        "nl": [ev.params_logits(m) for m in models],
-        "nl_weight_average": ev.params_logits(weight_average(models)),
-        "variants": list(variants or {}),
-    }
-    for name, ds in (variants or {}).items():
-        for norm, mode in VARIANT_MODES:
-            scores[f"{name}_{norm}"] = ev.tangent_logits(compose_deltas(ds, normalize=mode))
+    way, reported as ``<name>_mean`` / ``<name>_sum``."""
+    scores = MethodLogits(
+        tmc_mean=ev.tangent_logits(compose_deltas(deltas, normalize="mean")),
+        tmc_sum=ev.tangent_logits(compose_deltas(deltas, normalize="none")),
+        nl=[ev.params_logits(m) for m in models],
+        nl_weight_average=ev.params_logits(weight_average(models)),
+        variants={name: {norm: ev.tangent_logits(compose_deltas(ds, normalize=mode))
+                         for norm, mode in VARIANT_MODES}
+                  for name, ds in (variants or {}).items()})
     if selection_only:
         return scores
-    scores["alone"] = [ev.tangent_logits(d) for d in deltas]
-    scores["linear_probe"] = ev.params_logits(probe.params())
-    scores["base_theta0"] = ev.tangent_logits(None)
+    scores.alone = [ev.tangent_logits(d) for d in deltas]
+    scores.linear_probe = ev.params_logits(probe.params())
+    scores.base_theta0 = ev.tangent_logits(None)
     if joint is not None:
-        scores["joint_tangent"] = ev.tangent_logits(joint)
+        scores.joint_tangent = ev.tangent_logits(joint)
     return scores
 
 
-def summarize_scores(ev: Evaluator, scores: dict[str, Any], labels: Sequence[str]
+def summarize_scores(ev: Evaluator, scores: MethodLogits, labels: Sequence[str]
                      ) -> dict[str, Any]:
     """Accuracies from method_scores, plus the linearity check of the composition (when
     the components' own logits are there)."""
     acc = ev.accuracy_of
     out: dict[str, Any] = {
-        "tmc_mean": acc(scores["tmc_mean"]),
-        "tmc_sum": acc(scores["tmc_sum"]),
-        "nl_alone": {lab: acc(lg) for lab, lg in zip(labels, scores["nl"], strict=True)},
-        "nl_alone_mean": float(np.mean([acc(lg) for lg in scores["nl"]])),
-        "nl_ensemble_softmax": acc(softmax_mean(scores["nl"])),
-        "nl_ensemble_logits": acc(torch.stack(scores["nl"]).mean(0)),
-        "nl_weight_average": acc(scores["nl_weight_average"]),
+        "tmc_mean": acc(scores.tmc_mean),
+        "tmc_sum": acc(scores.tmc_sum),
+        "nl_alone": {lab: acc(lg) for lab, lg in zip(labels, scores.nl, strict=True)},
+        "nl_alone_mean": float(np.mean([acc(lg) for lg in scores.nl])),
+        "nl_ensemble_softmax": acc(softmax_mean(scores.nl)),
+        "nl_ensemble_logits": acc(torch.stack(scores.nl).mean(0)),
+        "nl_weight_average": acc(scores.nl_weight_average),
         "rows": len(ev),
     }
-    for name in scores["variants"]:
-        for norm in ("mean", "sum"):
-            out[f"{name}_{norm}"] = acc(scores[f"{name}_{norm}"])
-    if "alone" in scores:
-        alone = [acc(lg) for lg in scores["alone"]]
+    for name, by_norm in scores.variants.items():
+        for norm, logits in by_norm.items():
+            out[f"{name}_{norm}"] = acc(logits)
+    if scores.alone is not None:
+        alone = [acc(lg) for lg in scores.alone]
         out["components_alone"] = dict(zip(labels, alone, strict=True))
         out["component_alone_mean"] = float(np.mean(alone))
         # linearity: f0 + J·mean(Δ) == mean over k of (f0 + J·Δ_k), up to float rounding
         out["tmc_vs_mean_of_alone_max_abs_logit"] = float(
-            (scores["tmc_mean"] - torch.stack(scores["alone"]).mean(0)).abs().max())
-    for key in ("linear_probe", "base_theta0", "joint_tangent"):
-        if key in scores:
-            out[key] = acc(scores[key])
+            (scores.tmc_mean - torch.stack(scores.alone).mean(0)).abs().max())
+    for key, logits in scores.optional().items():
+        out[key] = acc(logits)
     return out
 
 
@@ -107,7 +129,7 @@ def seen_rows(labels: torch.Tensor, classes: list[list[int]] | None, k: int) -> 
 
 
 def continual_curve(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Params],
-                    scores: dict[str, Any], classes: list[list[int]] | None
+                    scores: MethodLogits, classes: list[list[int]] | None
                     ) -> dict[str, Any]:
     """Tasks arrive one by one: after k of them, each method combines the first k models.
 
@@ -118,17 +140,20 @@ def continual_curve(ev: Evaluator, deltas: Sequence[Delta], models: Sequence[Par
     forward is run) — so the curve costs no extra JVP pass; the weight average is not
     linear and runs each prefix.
     """
+    if scores.alone is None:
+        raise ValueError("continual_curve needs every component's own logits: give it the "
+                         "test split's scores (method_scores without selection_only)")
+    alone = scores.alone
     curve: dict[str, Any] = {"k": [], "rows": [], "tmc_mean": [], "nl_ensemble_softmax": [],
                              "nl_weight_average": [], "newest_component_alone": []}
     for k in range(1, len(deltas) + 1):
         rows = seen_rows(ev.labels, classes, k)
-        tmc = scores["tmc_mean"] if k == len(deltas) else torch.stack(
-            scores["alone"][:k]).mean(0)
-        wavg = scores["nl_weight_average"] if k == len(models) else ev.params_logits(
+        tmc = scores.tmc_mean if k == len(deltas) else torch.stack(alone[:k]).mean(0)
+        wavg = scores.nl_weight_average if k == len(models) else ev.params_logits(
             weight_average(models[:k]))
         for key, lg in (("tmc_mean", tmc), ("nl_ensemble_softmax", softmax_mean(
-                scores["nl"][:k])), ("nl_weight_average", wavg),
-                ("newest_component_alone", scores["alone"][k - 1])):
+                scores.nl[:k])), ("nl_weight_average", wavg),
+                ("newest_component_alone", alone[k - 1])):
             curve[key].append(accuracy_on(lg, ev.labels, rows))
         curve["k"].append(k)
         curve["rows"].append(int(rows.sum()))

@@ -61,10 +61,11 @@ def test_continual_prefixes_are_the_compositions_of_the_first_k(
         # prefixes k < K come from the components' own logits (linearity): the composed
         # forward gives the same logits up to float rounding, the same accuracy up to a tie
         composed = ev.tangent_logits(compose_deltas(deltas[:k], normalize="mean"))
-        torch.testing.assert_close(torch.stack(scores["alone"][:k]).mean(0), composed,
+        assert scores.alone is not None
+        torch.testing.assert_close(torch.stack(scores.alone[:k]).mean(0), composed,
                                    rtol=0, atol=1e-5)
         assert curve["tmc_mean"][k - 1] == pytest.approx(ev.tmc(deltas[:k]), abs=one_row)
-    assert curve["tmc_mean"][2] == ev.accuracy_of(scores["tmc_mean"])  # k = K: composed
+    assert curve["tmc_mean"][2] == ev.accuracy_of(scores.tmc_mean)  # k = K: composed
     assert curve["newest_component_alone"][2] == ev.tangent(deltas[2])
     # class-incremental scoring looks only at the rows of the classes seen so far
     classes = [[0, 1], [2, 3], [4, 5]]
@@ -79,12 +80,13 @@ def test_validation_scores_hold_only_what_is_chosen_there(
     ev, deltas, models, probe = methods_on(tiny, digit_splits.val, 2, gen)
     full = method_scores(ev, deltas, models, deltas[0], probe)
     val = method_scores(ev, deltas, models, deltas[0], probe, selection_only=True)
-    assert set(val) == {"tmc_mean", "tmc_sum", "nl", "nl_weight_average", "variants"}
-    assert val["variants"] == []
-    for key in set(val) - {"variants"}:  # the same tails, the same logits
-        assert all(torch.equal(a, b) for a, b in zip(
-            val[key] if key == "nl" else [val[key]],
-            full[key] if key == "nl" else [full[key]], strict=True))
+    assert val.alone is None and val.optional() == {} and val.variants == {}
+    assert set(full.optional()) == {"linear_probe", "base_theta0", "joint_tangent"}
+    assert full.alone is not None
+    for a, b in zip([val.tmc_mean, val.tmc_sum, val.nl_weight_average, *val.nl],
+                    [full.tmc_mean, full.tmc_sum, full.nl_weight_average, *full.nl],
+                    strict=True):  # the same tails, the same logits
+        assert torch.equal(a, b)
     acc = summarize_scores(ev, val, ["a", "b"])
     assert acc["tmc_mean"] == ev.tmc(deltas) and "components_alone" not in acc
     assert acc["nl_weight_average"] == summarize_scores(ev, full, ["a", "b"])[
@@ -96,9 +98,9 @@ def test_variants_are_composed_and_scored_like_tmc(tiny: Base, digit_splits: Spl
     ev, deltas, models, probe = methods_on(tiny, digit_splits.val, 2, gen)
     scores = method_scores(ev, deltas, models, None, probe, selection_only=True,
                            variants={"tmc_first": deltas[:1], "tmc_same": deltas})
-    assert scores["variants"] == ["tmc_first", "tmc_same"]
-    assert torch.equal(scores["tmc_same_mean"], scores["tmc_mean"])
-    assert torch.equal(scores["tmc_same_sum"], scores["tmc_sum"])
+    assert list(scores.variants) == ["tmc_first", "tmc_same"]
+    assert torch.equal(scores.variants["tmc_same"]["mean"], scores.tmc_mean)
+    assert torch.equal(scores.variants["tmc_same"]["sum"], scores.tmc_sum)
     acc = summarize_scores(ev, scores, ["a", "b"])
     assert acc["tmc_first_mean"] == acc["tmc_first_sum"] == ev.tangent(deltas[0])
 
