@@ -132,13 +132,10 @@ curl -s -X DELETE {url}/v1/components/fmnist-shard-2 -H "authorization: Bearer $
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
+    """The same server as `tmc serve` (its slow-client limits and drain included)."""
+    from cli.serve import run_server
 
-    from app.main import create_app
-
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
-                log_config=None, log_level=settings.log_level)
-    return 0
+    return run_server(settings)
 
 
 if __name__ == "__main__":

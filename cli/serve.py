@@ -43,12 +43,17 @@ def listen_overrides(args: argparse.Namespace) -> dict[str, str | int]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load_settings(listen_overrides(args))
+    return run_server(settings, _build_service(settings))
+
+
+def run_server(settings: Settings, service: Service | None = None) -> int:
+    """uvicorn with `tmc serve`'s options (slow-client limits, drain) until it stops; the
+    exit code. ``service``: opened beforehand (None: the app's startup opens it)."""
     import uvicorn
 
     from app.main import create_app
 
-    settings = _load_settings(listen_overrides(args))
-    service = _build_service(settings)
     try:
         uvicorn.run(create_app(settings, service), **uvicorn_options(settings))
     except SystemExit as exc:  # uvicorn exits (code 3) when the app's startup failed
