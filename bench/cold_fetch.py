@@ -51,7 +51,7 @@ import torch
 
 from bases import init_base, load_base, make_spec
 from bench import common, processes, scrape
-from bench.http_load import exchange, request_bytes
+from bench.http_load import client_loop, request_bytes
 from tangent import encode_component
 
 NAME = "cold_fetch"
@@ -132,8 +132,19 @@ def serve_command(code: Path | None) -> list[str] | None:
 # -- clients -------------------------------------------------------------------------------------
 @dataclass
 class Samples:
+    """One client's answers in a phase: latencies of the requests sent after ``start`` (the
+    one in flight at the deadline included: a cold request outlives its phase), every error.
+    Unlike http_load's window, which counts answers completed inside it."""
+
+    start: float  # time.perf_counter
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    def record(self, status: int, body: bytes, sent: float, answered: float) -> None:
+        if status != 200:
+            self.errors.append(f"{status}: {body[:200]!r}")
+        elif sent >= self.start:
+            self.latencies.append(answered - sent)
 
     def summary(self) -> dict[str, Any]:
         lat, ms = self.latencies, common.ms
@@ -141,25 +152,6 @@ class Samples:
                 "first_error": self.errors[0] if self.errors else None,
                 **{f"p{q}_ms": ms(common.percentile(lat, q)) for q in (50, 90, 99)},
                 "max_ms": ms(max(lat, default=None))}
-
-
-async def closed_loop(port: int, bodies: list[bytes], start: float, deadline: float,
-                      out: Samples) -> None:
-    """Send bodies in turn, one in flight; keep latencies of answers after ``start``."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        k = 0
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            status, body = await exchange(reader, writer, bodies[k % len(bodies)])
-            t1 = time.perf_counter()
-            k += 1
-            if status != 200:
-                out.errors.append(f"{status}: {body[:200]!r}")
-            elif t0 >= start:
-                out.latencies.append(t1 - t0)
-    finally:
-        writer.close()
 
 
 def cold_bodies(port: int, x: list[float]) -> list[bytes]:
@@ -175,10 +167,10 @@ async def phase(port: int, cfg: Config, with_cold: bool) -> dict[str, Any]:
     warm = [request_bytes(port, {"inputs": [x], "components": WARM})]
     now = time.perf_counter()
     start, deadline = now + cfg.warmup_s, now + cfg.warmup_s + cfg.phase_s
-    warm_s, cold_s = Samples(), Samples()
-    clients = [closed_loop(port, warm, start, deadline, warm_s)]
+    warm_s, cold_s = Samples(start), Samples(start)
+    clients = [client_loop(port, warm, deadline, warm_s)]
     if with_cold:
-        clients.append(closed_loop(port, cold_bodies(port, x), start, deadline, cold_s))
+        clients.append(client_loop(port, cold_bodies(port, x), deadline, cold_s))
     await asyncio.gather(*clients)
     out = {"warm": warm_s.summary()}
     if with_cold:

@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -49,34 +49,48 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
     return status, await reader.readexactly(length)
 
 
+class Recorder(Protocol):
+    """Where a client loop puts each answer: its status, body, and when the request was sent
+    and its answer read (time.perf_counter)."""
+
+    def record(self, status: int, body: bytes, sent: float, answered: float) -> None: ...
+
+
 @dataclass
 class LevelStats:
+    """One load level's answers; only those completed inside the window count."""
+
+    per_request: int  # inputs per request
+    warm_until: float  # the window: (warm_until, deadline), on time.perf_counter
+    deadline: float
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     first_error: str = ""
     completed: int = 0  # inputs answered inside the window
     requests: int = 0  # requests answered inside the window
 
+    def record(self, status: int, body: bytes, sent: float, answered: float) -> None:
+        if status != 200:
+            self.errors += 1
+            self.first_error = self.first_error or f"{status}: {body[:200]!r}"
+        elif self.warm_until <= answered <= self.deadline:  # completions inside the window
+            self.latencies.append(answered - sent)
+            self.completed += self.per_request
+            self.requests += 1
 
-async def client_loop(port: int, requests: list[bytes], per_request: int, warm_until: float,
-                      deadline: float, stats: LevelStats) -> None:
-    """One client: send ``requests`` in turn until ``deadline``; count what completes in the
-    window after ``warm_until``."""
+
+async def client_loop(port: int, requests: list[bytes], deadline: float,
+                      stats: Recorder) -> None:
+    """One client (a kept-alive connection, one request in flight): send ``requests`` in turn
+    until ``deadline``; each answer goes to ``stats``, which decides what counts."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         k = 0
         while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
+            sent = time.perf_counter()
             status, body = await exchange(reader, writer, requests[k % len(requests)])
-            t1 = time.perf_counter()
+            stats.record(status, body, sent, time.perf_counter())
             k += 1
-            if status != 200:
-                stats.errors += 1
-                stats.first_error = stats.first_error or f"{status}: {body[:200]!r}"
-            elif warm_until <= t1 <= deadline:  # completions inside the window
-                stats.latencies.append(t1 - t0)
-                stats.completed += per_request
-                stats.requests += 1
     finally:
         writer.close()
 
@@ -89,11 +103,11 @@ async def scrape_metrics(url: str) -> scrape.Metrics:
 async def run_level(server: processes.Server, per_client: list[list[bytes]], per_request: int,
                     warmup_s: float, duration_s: float) -> dict[str, Any]:
     """One load level: a client per entry of ``per_client``, a warm-up, then the window."""
-    stats = LevelStats()
     start = time.perf_counter()
     warm_until, deadline = start + warmup_s, start + warmup_s + duration_s
-    tasks = [asyncio.create_task(client_loop(server.port, reqs, per_request, warm_until,
-                                             deadline, stats)) for reqs in per_client]
+    stats = LevelStats(per_request, warm_until, deadline)
+    tasks = [asyncio.create_task(client_loop(server.port, reqs, deadline, stats))
+             for reqs in per_client]
     await asyncio.sleep(max(0.0, warm_until - time.perf_counter()))
     m0, cpu0, own0, t0 = await _window_edge(server)
     await asyncio.sleep(max(0.0, deadline - time.perf_counter()))

@@ -48,7 +48,7 @@ from bases import Base, init_base, load_base, make_spec  # noqa: E402
 from bases.spec import int_option  # noqa: E402
 from bench.common import percentile  # noqa: E402
 from bench.processes import Server, rss_bytes, tmc_server  # noqa: E402
-from bench.servers import redis_server  # noqa: E402
+from loopback.redis_server import redis_server  # noqa: E402
 
 # ---------------------------------------------------------------------------- modes ----
 
