@@ -41,11 +41,11 @@ test: setup
 deploy-check: setup
 	bash scripts/deploy-check.sh
 
-# lint: ruff over the tree; mypy --strict for the product packages (pyproject's override lists
-# them) and plain mypy for bench/ and scripts/. .ci/run runs it before the tests.
+# lint: ruff over the tree; mypy --strict for the product packages and loopback/ (pyproject's
+# override lists them) and plain mypy for bench/ and scripts/. .ci/run runs it before the tests.
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy tangent bases registry app training cli bench scripts
+	$(VENV)/bin/mypy tangent bases registry app training cli loopback bench scripts
 
 bench: setup
 	$(PY) -m bench.run_all

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,10 @@ from pathlib import Path
 
 import psutil
 
+from loopback.ports import free_port
+from loopback.process import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tmc_command() -> list[str]:
@@ -107,13 +103,3 @@ def tmc_server(base_dir: Path, workdir: Path, *, env: dict[str, str] | None = No
         stop_process(proc, grace_s=40)
 
 
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within grace_s."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)

@@ -23,6 +23,7 @@ from typing import Any
 
 from bench.scale_workload import BUCKET, FP, MAX_COMPONENT_BYTES, REGION, LargeMaker, Plan
 from bench.servers import S3Endpoint, redis_server, weed_server
+from loopback.weed import FOREIGN_AWS_ENV
 from registry import Registry, open_registry
 
 
@@ -85,8 +86,7 @@ def set_appendonly(url: str, on: bool) -> None:
 @contextmanager
 def aws_env(s3: S3Endpoint) -> Iterator[None]:
     """The ``AWS_*`` variables boto3 reads, pointing at ``s3``; restored afterwards."""
-    names = [*s3.env(), "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE", "AWS_PROFILE",
-             "AWS_ENDPOINT_URL_S3"]
+    names = [*s3.env(), *FOREIGN_AWS_ENV]
     saved = {n: os.environ.get(n) for n in names}
     for n in names:
         os.environ.pop(n, None)

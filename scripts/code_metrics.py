@@ -21,7 +21,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PACKAGES = ("tangent", "bases", "registry", "app", "training", "cli", "bench", "scripts")
+PACKAGES = ("tangent", "bases", "registry", "app", "training", "cli", "loopback", "bench",
+            "scripts")
 LONG_FUNCTION = 60
 ANY_IN_STRING = re.compile(r"\bAny\b")
 

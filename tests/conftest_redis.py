@@ -14,15 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from loopback import redis_server as loopback_redis
-from loopback.ports import free_port
-from loopback.process import LoopbackError, stop_process
-
-# The names tests that run a redis-server of their own import from here
-# (tests/faults/test_redis_kill.py, tests/app/test_wiped_registry.py,
-# tests/registry/test_redis_persistence.py).
-_free_port = free_port
-_stop = stop_process
-_wait_for_ping = loopback_redis.wait_for_ping
+from loopback.process import LoopbackError
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,9 @@ import pytest
 import redis
 import torch
 
+from loopback.ports import free_port
+from loopback.process import stop_process
+from loopback.redis_server import wait_for_ping
 from registry import open_registry
 from registry.core import RegistryLostError
 from tests.app.conftest import (
@@ -30,7 +33,6 @@ from tests.app.conftest import (
     live_server,
     settings_for,
 )
-from tests.conftest_redis import _free_port, _stop, _wait_for_ping
 
 pytestmark = [pytest.mark.redis]
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -45,7 +47,7 @@ class RestartableRedis:
         if binary is None:
             pytest.fail("redis-server is not installed", pytrace=False)
         self.binary, self.workdir = binary, workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -55,17 +57,17 @@ class RestartableRedis:
                 "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
         with open(self.workdir / "redis.log", "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        if not _wait_for_ping(self.url, self.proc):
+        if not wait_for_ping(self.url, self.proc):
             pytest.fail(f"redis-server did not start on {self.port}", pytrace=False)
 
     def restart_empty(self) -> None:
         assert self.proc is not None
-        _stop(self.proc)
+        stop_process(self.proc)
         self.start()
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)

@@ -23,8 +23,10 @@ import httpx
 import pytest
 import torch
 
+from loopback.ports import free_port
+from loopback.process import stop_process
+from loopback.redis_server import wait_for_ping
 from tests.app.conftest import ADMIN, component_bytes, fresh_seed, live_server, settings_for
-from tests.conftest_redis import _free_port, _stop, _wait_for_ping
 
 pytestmark = [pytest.mark.redis]
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -44,7 +46,7 @@ class KillableRedis:
         if binary is None:
             pytest.fail("redis-server is not installed", pytrace=False)
         self.binary, self.workdir, self.persistent = binary, workdir, persistent
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -56,7 +58,7 @@ class KillableRedis:
                 *persistence, "--dir", str(self.workdir), "--daemonize", "no"]
         with open(self.workdir / "redis.log", "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        if not _wait_for_ping(self.url, self.proc):
+        if not wait_for_ping(self.url, self.proc):
             log = (self.workdir / "redis.log").read_text()[-2000:]
             pytest.fail(f"redis-server did not start on {self.port}:\n{log}", pytrace=False)
 
@@ -67,7 +69,7 @@ class KillableRedis:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            _stop(self.proc)
+            stop_process(self.proc)
 
 
 @dataclass

@@ -27,6 +27,9 @@ import pytest
 import redis
 
 from bases import load_base
+from loopback.ports import free_port
+from loopback.process import stop_process
+from loopback.redis_server import wait_for_ping
 from registry import ForgetReceipt, Registry, StorageError, StorePurge
 from registry.redis_persistence import CHECK, ROUTE, persistence_report
 from tangent import encode_component
@@ -37,7 +40,6 @@ from tests.app.conftest import (
     settings_for,
     tiny_base_dir,  # noqa: F401  (a fixture)
 )
-from tests.conftest_redis import _free_port, _stop, _wait_for_ping
 from tests.registry.support import Made, Store, make_component
 
 pytestmark = pytest.mark.redis
@@ -63,7 +65,7 @@ class PersistentRedis:
         self.proc.wait(timeout=30)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-        assert _wait_for_ping(self.url, self.proc), self.log.read_text()[-2000:]
+        assert wait_for_ping(self.url, self.proc), self.log.read_text()[-2000:]
 
     def client(self) -> redis.Redis:
         self.clients.append(redis.Redis.from_url(self.url))
@@ -100,15 +102,15 @@ def wait_for(predicate: Callable[[], Any], what: str) -> Any:
 
 def _launch(binary: str, data: Path, log: Path, options: list[str]) -> PersistentRedis:
     for _ in range(3):  # another process may take the free port before redis binds it
-        port = _free_port()
+        port = free_port()
         args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
                 "--daemonize", "no", "--rdbcompression", "no", *options]
         with open(log, "ab") as out:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         url = f"redis://127.0.0.1:{port}/0"
-        if _wait_for_ping(url, proc):
+        if wait_for_ping(url, proc):
             return PersistentRedis(url, data, proc, args, log)
-        _stop(proc)
+        stop_process(proc)
     pytest.fail(f"redis-server did not start; see {log}:\n{log.read_text()[-2000:]}",
                 pytrace=False)
 
@@ -135,7 +137,7 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., PersistentRedis]]:
             client.close()
         with redis.Redis.from_url(server.url) as client, suppress(redis.ConnectionError):
             client.shutdown(nosave=True)  # its directory may be gone: no save on the way out
-        _stop(server.proc)
+        stop_process(server.proc)
 
 
 @pytest.fixture
