@@ -110,23 +110,50 @@ def checkout(ref: str) -> Iterator[Path]:
 
 
 def default_before_ref() -> str:
-    """The parent of the commit that added app/fetch.py."""
+    """The newest commit without app/fetch.py whose code starts on its own: the parent of the
+    commit that added app/fetch.py, or the nearest ancestor of it that imports cleanly (during
+    issue 12 a module's importer landed a few commits before the module itself, so some of
+    those commits do not run alone)."""
     out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "app/fetch.py"],
                          cwd=common.REPO, check=True, capture_output=True, text=True)
     added = out.stdout.split()
     if not added:
         raise SystemExit("app/fetch.py is not in this checkout's history: pass --before REF")
-    return f"{added[-1]}^"
+    ancestors = subprocess.run(["git", "rev-list", "--max-count=8", f"{added[-1]}^"],
+                               cwd=common.REPO, check=True, capture_output=True, text=True)
+    for ref in ancestors.stdout.split():
+        with checkout(ref) as code:
+            if starts_alone(code):
+                return ref
+    raise SystemExit("no commit just before app/fetch.py imports on its own: pass --before REF")
+
+
+def isolated(code: Path, statement: str) -> str:
+    """Python source that runs ``statement`` against ``code`` ONLY: this checkout's editable
+    install and folder are taken off the import system first, so a module ``code`` lacks
+    fails instead of being loaded, silently, from this checkout."""
+    return ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not "
+            "getattr(f, '__module__', '').startswith('__editable__')]; "
+            f"sys.path[:] = [{str(code)!r}] + [p for p in sys.path "
+            f"if p not in ('', {str(common.REPO)!r})]; {statement}")
+
+
+def starts_alone(code: Path) -> bool:
+    """Whether the app of ``code`` imports with nothing of this checkout."""
+    probe = subprocess.run([sys.executable, "-c", isolated(code, "import app.main")],
+                           cwd=code, capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        common.log(f"{code}: does not import alone: {probe.stderr.strip().splitlines()[-1:]}")
+    return probe.returncode == 0
 
 
 def serve_command(code: Path | None) -> list[str] | None:
-    """`tmc serve` from ``code`` (a checkout) instead of this one, or None for this one."""
+    """`tmc serve` from ``code`` (a checkout) alone instead of this one, or None for this one."""
     if code is None:
         return None
     module = "cli.main" if (code / "cli" / "main.py").is_file() else "app.cli"  # older checkouts
-    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); from {module} import main; "
-            "sys.exit(main())")
-    return [sys.executable, "-c", boot, "serve"]
+    return [sys.executable, "-c", isolated(code, f"from {module} import main; sys.exit(main())"),
+            "serve"]
 
 
 # -- clients -------------------------------------------------------------------------------------
