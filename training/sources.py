@@ -188,30 +188,31 @@ def _text_field(value: object) -> str:
     return value
 
 
-def load_digits() -> Dataset:
-    """scikit-learn's 8×8 digits as 64 features in [0, 1] (for tiny-mlp smoke runs)."""
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8×8 digits: (float64 pixel values 0..16 [N, 8, 8], labels 0..9 [N])."""
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:
         raise DatasetMissingError(
             "the digits dataset needs scikit-learn: `pip install scikit-learn`") from None
     d = sk_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    return make_dataset("tensor", x, d.target, [str(i) for i in range(10)], "digits:sklearn")
+    return np.asarray(d.images), np.asarray(d.target)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8×8 digits as 64 features in [0, 1] (for tiny-mlp smoke runs)."""
+    images, target = _sklearn_digits()
+    x = (images.reshape(len(images), -1) / 16.0).astype(np.float32)  # [N, 64]
+    return make_dataset("tensor", x, target, [str(i) for i in range(10)], "digits:sklearn")
 
 
 def load_digits_images() -> Dataset:
     """scikit-learn's 8×8 digits as grey uint8 images (0..16 scaled to 0..255), labels 0..9:
     a small second image dataset for image bases (upsampled by the base's preprocessor)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        raise DatasetMissingError(
-            "the digits dataset needs scikit-learn: `pip install scikit-learn`") from None
-    d = sk_digits()
-    images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
-    return make_dataset("image", images, d.target, [str(i) for i in range(10)],
-                 "digits-images:sklearn")
+    pixels, target = _sklearn_digits()
+    images = np.round(pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
+    return make_dataset("image", images, target, [str(i) for i in range(10)],
+                        "digits-images:sklearn")
 
 
 def load_source(data: str, data_dir: Path | str | None = None) -> tuple[Dataset, Dataset | None]:
