@@ -162,7 +162,14 @@ class S3BlobStore:
         target = f"s3://{self.bucket}/{key}" if key else f"bucket {self.bucket}"
         return f"S3 {operation} of {target} at {self.endpoint}"
 
-    def _storage_error(self, exc: Exception, operation: str, key: str | None) -> StorageError:
+    def _missing_bucket(self) -> str:
+        return (f"bucket {self.bucket} does not exist; create it or fix the bucket in "
+                "TMC_BLOB_URL")
+
+    def _storage_error(self, exc: Exception, operation: str, key: str | None,
+                       client: Any = None) -> StorageError:
+        """What failed where, and what to fix; ``client`` (default: the data client) is the
+        one that made the call, whose read timeout a stall is reported with."""
         where = self._where(operation, key)
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return StorageError(f"{where} failed: no S3 credentials; set AWS_ACCESS_KEY_ID "
@@ -171,7 +178,7 @@ class S3BlobStore:
             return StorageError(f"{where} failed: TLS error ({exc}); set AWS_CA_BUNDLE to the "
                                 "CA certificate that signed the endpoint's certificate")
         if isinstance(exc, ReadTimeoutError):
-            timeout = self._client.meta.config.read_timeout
+            timeout = (client or self._client).meta.config.read_timeout
             return StorageError(f"{where} failed: the endpoint accepted the connection but did "
                                 f"not answer within {timeout} s, on every try; check that the "
                                 "object store is healthy")
@@ -190,8 +197,7 @@ class S3BlobStore:
                     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and that identity's permissions "
                     f"on bucket {self.bucket}")
         if code in MISSING_BUCKET_CODES:
-            return (f"bucket {self.bucket} does not exist; create it or fix the bucket in "
-                    "TMC_BLOB_URL")
+            return self._missing_bucket()
         if code == "BadDigest":
             return ("the server refused the bytes: they do not match their sha256 "
                     "(corrupted in transit); retry")
@@ -202,6 +208,19 @@ class S3BlobStore:
             return fn()
         except (BotoCoreError, ClientError) as exc:
             raise self._storage_error(exc, operation, key) from exc
+
+    def _unless_missing(self, operation: str, key: str | None, fn: Callable[[], T],
+                        client: Any = None) -> T | None:
+        """``fn()``, or None when S3 answers that the key (HEAD of a bucket: the bucket) is
+        not there; any other failure is a StorageError, as in ``_call``."""
+        try:
+            return fn()
+        except ClientError as exc:
+            if _error_code(exc) in MISSING_KEY_CODES:
+                return None
+            raise self._storage_error(exc, operation, key, client) from exc
+        except BotoCoreError as exc:
+            raise self._storage_error(exc, operation, key, client) from exc
 
     # -- BlobStore ---------------------------------------------------------------------------
 
@@ -227,28 +246,17 @@ class S3BlobStore:
     def get(self, digest: str) -> bytes | None:
         """The stored bytes as they are (the loader verifies them), or None if absent."""
         key = self.key(digest)
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key)
-            data: bytes = response["Body"].read()  # no copy: a blob can be 100s of MiB
-            return data
-        except ClientError as exc:
-            if _error_code(exc) in MISSING_KEY_CODES:
-                return None
-            raise self._storage_error(exc, "get", key) from exc
-        except BotoCoreError as exc:
-            raise self._storage_error(exc, "get", key) from exc
+
+        def read() -> bytes:  # the body is read inside: a stalled read is a StorageError too
+            data: bytes = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return data  # no copy: a blob can be 100s of MiB
+
+        return self._unless_missing("get", key, read)
 
     def exists(self, digest: str) -> bool:
         key = self.key(digest)
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if _error_code(exc) in MISSING_KEY_CODES:
-                return False
-            raise self._storage_error(exc, "head", key) from exc
-        except BotoCoreError as exc:
-            raise self._storage_error(exc, "head", key) from exc
+        return self._unless_missing("head", key, lambda: self._client.head_object(
+            Bucket=self.bucket, Key=key)) is not None
 
     def delete(self, digest: str) -> None:
         self.purge(digest)
@@ -318,16 +326,10 @@ class S3BlobStore:
 
     def ping(self) -> None:
         """Raise StorageError unless the bucket answers with these credentials."""
-        try:
-            self._probe.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                raise StorageError(
-                    f"{self._where('head', None)} failed: bucket {self.bucket} does not exist; "
-                    "create it or fix the bucket in TMC_BLOB_URL") from exc
-            raise self._storage_error(exc, "head", None) from exc
-        except BotoCoreError as exc:
-            raise self._storage_error(exc, "head", None) from exc
+        answer = self._unless_missing("head", None, lambda: self._probe.head_bucket(
+            Bucket=self.bucket), self._probe)
+        if answer is None:  # HEAD answers a bare 404 (NoSuchBucket is mapped like any call)
+            raise StorageError(f"{self._where('head', None)} failed: {self._missing_bucket()}")
 
     def close(self) -> None:
         self._client.close()

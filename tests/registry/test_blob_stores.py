@@ -21,6 +21,7 @@ import pytest
 import redis
 from botocore.config import Config
 
+from loopback.ports import free_port
 from registry import Registry
 from registry.errors import StorageError
 from registry.file_blobs import FileBlobStore
@@ -38,12 +39,6 @@ BAD_DIGESTS = ["", "abc", "A" * 64, "g" * 64, "0" * 63, "0" * 65, "../" + "0" * 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- stores ------------------------------------------------------------------------------------
@@ -402,10 +397,16 @@ def test_a_stalled_endpoint_is_a_storage_error() -> None:
                                               retries={"total_max_attempts": 2}))
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id="a", aws_secret_access_key="b", config=config)
-        store = S3BlobStore(client, "bucket")
+        probe = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                             aws_access_key_id="a", aws_secret_access_key="b",
+                             config=config.merge(Config(read_timeout=0.3,
+                                                        retries={"total_max_attempts": 1})))
+        store = S3BlobStore(client, "bucket", probe_client=probe)
         with pytest.raises(StorageError, match="did not answer within 0.2 s") as info:
             store.get("0" * 64)
         assert endpoint in str(info.value)
+        with pytest.raises(StorageError, match="did not answer within 0.3 s"):
+            store.ping()  # the probe client's timeout, not the data path's
         store.close()
 
 
