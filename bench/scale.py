@@ -60,6 +60,7 @@ import json
 import random
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict
@@ -87,7 +88,8 @@ from bench.scale_workload import (
     stats_ms,
     timed,
 )
-from bench.servers import binary_version
+from loopback.redis_server import redis_binary
+from loopback.weed import weed_binary
 from tangent import Term, compose
 from tangent.delta import delta_nbytes
 
@@ -304,11 +306,19 @@ def run_setup(s: Setup, plan: Plan, payloads: list[bytes], rng: random.Random) -
     return s.out
 
 
+def binary_version(args: list[str]) -> str:
+    """The first line a ``--version``-style command prints ('' if it cannot run)."""
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def versions() -> dict[str, str]:
     import boto3
     import redis
-
-    from bench.servers import redis_binary, weed_binary
 
     return {"redis_server": binary_version([redis_binary(), "--version"]),
             "weed": binary_version([weed_binary(), "version"]),

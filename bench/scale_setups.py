@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.scale_workload import BUCKET, FP, MAX_COMPONENT_BYTES, REGION, LargeMaker, Plan
-from bench.servers import S3Endpoint, redis_server, weed_server
-from loopback.weed import FOREIGN_AWS_ENV
+from loopback.redis_server import redis_server
+from loopback.weed import FOREIGN_AWS_ENV, S3Endpoint, weed_server
 from registry import Registry, open_registry
 
 
@@ -104,7 +104,8 @@ def aws_env(s3: S3Endpoint) -> Iterator[None]:
 @contextmanager
 def redis_s3_setup(tmp: Path) -> Iterator[tuple[Setup, dict[str, int]]]:
     """Redis index (AOF on) + S3 bytes in a versioned bucket; and Redis's memory before."""
-    with redis_server(tmp / "redis") as url, weed_server(tmp / "weed") as s3, aws_env(s3):
+    with (redis_server(tmp / "redis") as url,
+          weed_server(tmp / "weed", identity="tmc-bench") as s3, aws_env(s3)):
         s3.make_bucket(BUCKET, versioned=True)
         before = redis_memory(url)
         reg = open_registry(registry_dir=None, redis_url=url, base_fingerprint=FP,
