@@ -45,9 +45,6 @@ def make_component(seed: int = 0, *, fingerprint: str = FP,
     return Made(data, weight.numpy().tobytes()[:24], secret.encode())
 
 
-COMBOS = ("sqlite+file", "redis+redis", "redis+s3", "sqlite+s3", "redis+file")
-
-
 @dataclass
 class Store:
     """One index + blob store combination, shared by every Registry a test opens on it.
