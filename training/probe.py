@@ -1,10 +1,10 @@
 """The linear-probe baseline: a fresh last linear layer on the frozen base's features.
 
-The penultimate features are the tail at θ0 without its last stage (which must be an
-nn.Linear, the classifier of every preset); the probe is fitted by full-batch L-BFGS on
-cross-entropy + l2·‖W‖² from zero, so it is deterministic. It is represented as a
-replacement of the last stage's weight and bias, so the evaluation library runs it like
-any other set of region parameters.
+The penultimate features are the inputs of the last stage at θ0 (which must be an
+nn.Linear, the classifier of every preset), captured by ``layer_inputs`` (which the
+prototypes use too); the probe is fitted by full-batch L-BFGS on cross-entropy + l2·‖W‖²
+from zero, so it is deterministic. It is represented as a replacement of the last stage's
+weight and bias, so the evaluation library runs it like any other set of region parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from training.features import Features, batches, trunk_features
 
 if TYPE_CHECKING:
     from bases import Base
+    from tangent import LinearizedNet
 
 
 @dataclass
@@ -43,15 +44,26 @@ def last_linear(base: Base) -> tuple[str, nn.Linear]:
     return name, module
 
 
+def layer_inputs(net: LinearizedNet, layer: nn.Module, features: Features,
+                 batch_size: int = 256) -> torch.Tensor:
+    """The inputs of ``layer`` (a module of net's tail) at θ0, for every row of ``features``:
+    [N, ...]. The tail runs in batches; a forward hook on ``layer`` keeps its inputs."""
+    captured: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            for rows in batches(len(features), batch_size):
+                net.tail(features.take(rows))
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
 def penultimate(base: Base, features: Features, batch_size: int = 256) -> torch.Tensor:
     """Inputs of the last linear layer at θ0, for every row of ``features``: [N, D]."""
-    net = base.net
-    body = net.net[net.split_index:-1]  # the tail (net[split:]) without its last stage
-    out = []
-    with torch.no_grad():
-        for rows in batches(len(features), batch_size):
-            out.append(body(features.take(rows)))
-    return torch.cat(out)
+    _, layer = last_linear(base)
+    return layer_inputs(base.net, layer, features, batch_size)
 
 
 def train_linear_probe(base: Base, ds: Dataset, *, features: Features | None = None,

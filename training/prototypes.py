@@ -34,7 +34,8 @@ from torch import nn
 
 from training.data import Dataset
 from training.errors import UsageError
-from training.features import Features, batches
+from training.features import Features
+from training.probe import layer_inputs
 
 if TYPE_CHECKING:
     from tangent import LinearizedNet
@@ -56,16 +57,8 @@ def output_layer(net: LinearizedNet) -> tuple[str, nn.Linear]:
 def penultimate(net: LinearizedNet, features: Features, batch_size: int = 256) -> torch.Tensor:
     """φ(x): the inputs of the output layer at θ0, [N, D], for every row of ``features``."""
     _, layer = output_layer(net)
-    captured: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda m, inputs, out: captured.append(
-        inputs[0].detach().reshape(inputs[0].shape[0], -1)))
-    try:
-        with torch.no_grad():
-            for rows in batches(len(features), batch_size):
-                net.tail(features.take(rows))
-    finally:
-        hook.remove()
-    return torch.cat(captured)
+    phi = layer_inputs(net, layer, features, batch_size)
+    return phi.reshape(phi.shape[0], -1)
 
 
 def prototype_rows(net: LinearizedNet, ds: Dataset, features: Features) -> dict[int, torch.Tensor]:
