@@ -28,8 +28,8 @@ import redis
 
 from bases import load_base
 from loopback.ports import free_port
-from loopback.process import stop_process
-from loopback.redis_server import wait_for_ping
+from loopback.process import MissingBinary, stop_process
+from loopback.redis_server import redis_binary, wait_for_ping
 from registry import ForgetReceipt, Registry, StorageError, StorePurge
 from registry.redis_persistence import CHECK, ROUTE, persistence_report
 from tangent import encode_component
@@ -118,10 +118,10 @@ def _launch(binary: str, data: Path, log: Path, options: list[str]) -> Persisten
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator[Callable[..., PersistentRedis]]:
     """start_redis(appendonly=..., save=..., extra=[...]): a fresh persisting redis-server."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `apt-get install redis-server` "
-                    "(or `make setup`, which installs it)", pytrace=False)
+    try:
+        binary = redis_binary()
+    except MissingBinary as exc:  # says how to install it
+        pytest.fail(str(exc), pytrace=False)
     started: list[PersistentRedis] = []
 
     def start(*, appendonly: bool, save: str, extra: tuple[str, ...] = ()) -> PersistentRedis:
