@@ -60,8 +60,8 @@ def blob_place(blob_url: str | None, registry_dir: Path | None,
     if blob_url == "redis":
         if not redis_url:
             raise BlobPlaceError("TMC_BLOB_URL=redis keeps component bytes in the shared Redis, "
-                             "but TMC_REDIS_URL is not set: set it, or pick file:///path or "
-                             "s3://bucket/prefix for the bytes")
+                                 "but TMC_REDIS_URL is not set: set it, or pick file:///path or "
+                                 "s3://bucket/prefix for the bytes")
         return "redis", ""
     if blob_url.startswith("s3://"):
         return "s3", blob_url
@@ -76,7 +76,7 @@ def _file_path(url: str) -> str:
     if parts.netloc not in ("", "localhost") or not path.startswith("/") or (
             parts.query or parts.fragment):
         raise BlobPlaceError(f"TMC_BLOB_URL {url!r}: a file URL is file:///absolute/path "
-                         "(three slashes, no host, query or fragment)")
+                             "(three slashes, no host, query or fragment)")
     return path
 
 
