@@ -57,6 +57,7 @@ from tangent import encode_component
 NAME = "cold_fetch"
 WARM = {"w0": 0.5, "w1": 0.5}
 COLD = [f"c{i}" for i in range(4)]
+FETCH = "tmc_component_fetch_duration_seconds"  # the fetch pool's histogram (after only)
 
 
 @dataclass(frozen=True)
@@ -218,13 +219,11 @@ def measure(name: str, code: Path | None, base_dir: Path, files: dict[str, bytes
         m0 = scrape.parse_metrics(httpx.get(f"{server.url}/metrics").text)
         loaded = asyncio.run(phase(server.port, cfg, with_cold=True))
         m1 = scrape.parse_metrics(httpx.get(f"{server.url}/metrics").text)
-    fetches = scrape.delta(m0, m1, "tmc_component_fetch_duration_seconds_count")
-    fetch_s = scrape.delta(m0, m1, "tmc_component_fetch_duration_seconds_sum")
     result = {"code": "this checkout" if code is None else str(code), "idle": idle,
               "cold_load": loaded,
-              "fetches_off_device": fetches,
-              "fetch_ms_mean": fetch_s / fetches * 1e3 if fetches else None,
-              "has_fetch_pool": "tmc_component_fetch_duration_seconds_count" in m1}
+              "fetches_off_device": scrape.delta(m0, m1, f"{FETCH}_count"),
+              "fetch_ms_mean": scrape.histogram_mean_ms(m0, m1, FETCH),
+              "has_fetch_pool": f"{FETCH}_count" in m1}
     _log(name, result)
     return result
 
@@ -264,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         common.log(f"components: {len(files)} x {size / 1e6:.0f} MB; before = {ref}")
         with checkout(ref) as before_code:
             before = measure("before", before_code, base_dir, files, cache_bytes, cfg, work)
+        if before["has_fetch_pool"]:  # before the 'after' server runs for nothing
+            raise SystemExit("the 'before' server already has the fetch pool: --before must "
+                             "name a commit without app/fetch.py")
         with checkout(args.after) if args.after else contextlib.nullcontext() as after_code:
             after = measure("after", after_code, base_dir, files, cache_bytes, cfg, work)
     results: dict[str, Any] = {
@@ -273,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "after": after["cold_load"]["warm"]["p99_ms"]},
         "warm_p99_ms_idle": {"before": before["idle"]["warm"]["p99_ms"],
                              "after": after["idle"]["warm"]["p99_ms"]}}
-    if before["has_fetch_pool"] or not after["has_fetch_pool"]:
-        raise SystemExit("the 'before' server already has the fetch pool (or 'after' lacks "
-                         "it): --before must name a commit without app/fetch.py")
+    if not after["has_fetch_pool"]:
+        raise SystemExit("the 'after' server lacks the fetch pool: --after must name a commit "
+                         "with app/fetch.py")
     after_p99, before_p99 = (results["warm_p99_ms_under_cold_load"][k]
                              for k in ("after", "before"))
     ratio = after_p99 / before_p99 if after_p99 and before_p99 else None
