@@ -335,7 +335,9 @@ class Service:
         does not answer (S3 down) is reported (``blob_store``, ``blob_store_error``) but does
         not make the replica unready: every replica shares it, so failing readiness would take
         them all out of service, while base-only requests and compositions whose tensors are
-        cached still work; requests that need cold bytes get a 503 that names the store."""
+        cached still work; requests that need cold bytes get a 503 that names the store.
+        Blocking (an index and a blob store round trip, up to the S3 probe's timeouts when
+        the store hangs): routes call it on a thread, never on the event loop."""
         checks: dict[str, object] = {"base_loaded": True, "warm_forward": self.ready,
                                   "draining": self.draining}
         try:

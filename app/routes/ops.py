@@ -23,7 +23,7 @@ async def healthz() -> dict[str, str]:
     "the service is starting)", "content": {"application/json": {"schema": {
         "type": "object", "additionalProperties": True}}}}})
 async def readyz(service: ServiceDep) -> JSONResponse:
-    checks = service.readiness()
+    checks = await run_in_threadpool(service.readiness)  # storage round trips: off the loop
     return JSONResponse(checks, status_code=200 if checks["ready"] else 503)
 
 

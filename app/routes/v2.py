@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from app.composition import BaseOnly, CompositionSpec, Named, parse_components_param
 from app.deps import InferenceDep, ServiceDep
@@ -74,7 +75,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready", responses=error_responses(503))
 async def ready(service: ServiceDep) -> dict[str, bool]:
-    if not service.readiness()["ready"]:
+    if not (await run_in_threadpool(service.readiness))["ready"]:
         raise NotReadyError("not ready")
     return {"ready": True}
 
@@ -111,7 +112,7 @@ async def model_metadata(model: str, service: ServiceDep) -> dict[str, object]:
             responses=error_responses(401, 404, 422, 503))
 async def model_ready(model: str, service: ServiceDep) -> dict[str, object]:
     _model(service, model)
-    if not service.readiness()["ready"]:
+    if not (await run_in_threadpool(service.readiness))["ready"]:
         raise NotReadyError("model not ready")
     return {"name": model, "ready": True}
 
