@@ -148,14 +148,16 @@ def delete_composition(tx: Tx, name: str) -> int:
 
 
 def drop_orphans(tx: Tx, candidates: Sequence[str]) -> list[str]:
-    """Stage the deletion of every candidate blob that no id owns (a crashed add's)."""
-    orphans = [d for d in candidates if tx.owner(d) is None]
+    """Stage the deletion of every candidate blob that no id owns (a crashed add's, or a
+    forget's whose delete failed)."""
+    orphans = unreferenced(tx, candidates)
     for digest in orphans:
         tx.drop_blob(digest)
     return orphans
 
 
 def unreferenced(tx: Tx, digests: Sequence[str]) -> list[str]:
+    """The digests that no id owns."""
     return [d for d in digests if tx.owner(d) is None]
 
 
