@@ -213,7 +213,6 @@ def test_a_missing_bucket_fails_ping_and_cold_loads_naming_the_store(
             cold.load_bytes(digest)
 
 
-@pytest.mark.s3
 def test_an_unreachable_object_store_is_a_storage_error_at_open(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with socket.socket() as sock:
