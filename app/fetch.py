@@ -328,9 +328,11 @@ class Fetcher:
 
     @property
     def in_flight(self) -> int:
-        """Fetches running or queued."""
+        """Fetches running or queued (a batch's ``unfinished`` counts its running ones too,
+        and its cancelled ones stay in its queue until a turn skips them)."""
         with self._lock:
-            return sum(b.unfinished for b in self._turns) + len(self._running)
+            queued = sum(not f.future.cancelled() for b in self._turns for f in b.queued)
+            return queued + len(self._running)
 
     def shutdown(self, wait: bool = False) -> None:
         """Stop taking fetches; queued ones are cancelled (their requests get 503). With

@@ -470,6 +470,7 @@ def test_a_request_past_the_host_byte_budget_gets_413_and_its_queued_fetches_are
             with pytest.raises(StagingTooLargeError) as refused:
                 await predict(svc, x, dict.fromkeys(seeds, 1.0))
             third = svc.fetcher._flights[order[2][0]].future
+            assert svc.fetcher.in_flight == 1  # the third, on its thread; 4 and 5 dropped
             gate.release.set()
             await asyncio.wrap_future(third)
             return refused.value
