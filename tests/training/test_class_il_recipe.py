@@ -131,9 +131,15 @@ def test_prototypes_add_exactly_the_cosine_class_mean_score(tiny: Base, digit_sp
     with_p = train_tangent(tiny, shard, replace(cfg, prototypes=alpha / cfg.kappa))
     ev = Evaluator(tiny, digit_splits.test)
     phi = penultimate(tiny.net, ev.features)  # [N, D]
+    shard_features = trunk_features(tiny, shard)
+    phi_shard, labels = penultimate(tiny.net, shard_features), torch.from_numpy(shard.labels)
+    rows = prototype_rows(tiny.net, shard, shard_features)
+    assert sorted(rows) == sorted(classes)
     expected = ev.tangent_logits(plain.delta).clone()
-    for c, mu in prototype_rows(tiny.net, shard, trunk_features(tiny, shard)).items():
-        assert c in classes and abs(float(mu.norm()) - 1) < 1e-5
+    for c in classes:  # μ̂_c: the unit-length mean of φ over the shard's rows of class c
+        mean = phi_shard[labels == c].mean(0)  # [D]
+        mu = mean / mean.norm()
+        torch.testing.assert_close(rows[c], mu)
         expected[:, c] += alpha * phi @ mu
     torch.testing.assert_close(ev.tangent_logits(with_p.delta), expected, rtol=1e-5,
                                atol=1e-4)
@@ -170,14 +176,29 @@ def test_pool_prototypes_add_exactly_the_whitened_class_mean_score(
     classes = [seed % 10, (seed + 4) % 10]
     shard = shard_by_classes(digit_splits.train, classes)
     pool_rows = digit_splits.train.subset(np.arange(0, len(digit_splits.train), 3))
-    pool = pool_whitening(tiny.net, trunk_features(tiny, pool_rows), shrinkage=0.3)
+    pool_features = trunk_features(tiny, pool_rows)
+    pool = pool_whitening(tiny.net, pool_features, shrinkage=0.3)
+    # Σ⁻¹: the pool's φ covariance (population), shrunk 30% towards mean(diag Σ)·I
+    phi_pool = penultimate(tiny.net, pool_features).to(torch.float64)  # [P, D]
+    cov = torch.cov(phi_pool.T, correction=0)  # [D, D]
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+    shrunk = 0.7 * cov + 0.3 * cov.diagonal().mean() * eye
+    assert pool.rows == len(pool_rows)
+    torch.testing.assert_close(pool.precision, torch.linalg.inv(shrunk))
     cfg = TangentConfig(epochs=1, lr=1e-2, kappa=5.0, seed=seed % 1000, prototypes=2.0)
     plain = train_tangent(tiny, shard, replace(cfg, prototypes=0.0))
     whitened = train_tangent(tiny, shard, cfg, pool=pool)
     ev = Evaluator(tiny, digit_splits.test)
     phi = penultimate(tiny.net, ev.features).to(torch.float64)  # [N, D]
+    shard_features = trunk_features(tiny, shard)
+    phi_shard = penultimate(tiny.net, shard_features).to(torch.float64)  # [n, D]
+    labels = torch.from_numpy(shard.labels)
+    means = class_means(tiny.net, shard, shard_features)
+    assert sorted(means) == sorted(classes)
     expected = ev.tangent_logits(plain.delta).to(torch.float64)
-    for c, mean in class_means(tiny.net, shard, trunk_features(tiny, shard)).items():
+    for c in classes:  # μ_c: the mean of φ over the shard's rows of class c
+        mean = phi_shard[labels == c].mean(0)  # [D]
+        torch.testing.assert_close(means[c], mean)
         row = pool.precision @ mean
         expected[:, c] += cfg.prototypes * cfg.kappa * (phi @ row - 0.5 * mean @ row)
     torch.testing.assert_close(ev.tangent_logits(whitened.delta).to(torch.float64), expected,
