@@ -250,15 +250,18 @@ def result_stem(name: str, quick: bool) -> str:
 
 
 def write_result(name: str, quick: bool, machine_info: dict[str, Any], settings: dict[str, Any],
-                 results: dict[str, Any], targets: dict[str, Any], started: float) -> Path:
+                 results: dict[str, Any], targets: dict[str, Any], started: float, *,
+                 out_dir: Path = RESULTS, stem: str = "") -> Path:
+    """``<out_dir>/<stem>.json`` (default: bench/results/<result_stem>.json), written whole
+    or not at all."""
     machine_info = {**machine_info, "load_average_at_end": list(os.getloadavg())}
     doc = {"name": name, "quick": quick,
            "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
            "wall_seconds": time.perf_counter() - started,
            "machine": machine_info, "settings": settings, "results": results,
            "targets": targets}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{result_stem(name, quick)}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem or result_stem(name, quick)}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
     os.replace(tmp, path)
@@ -267,11 +270,14 @@ def write_result(name: str, quick: bool, machine_info: dict[str, Any], settings:
 
 def finish(name: str, quick: bool, machine_info: dict[str, Any], settings: dict[str, Any],
            results: dict[str, Any], targets: dict[str, Any], started: float,
-           draw: Callable[[Path], None] | None = None) -> Path:
-    """Write the result file, draw its plot (``draw(png path)``), log every target."""
-    path = write_result(name, quick, machine_info, settings, results, targets, started)
+           draw: Callable[[Path], None] | None = None, *, out_dir: Path = RESULTS,
+           stem: str = "") -> Path:
+    """Write the result file, draw its plot (``draw(png path)``, the png beside the json),
+    log every target."""
+    path = write_result(name, quick, machine_info, settings, results, targets, started,
+                        out_dir=out_dir, stem=stem)
     if draw is not None:
-        draw(png_path(name, quick))
+        draw(path.with_suffix(".png"))
     for tname, t in targets.items():
         value = f"{t['value']:.3g}" if isinstance(t["value"], float) else t["value"]
         log(f"{'MET ' if t['met'] else 'MISS'} {tname}: {value} ({t['note']})")

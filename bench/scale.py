@@ -55,8 +55,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 
 import argparse
 import asyncio
-import datetime as _dt
-import json
 import random
 import sqlite3
 import statistics
@@ -347,15 +345,6 @@ def measure(plan: Plan, tmp: Path) -> dict[str, Any]:
     return {"setups": setups, "redis_memory": memory}
 
 
-def write(out_dir: Path, stem: str, doc: dict[str, Any]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def settings(plan: Plan, mode: str) -> dict[str, Any]:
     return {"mode": mode, "plan": asdict(plan), "region": {
                 n: list(p.shape) for n, p in REGION.items()},
@@ -379,19 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine()
     with tempfile.TemporaryDirectory(prefix="tmc-scale-") as tmp:
         results = measure(plan, Path(tmp))
-    doc: dict[str, Any] = {
-        "name": NAME, "quick": name != "full", "mode": name,
-        "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "wall_seconds": time.perf_counter() - started,
-        "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
-        "settings": settings(plan, name), "results": results,
-        "targets": targets(results["setups"], plan)}
-    stem = NAME if name == "full" else f"{NAME}_{name}"
-    path = write(args.out, stem, doc)
-    draw(args.out / f"{stem}.png", results, name != "full")
-    for tname, t in doc["targets"].items():
-        common.log(f"{'MET ' if t['met'] else 'MISS'} {tname}: {t['value']:.3g} ({t['note']})")
-    common.log(f"wrote {path} in {doc['wall_seconds']:.0f} s")
+    quick = name != "full"
+    common.finish(NAME, quick, machine, settings(plan, name), results,
+                  targets(results["setups"], plan), started,
+                  lambda png: draw(png, results, quick), out_dir=args.out,
+                  stem=NAME if name == "full" else f"{NAME}_{name}")
     return 0
 
 
