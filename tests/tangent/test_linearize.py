@@ -189,6 +189,8 @@ def test_training_jvp_stays_eager_when_compiled_and_refuses_inference_mode(
     y0, dy = net.tail_jvp_with_grad(h, trainable)
     assert not graphs  # the compiled path (which detaches Δ) is never taken
     assert torch.equal(y0, eager[0]) and torch.equal(dy, eager[1]) and dy.requires_grad
+    net.tail_jvp(h, delta)  # serving does take it: the counter sees that graph
+    assert graphs
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference mode"):
         net.tail_jvp_with_grad(h, trainable)
 
