@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from app.service import Service
     from app.settings import Settings
+    from registry import Registry
 
 EXAMPLES = 3
 EXAMPLE_SAMPLES = 2000  # per component
@@ -29,6 +31,7 @@ SAMPLE_IMAGES = {"ankle-boot": 9, "trouser": 1, "bag": 8, "shirt": 6}  # name ->
 
 def run_demo(overrides: dict[str, str | int]) -> int:
     from app.settings import load_settings, tmc_home
+    from cli.serve import open_service
 
     home = tmc_home()
     token = os.environ.get("TMC_ADMIN_TOKEN") or _stored_token(home)
@@ -36,9 +39,10 @@ def run_demo(overrides: dict[str, str | int]) -> int:
     _ensure_base(settings.base_dir)
     files = _ensure_examples(settings.base_dir, home / "examples")
     _write_sample_images(home / "examples")
-    _register(settings, files)
+    service = open_service(settings)  # base and registry opened once: registered, served
+    _register(service.registry, files)
     _print_welcome(settings.host, settings.port, token, home / "examples")
-    return _serve(settings)
+    return _serve(settings, service)
 
 
 def _stored_token(home: Path) -> str:
@@ -94,20 +98,13 @@ def _write_sample_images(out_dir: Path) -> None:
         Image.fromarray(images[row]).save(out_dir / f"{name}.png")
 
 
-def _register(settings: Settings, files: list[Path]) -> None:
-    from app.service import open_registry_for
-    from bases import load_base
-
-    base = load_base(settings.base_dir, check_forward_ad=False)
-    reg = open_registry_for(settings, base)
-    try:
-        known = {c.id for c in reg.list()}
-        for path in files:
-            cid = path.name.removesuffix(".safetensors")
-            if cid not in known:
-                reg.add(cid, path.read_bytes(), 1.0, ["example", "fashion-mnist"], True)
-    finally:
-        reg.close()
+def _register(reg: Registry, files: list[Path]) -> None:
+    """The example components not yet in the registry (the service's own: it stays open)."""
+    known = {c.id for c in reg.list()}
+    for path in files:
+        cid = path.name.removesuffix(".safetensors")
+        if cid not in known:
+            reg.add(cid, path.read_bytes(), 1.0, ["example", "fashion-mnist"], True)
 
 
 def _print_welcome(host: str, port: int, token: str, examples: Path) -> None:
@@ -131,11 +128,11 @@ curl -s -X DELETE {url}/v1/components/fmnist-shard-2 -H "authorization: Bearer $
 """, flush=True)
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, service: Service) -> int:
     """The same server as `tmc serve` (its slow-client limits and drain included)."""
     from cli.serve import run_server
 
-    return run_server(settings)
+    return run_server(settings, service)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def listen_overrides(args: argparse.Namespace) -> dict[str, str | int]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings(listen_overrides(args))
-    return run_server(settings, _build_service(settings))
+    return run_server(settings, open_service(settings))
 
 
 def run_server(settings: Settings, service: Service | None = None) -> int:
@@ -91,7 +91,7 @@ def _load_settings(overrides: dict[str, str | int]) -> Settings:
                        f"{os.environ.get('TMC_CONFIG_FILE')}: {exc}", 2) from exc
 
 
-def _build_service(settings: Settings) -> Service:
+def open_service(settings: Settings) -> Service:
     """Base and registry, opened once before uvicorn starts (the app's startup uses this
     service): a missing or tampered base ends with one error line and exit code 4, an
     unreachable registry with exit code 1, instead of a failed startup."""
