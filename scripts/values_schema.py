@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from deploy_check_app import settings_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = ROOT / "helm" / "tmc" / "values.schema.json"
@@ -51,15 +52,6 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 def camel(name: str) -> str:
     first, *rest = name.split("_")
     return first + "".join(part.capitalize() for part in rest)
-
-
-def load_settings_class() -> Any:
-    sys.path.insert(0, str(ROOT))
-    try:
-        from app.settings import Settings  # noqa: PLC0415 (the repo under test)
-    finally:
-        sys.path.pop(0)
-    return Settings
 
 
 def value_schema(field: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="fail if the file is out of date")
     args = ap.parse_args(argv)
     text = SCHEMA_FILE.read_text()
-    block = config_block(load_settings_class())
+    block = config_block(settings_module().Settings)
     wanted = render(json.loads(text), block)
     if args.write:
         SCHEMA_FILE.write_text(wanted)
