@@ -71,8 +71,9 @@ rc=0
 "$PY" scripts/values_schema.py --check || rc=1
 "$PY" scripts/deploy_check.py --helm "$HELM_BIN" --hadolint "$(dirname "$PY")/hadolint" \
   --checkov "$CHECKOV_DIR/bin/checkov" "$@" || rc=1
-# The checker's own tests (mutated manifests must be caught); their helm cases skip under a plain
-# `pytest` run before helm is installed, so they run here, where it is.
+# The checker's own tests (mutated manifests must be caught by our rules or the tools' check ids);
+# they need helm and checkov (they fail, naming this script, without them), so `make test`'s pytest
+# run ignores tests/deploy and they run here, where both are installed.
 log "checker self-tests (tests/deploy)"
 HELM="$HELM_BIN" CHECKOV="$CHECKOV_DIR/bin/checkov" "$PY" -m pytest -q -p no:cacheprovider tests/deploy || rc=1
 exit "$rc"
