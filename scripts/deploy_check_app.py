@@ -39,6 +39,17 @@ def repo_on_path() -> Iterator[None]:
         sys.path.remove(str(ROOT))
 
 
+@contextmanager
+def without_tmc_env() -> Iterator[None]:
+    """The caller's TMC_* variables taken out of the environment (Settings would read them),
+    put back afterwards."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TMC_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 @functools.cache
 def settings_module() -> ModuleType:
     with repo_on_path():
@@ -59,11 +70,8 @@ def http_routes() -> tuple[dict[str, frozenset[str]], frozenset[str]]:
     with repo_on_path():
         from app.main import create_app  # noqa: PLC0415 (the repo under test)
         from app.routes import admin  # noqa: PLC0415
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TMC_")}
-    try:
+    with without_tmc_env():
         paths = create_app(settings_module().Settings()).openapi()["paths"]
-    finally:
-        os.environ.update(saved)
     routes = {p: frozenset(m.upper() for m in methods) for p, methods in paths.items()}
     return routes, frozenset(str(getattr(r, "path", "")) for r in admin.router.routes)
 
@@ -74,13 +82,11 @@ def settings_error(env: dict[str, str]) -> str | None:
     fields = settings.Settings.model_fields
     kwargs = {k[4:].lower(): v for k, v in env.items()
               if k.startswith("TMC_") and k[4:].lower() in fields}
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TMC_")}
-    try:
-        settings.Settings(**kwargs)
-    except Exception as exc:  # pydantic.ValidationError
-        return " ".join(str(exc).split())
-    finally:
-        os.environ.update(saved)
+    with without_tmc_env():
+        try:
+            settings.Settings(**kwargs)
+        except Exception as exc:  # pydantic.ValidationError
+            return " ".join(str(exc).split())
     return None
 
 
