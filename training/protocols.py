@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tangent import Normalize
-from training.evaluate import Evaluator, compose_deltas
+from training.evaluate import Delta, Evaluator, compose_deltas
 from training.nonlinear import weight_average
 
 if TYPE_CHECKING:
@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 
 Task = tuple[str, "Dataset", "Features | None"]  # (label, training shard, its trunk features)
 
-Delta = Mapping[str, torch.Tensor]
-Params = Mapping[str, torch.Tensor]
+Params = Mapping[str, torch.Tensor]  # a non-linear model's region parameters
 # a variant's figures: <name>_mean (mean-normalized) and <name>_sum (plain sum)
 VARIANT_MODES: tuple[tuple[str, Normalize], ...] = (("mean", "mean"), ("sum", "none"))
 
