@@ -1,11 +1,14 @@
 # Every target is self-sufficient on a fresh Debian machine with Python 3.11:
-# it creates .venv, installs torch==2.13.0 (CPU wheel) first, then the project,
+# it creates .venv, installs torch (TORCH_VERSION, the CPU wheel) first, then the project,
 # and the Debian packages it needs. Re-running is fast and idempotent.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tmc-installed
+# The torch of the venv and of `make lock`; the Dockerfile's ARG TORCH_VERSION default is the
+# same (tests/test_lock.py checks the locks' header against it).
+TORCH_VERSION := 2.13.0
 APT_PACKAGES := dataset-fashion-mnist redis-server prometheus
 TMC_HOST ?= 127.0.0.1
 TMC_PORT ?= 8000
@@ -25,7 +28,7 @@ apt:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[data,dev,bench]'
 	touch $(STAMP)
 
@@ -74,7 +77,6 @@ soak: setup
 UV := .tools/uv/bin/uv
 UV_VERSION := 0.13.8
 LOCK_DATE := 2026-11-28T00:00:00Z
-TORCH_VERSION := 2.13.0
 LOCK_FLAGS = --quiet --upgrade --generate-hashes --python-version 3.11 \
   --python-platform x86_64-manylinux_2_28 \
   --exclude-newer $(LOCK_DATE) --excludes requirements/torch-cuda.exclude \
