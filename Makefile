@@ -13,7 +13,7 @@ APT_PACKAGES := dataset-fashion-mnist redis-server prometheus
 TMC_HOST ?= 127.0.0.1
 TMC_PORT ?= 8000
 
-.PHONY: run test bench bench-quick gpu-check setup apt lint typecheck deploy-check soak lock clean
+.PHONY: run test bench bench-quick gpu-check setup apt lint deploy-check soak lock clean
 
 setup: $(STAMP) apt
 
