@@ -98,6 +98,13 @@ class Settings(BaseSettings):
             raise ValueError("tokens must be at least 16 characters")
         return value
 
+    @field_validator("base_dir", mode="before")
+    @classmethod
+    def _empty_base_dir_is_unset(cls, value: object) -> object:
+        """An empty $TMC_BASE_DIR means unset, as in ``default_base_dir`` (was: the current
+        directory for `tmc serve`, .tmc/base for the other commands)."""
+        return DEFAULT_HOME / "base" if value == "" else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import default_base_dir, tmc_home
+from app.settings import DEFAULT_HOME, Settings, default_base_dir, tmc_home
 
 
 def test_base_dir_env_then_home_then_dot_tmc(tmp_path: Path,
@@ -22,3 +22,15 @@ def test_base_dir_env_then_home_then_dot_tmc(tmp_path: Path,
     assert default_base_dir() == tmp_path / "home" / "base"
     monkeypatch.setenv("TMC_BASE_DIR", str(tmp_path / "elsewhere"))
     assert default_base_dir() == tmp_path / "elsewhere"
+
+
+def test_serve_settings_take_an_empty_base_dir_as_unset_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tmc serve` (Settings) and the other commands (default_base_dir) agree on an empty
+    $TMC_BASE_DIR: unset, not the current directory."""
+    monkeypatch.delenv("TMC_BASE_DIR", raising=False)
+    assert Settings().base_dir == DEFAULT_HOME / "base"
+    monkeypatch.setenv("TMC_BASE_DIR", "")
+    assert Settings().base_dir == DEFAULT_HOME / "base" != Path(".")
+    monkeypatch.setenv("TMC_BASE_DIR", str(tmp_path / "elsewhere"))
+    assert Settings().base_dir == tmp_path / "elsewhere"
