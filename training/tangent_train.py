@@ -206,7 +206,7 @@ def check_config(config: TangentConfig, ds: Dataset, net: LinearizedNet) -> None
         from training.prototypes import output_layer
 
         output_layer(net)
-    if config.quiet and not config.negatives.startswith("pool:"):
+    if config.quiet:
         check_kind(config.negatives, ds.kind)
 
 
@@ -216,8 +216,6 @@ def shard_negatives(base: Base, ds: Dataset, config: TangentConfig,
     shard's own rows now; and the seconds spent computing them here."""
     if not config.quiet or negatives is not None:
         return negatives, 0.0
-    if config.negatives.startswith("pool:"):
-        raise UsageError("negatives from a pool: pass the pool's trunk features")
     computed = negative_features(base, ds, config, progress)
     return computed, computed.seconds
 

@@ -69,6 +69,8 @@ def test_image_only_negatives_refused_for_vectors(tiny: Base, digit_splits: Spli
     shard = shard_by_classes(digit_splits.train, [0, 1])
     with pytest.raises(UsageError, match="need image inputs"):
         train_tangent(tiny, shard, TangentConfig(epochs=1, quiet=1.0, negatives="rot"))
+    with pytest.raises(UsageError, match="unknown negatives 'pool:x'; use one of rot, "):
+        train_tangent(tiny, shard, TangentConfig(epochs=1, quiet=1.0, negatives="pool:x"))
 
 
 def test_quiet_shrinks_the_tangent_term_on_negatives(tiny: Base, digit_splits: Splits,
