@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -22,8 +21,8 @@ import redis
 import torch
 
 from loopback.ports import free_port
-from loopback.process import stop_process
-from loopback.redis_server import wait_for_ping
+from loopback.process import MissingBinary, stop_process
+from loopback.redis_server import redis_args, redis_binary, wait_for_ping
 from registry import open_registry
 from registry.core import RegistryLostError
 from tests.app.conftest import (
@@ -43,18 +42,18 @@ class RestartableRedis:
     """One redis-server on one port, no RDB, no AOF: a restart comes back empty."""
 
     def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed", pytrace=False)
-        self.binary, self.workdir = binary, workdir
+        try:
+            self.binary = redis_binary()
+        except MissingBinary as exc:
+            pytest.fail(str(exc), pytrace=False)  # says how to install it
+        self.workdir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
+        args = redis_args(self.binary, self.port, self.workdir, appendonly=False)
         with open(self.workdir / "redis.log", "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         if not wait_for_ping(self.url, self.proc):

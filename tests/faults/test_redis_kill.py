@@ -10,7 +10,6 @@ lost. Every loop is bounded in count and time.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -24,8 +23,8 @@ import pytest
 import torch
 
 from loopback.ports import free_port
-from loopback.process import stop_process
-from loopback.redis_server import wait_for_ping
+from loopback.process import MissingBinary, stop_process
+from loopback.redis_server import redis_binary, wait_for_ping
 from tests.app.conftest import ADMIN, component_bytes, fresh_seed, live_server, settings_for
 
 pytestmark = [pytest.mark.redis]
@@ -42,10 +41,11 @@ class KillableRedis:
     """One redis-server on one fixed port; ``persistent``: AOF fsynced on every write."""
 
     def __init__(self, workdir: Path, persistent: bool) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed", pytrace=False)
-        self.binary, self.workdir, self.persistent = binary, workdir, persistent
+        try:
+            self.binary = redis_binary()
+        except MissingBinary as exc:
+            pytest.fail(str(exc), pytrace=False)  # says how to install it
+        self.workdir, self.persistent = workdir, persistent
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
