@@ -199,7 +199,9 @@ def helm_template(helm: str, files: list[Path], *extra: str) -> subprocess.Compl
 def check_documents(docs: list[Doc], vs: ValueSet, rep: Report) -> None:
     """Schemas, then the project's own rules, on one value set's rendered documents."""
     validate_documents(docs, vs.name, rep)
-    check_manifests(docs, vs, None, rep)
+    rendered = Rendered(vs, docs)
+    check_workloads(rendered, rep)
+    check_references(rendered, rep)
 
 
 def check_value_set(helm: str, vs: ValueSet) -> tuple[Report, str]:
@@ -233,17 +235,6 @@ def check_invalid_set(helm: str, inv: InvalidSet) -> Report:
     else:
         rep.ok(f"invalid:{inv.name}: refused ({inv.message})")
     return rep
-
-
-def check_manifests(docs: list[Doc], vs: ValueSet, _settings: object, rep: Report) -> None:
-    """The project's rules without the schemas (the old entry point; tests/ops/test_dashboard.py
-    calls it after validate_documents)."""
-    rendered = Rendered(vs, docs)
-    check_workloads(rendered, rep)
-    check_references(rendered, rep)
-
-
-load_settings_module = app_facts.settings_module  # the old name, for tests/ops/test_dashboard.py
 
 
 # ------------------------------------------------------------------------------- main flow

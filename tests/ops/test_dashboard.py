@@ -288,8 +288,7 @@ def test_chart_ships_the_dashboard_configmap(tmp_path):
     # the whole render still passes the deploy checker (k8s 1.30 schemas + cross-checks)
     vs = dc.ValueSet("dashboard", files, expect_kinds=dc.BASE_KINDS)
     rep = dc.Report()
-    dc.validate_documents(docs, vs.name, rep)
-    dc.check_manifests(docs, vs, dc.load_settings_module(), rep)
+    dc.check_documents(docs, vs, rep)
     assert not rep.errors, rep.errors
     lint = dc.helm_cmd(helm(), "lint", "--strict", str(dc.CHART), *dc.values_args(files))
     assert lint.returncode == 0 and "[WARNING]" not in lint.stdout, lint.stdout + lint.stderr
