@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+from tangent import Normalize
 from training.data import Dataset
 from training.features import Features, InputEncoder, TailInput, batches, trunk_features
 from training.nonlinear import tail_with, weight_average
@@ -33,7 +34,7 @@ Delta = Mapping[str, torch.Tensor]
 
 
 def compose_deltas(deltas: Sequence[Delta], weights: Sequence[float] | None = None,
-                   normalize: Literal["none", "sum", "mean"] = "mean") -> dict[str, torch.Tensor]:
+                   normalize: Normalize = "mean") -> dict[str, torch.Tensor]:
     """Σ w_k Δ_k with tangent.compose (weights default to 1; 'mean' divides by N)."""
     from tangent import Term, compose
 
@@ -103,7 +104,7 @@ class Evaluator:
         return self.accuracy_of(self.tangent_logits(delta))
 
     def tmc(self, deltas: Sequence[Delta], weights: Sequence[float] | None = None,
-            normalize: Literal["none", "sum", "mean"] = "mean") -> float:
+            normalize: Normalize = "mean") -> float:
         return self.tangent(compose_deltas(deltas, weights, normalize))
 
     def nonlinear(self, params: Mapping[str, torch.Tensor]) -> float:
@@ -135,7 +136,7 @@ class Evaluator:
 
 def evaluate_files(base: Base, ds: Dataset, files: Sequence[bytes],
                    weights: Sequence[float] | None = None,
-                   normalize: Literal["none", "sum", "mean"] = "mean",
+                   normalize: Normalize = "mean",
                    evaluator: Evaluator | None = None) -> dict[str, float]:
     """Accuracy of component files (tmc.component/1) composed, or of non-linear fine-tunes
     (tmc.nonlinear/1) as an ensemble and a weight average."""
