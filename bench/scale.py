@@ -209,10 +209,12 @@ def stage(s: Setup, digests: list[str], threads: int, waiting: int) -> tuple[flo
     """Stage ``digests`` through the service's fetch pool (fetch, sha256, decode on
     ``threads`` threads); (seconds, Staged). Raises what ``Fetcher.stage`` raises."""
     from app.fetch import Fetcher
+    from app.host_tensors import verified_tensors
     from app.purges import PurgeLog
 
-    fetcher = Fetcher(s.reg.load_tensors, PurgeLog(), threads=threads, max_waiting=waiting,
-                      timeout_s=600.0, store=s.reg.blob_where)
+    # the server's decode path (app.service): verified bytes, decoded without holding the GIL
+    fetcher = Fetcher(verified_tensors(s.reg.load_bytes), PurgeLog(), threads=threads,
+                      max_waiting=waiting, timeout_s=600.0, store=s.reg.blob_where)
     try:
         return timed(lambda: asyncio.run(fetcher.stage(digests, 0)))
     finally:
