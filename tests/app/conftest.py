@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import uvicorn
 from app.main import create_app
 from app.settings import Settings
 from bases import Base, init_base, load_base, make_spec
+from loopback.ports import free_port
 from tangent import encode_component
 from tests.conftest_redis import redis_server  # noqa: F401
 from tests.conftest_s3 import s3_server  # noqa: F401
@@ -58,12 +58,6 @@ def settings_for(base_dir: Path, registry_dir: Path, **kw: object) -> Settings:
                                      admin_token=ADMIN, device="cpu", max_queue_delay_ms=2.0)
     values.update(kw)
     return Settings(**values)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
