@@ -44,11 +44,9 @@ def values_args(files: Iterable[Path]) -> list[str]:
     return [a for f in files for a in ("-f", str(f))]
 
 
-
 def load_documents(text: str) -> list[Doc]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return [d for d in yaml.load_all(text, Loader=loader) if d]  # noqa: S506 (safe loader)
-
 
 
 # ----------------------------------------------------------------------------- k8s schemas
@@ -104,7 +102,6 @@ def validate_documents(docs: list[Doc], where: str, rep: Report) -> None:
             rep.error(ident, f"schema: {e.message} at {path or '(root)'}")
         except kubernetes_validate.InvalidSchemaError as e:
             rep.error(ident, f"invalid schema: {e}")
-
 
 
 # ---------------------------------------------------------------------------- linter tools
